@@ -1,0 +1,74 @@
+"""The whole configuration schema of clipo-nemo, every key documented.
+
+YAML files under ``examples/conf/`` only set values; Hydra validates them against these dataclasses
+(structured configs), so an unknown key or a wrong type stops a run before any model is built.
+Semantic checks that span sections live in :func:`validate_config`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIPO: contrastive head, contrastive loss and reward shaping (SPEC steps 4-9)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class HeadConfig:
+    """The contrastive head ``z = normalize(W h)`` on the pooled last hidden state."""
+
+    type: str = "linear"  # "linear" (Linear(H, D), no bias) or "mlp" (Linear(H,H) -> ReLU -> Linear(H,D))
+    dim: int = 512  # D, the embedding size (track I: 512, track II: 2048)
+    fixed: bool = False  # CLIPO-fixed ablation: the head is never updated
+    lr: float = 1e-3  # the head's own AdamW learning rate
+    weight_decay: float = 0.01  # the head's AdamW weight decay
+    tp_mode: str = "replicated"  # under tensor parallel: "replicated" weights or "column" (D split over TP)
+
+
+@dataclass
+class ContrastiveConfig:
+    """Group InfoNCE and the dense reward it gives (SPEC steps 5-8)."""
+
+    enabled: bool = True  # false = plain GRPO/DAPO/GSPO/GMPO, no head, no contrastive reward
+    loss: str = "infonce"  # "infonce" | "supcon_out" | "supcon_in" | "soft_nn"
+    similarity: str = "cosine"  # "cosine" or "l2" (1 - sqrt(max(2 - 2 s, eps)))
+    temperature: float = 0.05  # tau; logits are s / tau (paper's best on track II: 0.02)
+    level: str = "group"  # "group" | "cross" | "batch": where positives and candidates come from
+    reward_scale: float = 0.2  # lambda in rc = c - lambda * L
+    reward_offset: float = 0.0  # c, the reward of responses that are not valid anchors
+    reward_floor: float = -0.5  # rc is clamped from below at this value
+    warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58)
+    seed: int = 1234  # seeds the generator that draws each InfoNCE anchor's positive
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy optimisation (SPEC steps 10-11 and the policy-loss table)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class AlgorithmConfig:
+    """Advantage estimation and the policy loss."""
+
+    policy_loss: str = "grpo"  # registry name: "grpo" | "dapo" | "gspo" | "gmpo"
+    clip_ratio_low: float = 0.2  # epsilon_low (gspo: 3e-4; gmpo: clip on the log-ratio, 0.4)
+    clip_ratio_high: float = 0.2  # epsilon_high (dapo: 0.28; gspo: 4e-4)
+    dual_clip_c: Optional[float] = None  # dual-clip constant (> 1) for negative advantages; None = off
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_loss_type: str = "low_var_kl"  # k1 | k2 | k3 | low_var_kl
+    kl_loss_coef: float = 0.001  # 0 disables the KL loss and the reference policy
+    adv_estimator: str = "grpo"  # "grpo" (group mean/std), "grpo_no_std" (Dr. GRPO), "loo" (leave-one-out)
+    adv_eps: float = 1e-6  # added to the group std
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and refill the batch
+    dynamic_sampling_max_batches: int = 4  # rollout batches drawn at most to refill one training batch
+    entropy_coef: float = 0.0  # entropy bonus (0 = off)
+
+
+# --------------------------------------------------------------------------------------------------
+# Root
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ClipoConfig:
+    """Root of the configuration tree."""
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
