@@ -64,6 +64,46 @@ class AlgorithmConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# Policy model and its parallel layout (megatron-core GPTModel; Qwen2/Qwen2.5 and Llama 3 shapes)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The policy's architecture. Defaults are the tiny fp32 test model; real runs set every key."""
+
+    num_layers: int = 2  # transformer layers (must divide by parallel.pipeline_parallel_size)
+    hidden_size: int = 64  # H, the residual width (and the pooled hidden state's size)
+    ffn_hidden_size: int = 128  # SwiGLU inner width (gate and up each have this many rows)
+    num_attention_heads: int = 4  # query heads (must divide by the TP size)
+    num_query_groups: int = 2  # key/value heads for grouped-query attention (= heads for MHA; divides by TP)
+    kv_channels: Optional[int] = None  # per-head size; None = hidden_size / num_attention_heads
+    vocab_size: int = 128  # real vocabulary size; logits of the TP padding rows beyond it are masked out
+    make_vocab_size_divisible_by: int = 128  # the embedding is padded to a multiple of this times TP
+    max_position_embeddings: int = 4096  # longest prompt+response the model is built for
+    rotary_base: float = 10000.0  # RoPE theta (Qwen2.5: 1000000, Llama 3: 500000)
+    rope_scaling: bool = False  # Llama 3.1 "llama3" RoPE frequency scaling
+    rope_scaling_factor: float = 8.0  # its factor (used only when rope_scaling is true)
+    add_qkv_bias: bool = False  # bias on the fused QKV projection (Qwen2/Qwen2.5: true, Llama: false)
+    tie_word_embeddings: bool = False  # output layer shares the input embedding (small Qwen2.5 models)
+    norm_epsilon: float = 1e-6  # RMSNorm epsilon (Qwen2: 1e-6, Llama 3: 1e-5)
+    params_dtype: str = "float32"  # "float32" | "bfloat16" | "float16": parameter and compute dtype
+    init_method_std: float = 0.02  # std of the normal weight init (before any checkpoint is loaded)
+    attention_dropout: float = 0.0  # dropout on attention probabilities (RL fine-tuning: 0)
+    hidden_dropout: float = 0.0  # dropout on the residual branches (RL fine-tuning: 0)
+
+
+@dataclass
+class ParallelConfig:
+    """How the policy is split over processes; data parallel = world / (TP * PP * CP)."""
+
+    tensor_parallel_size: int = 1  # TP: heads, query groups, FFN and vocabulary split over this many ranks
+    pipeline_parallel_size: int = 1  # PP: layers split into this many stages
+    context_parallel_size: int = 1  # CP: sequence split over ranks (GPU + Transformer Engine only)
+    sequence_parallel: bool = False  # shard norms/dropout activations over TP along the sequence (GPU only)
+    micro_batch_size: int = 1  # responses per forward/backward micro-batch on one data-parallel rank
+    seed: int = 1234  # seeds weight init and megatron's per-TP-rank RNG streams
+
+
+# --------------------------------------------------------------------------------------------------
 # Root
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -72,3 +112,5 @@ class ClipoConfig:
 
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

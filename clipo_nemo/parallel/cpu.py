@@ -1,0 +1,107 @@
+"""The few patches that let megatron-core 0.16 run on a CPU-only machine with gloo.
+
+megatron-core assumes CUDA in a handful of places (measured facts: ``shared/docs/megatron-cpu.md``).
+:func:`apply_cpu_patches` neutralises exactly those, and only when ``torch.cuda.is_available()`` is
+false, so the GPU path always runs megatron-core unmodified. It is idempotent: call it as often as
+you like (``clipo_nemo.parallel.state.init_parallel_state`` calls it).
+
+What is patched, and why:
+
+1. ``torch.cuda.current_device`` answers ``"cpu"``. megatron allocates with
+   ``device=torch.cuda.current_device()`` in ``GlobalMemoryBuffer.get_tensor`` (TP/SP scratch
+   buffers), ``RotaryEmbedding.get_emb`` (moves ``inv_freq``) and the pipeline p2p shape exchange.
+   A CPU build raises there; with this patch those tensors land on CPU.
+2. ``torch.cuda.synchronize`` is a no-op: there is nothing to wait for on CPU. Called by the
+   pipeline p2p communication and unconditionally by ``dist_checkpointing.save``.
+3. ``CudaRNGStatesTracker.add`` / ``.fork`` keep named *CPU* generator states: ``fork`` swaps the
+   CPU RNG state in and out, as the original does for the CUDA state. This keeps megatron's
+   contract (dropout inside TP regions uses a per-TP-rank stream) instead of silently ignoring it.
+4. The pipeline schedules (``forward_backward_no_pipelining`` and the two pipelined ones) create
+   tensors with ``device="cuda"`` (e.g. the token counter). While a schedule runs, a
+   ``TorchFunctionMode`` rewrites a CUDA ``device=`` keyword of any torch call to CPU. That also
+   covers megatron's default causal mask (``device="cuda"`` in ``transformer/utils.py``) when a
+   model is called through a schedule.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Dict, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_PATCH_MARK = "_clipo_cpu_patched"
+_SCHEDULE_NAMES = (
+    "forward_backward_no_pipelining",
+    "forward_backward_pipelining_without_interleaving",
+    "forward_backward_pipelining_with_interleaving",
+)
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` (string, ``torch.device`` or index-less) keywords to CPU."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Dict | None = None):
+        kwargs = dict(kwargs or {})
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_add(self, name: str, seed: int) -> None:
+    """``CudaRNGStatesTracker.add`` for CPU: remember a CPU generator state seeded with ``seed``."""
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    self._is_initialized = True
+    self.seeds_.add(seed)
+    self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+
+@contextlib.contextmanager
+def _cpu_rng_fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+    """``CudaRNGStatesTracker.fork`` for CPU: run the block on the named CPU RNG stream."""
+    if name not in self.states_:
+        raise Exception(f"rng state {name} is not added (call the parallel-state seeding first)")
+    outer_state = torch.get_rng_state()
+    torch.set_rng_state(self.states_[name])
+    try:
+        yield
+    finally:
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(outer_state)
+
+
+def _with_cpu_device_mode(schedule: Callable) -> Callable:
+    @functools.wraps(schedule)
+    def run_schedule(*args: Any, **kwargs: Any) -> Any:
+        with _CudaDeviceToCpu():
+            return schedule(*args, **kwargs)
+
+    return run_schedule
+
+
+def apply_cpu_patches() -> bool:
+    """Patch megatron-core/torch for CPU execution; a no-op when CUDA is available.
+
+    Returns True when the patches are (now or already) in place, False on a GPU machine.
+    """
+    if torch.cuda.is_available():
+        return False
+    if getattr(torch.cuda, _PATCH_MARK, False):
+        return True
+
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None
+    mcore_random.CudaRNGStatesTracker.add = _cpu_rng_add
+    mcore_random.CudaRNGStatesTracker.fork = _cpu_rng_fork
+    for name in _SCHEDULE_NAMES:
+        setattr(schedules, name, _with_cpu_device_mode(getattr(schedules, name)))
+    setattr(torch.cuda, _PATCH_MARK, True)
+    return True
