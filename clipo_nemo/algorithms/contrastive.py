@@ -1,0 +1,251 @@
+"""Contrastive losses over one batch of response embeddings (SPEC steps 5-7).
+
+Every response ``i`` has an embedding ``z_i``, a correctness flag and a group id (the prompt it
+answers). For an anchor ``i`` the *positives* ``P(i)`` and the *candidates* ``A(i)`` (the
+log-sum-exp denominator) depend on the level:
+
+- ``group``: P = other correct members of i's group, A = all other members of i's group.
+- ``cross``: P as in ``group``, A = every other response of the batch.
+- ``batch``: P = every other correct response of the batch, A = every other response.
+
+An anchor is valid when it is correct, has >= 1 positive and >= 1 negative (a candidate that is
+not a positive); invalid anchors get loss 0. The group level is computed per group on a padded
+``[G, n, n]`` similarity tensor: O(B * n * D) work instead of a dense ``B x B`` matrix (the paper's
+batch is 512 prompts x 16 rollouts). ``cross``/``batch`` need every pair by definition.
+
+The InfoNCE positive is drawn uniformly from ``P(i)``: one uniform number ``u_i`` per response,
+drawn in batch order from an explicit ``torch.Generator``, picks the ``floor(u_i * |P(i)|)``-th
+positive in batch order. The draw depends only on the batch, never on how it is laid out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from clipo_nemo.algorithms.checks import check_finite, check_shape
+
+LEVELS = ("group", "cross", "batch")
+SIMILARITIES = ("cosine", "l2")
+L2_EPS = 1e-8  # floor under 2 - 2s before the square root of the l2 similarity
+
+
+@dataclass
+class ContrastiveLossOutput:
+    """Result of :func:`contrastive_loss`.
+
+    per_anchor_loss:   [B] loss of each anchor, 0 where the anchor is not valid.
+    valid_anchor_mask: [B] bool, the anchors that count.
+    loss:              scalar, mean of ``per_anchor_loss`` over valid anchors (0 if there are none).
+    """
+
+    per_anchor_loss: torch.Tensor
+    valid_anchor_mask: torch.Tensor
+    loss: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-anchor losses: a registry, one function per loss type.
+# Each takes logits [..., M], pos_mask [..., M], the index of the drawn positive [...] and the
+# candidate log-sum-exp [...] and returns the per-anchor loss [...] (garbage where invalid).
+# --------------------------------------------------------------------------------------------------
+AnchorLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+CONTRASTIVE_LOSSES: Dict[str, AnchorLossFn] = {}
+
+
+def register_contrastive_loss(name: str) -> Callable[[AnchorLossFn], AnchorLossFn]:
+    def decorator(fn: AnchorLossFn) -> AnchorLossFn:
+        CONTRASTIVE_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def _masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim restricted to ``mask``; finite (meaningless) for empty rows."""
+    # The dtype's most negative finite number instead of -inf keeps gradients of empty rows finite.
+    return torch.logsumexp(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1)
+
+
+@register_contrastive_loss("infonce")
+def _infonce(logits, pos_mask, drawn_positive, candidate_lse):
+    drawn = logits.gather(-1, drawn_positive.unsqueeze(-1)).squeeze(-1)
+    return -(drawn - candidate_lse)
+
+
+@register_contrastive_loss("supcon_out")
+def _supcon_out(logits, pos_mask, drawn_positive, candidate_lse):
+    num_pos = pos_mask.sum(-1).clamp(min=1)
+    pos_logit_mean = (logits * pos_mask).sum(-1) / num_pos
+    return -(pos_logit_mean - candidate_lse)
+
+
+@register_contrastive_loss("supcon_in")
+def _supcon_in(logits, pos_mask, drawn_positive, candidate_lse):
+    num_pos = pos_mask.sum(-1).clamp(min=1)
+    log_mean_exp_pos = _masked_logsumexp(logits, pos_mask) - num_pos.to(logits.dtype).log()
+    return -(log_mean_exp_pos - candidate_lse)
+
+
+@register_contrastive_loss("soft_nn")
+def _soft_nn(logits, pos_mask, drawn_positive, candidate_lse):
+    return -(_masked_logsumexp(logits, pos_mask) - candidate_lse)
+
+
+def _anchor_losses(
+    logits: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    pos_mask: torch.Tensor,
+    anchor_correct: torch.Tensor,
+    uniform: torch.Tensor,
+    loss_type: str,
+):
+    """Per-anchor losses for anchors laid out along ``[...]`` against candidates ``[..., M]``.
+
+    logits, candidate_mask, pos_mask: [..., M]; anchor_correct, uniform: [...].
+    Returns (loss [...], valid [...]).
+    """
+    num_pos = pos_mask.sum(-1)
+    num_neg = (candidate_mask & ~pos_mask).sum(-1)
+    valid = anchor_correct & (num_pos > 0) & (num_neg > 0)
+    # The k-th positive in batch order, k = floor(u * |P|).
+    k = (uniform * num_pos.to(uniform.dtype)).floor().long().clamp(max=(num_pos - 1).clamp(min=0))
+    pos_rank = pos_mask.long().cumsum(-1) - 1
+    drawn_positive = (pos_mask & (pos_rank == k.unsqueeze(-1))).long().argmax(-1)
+    candidate_lse = _masked_logsumexp(logits, candidate_mask)
+    loss = CONTRASTIVE_LOSSES[loss_type](logits, pos_mask, drawn_positive, candidate_lse)
+    return torch.where(valid, loss, torch.zeros_like(loss)), valid
+
+
+def similarity_matrix(a: torch.Tensor, b: torch.Tensor, similarity: str) -> torch.Tensor:
+    """Pairwise similarity of L2-normalised embeddings a [..., N, D] and b [..., M, D] -> [..., N, M]."""
+    cos = a @ b.transpose(-1, -2)
+    if similarity == "cosine":
+        return cos
+    return 1.0 - torch.sqrt(torch.clamp(2.0 - 2.0 * cos, min=L2_EPS))
+
+
+def draw_positive_uniforms(batch_size: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """[B] float64 uniforms in batch order from ``generator``, one per response (see module doc)."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.rand(batch_size, generator=generator, dtype=torch.float64, device=gen_device).to(device)
+
+
+def _validate(embeddings, correct, group_ids, loss_type, similarity, temperature, level):
+    check_shape("embeddings", embeddings, (None, None))
+    batch = embeddings.shape[0]
+    check_shape("correct", correct, (batch,))
+    check_shape("group_ids", group_ids, (batch,))
+    check_finite("embeddings", embeddings)
+    if loss_type not in CONTRASTIVE_LOSSES:
+        raise ValueError(f"unknown contrastive loss {loss_type!r}; choose one of {sorted(CONTRASTIVE_LOSSES)}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}")
+    if level not in LEVELS:
+        raise ValueError(f"unknown contrastive level {level!r}; choose one of {LEVELS}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature):
+    """Group level on padded per-group blocks: z [B, D] -> (loss [B], valid [B])."""
+    batch = z.shape[0]
+    _, group_index = torch.unique(group_ids, return_inverse=True)
+    order = torch.argsort(group_index, stable=True)  # stable: batch order inside each group
+    sorted_group = group_index[order]
+    num_groups = int(sorted_group[-1].item()) + 1
+    sizes = torch.bincount(sorted_group, minlength=num_groups)
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(batch, device=z.device) - starts[sorted_group]
+    max_size = int(sizes.max().item())
+
+    padded_z = z.new_zeros(num_groups, max_size, z.shape[1])
+    padded_z[sorted_group, slot] = z[order]
+    member = torch.zeros(num_groups, max_size, dtype=torch.bool, device=z.device)
+    member[sorted_group, slot] = True
+    padded_correct = torch.zeros_like(member)
+    padded_correct[sorted_group, slot] = correct[order]
+    padded_uniform = uniform.new_zeros(num_groups, max_size)
+    padded_uniform[sorted_group, slot] = uniform[order]
+
+    logits = similarity_matrix(padded_z, padded_z, similarity) / temperature  # [G, n, n]
+    not_self = ~torch.eye(max_size, dtype=torch.bool, device=z.device)
+    candidate_mask = member.unsqueeze(-1) & member.unsqueeze(-2) & not_self
+    pos_mask = candidate_mask & padded_correct.unsqueeze(-2)
+    loss, valid = _anchor_losses(logits, candidate_mask, pos_mask, padded_correct, padded_uniform, loss_type)
+
+    per_anchor = z.new_zeros(batch)
+    per_anchor[order] = loss[sorted_group, slot]
+    valid_out = torch.zeros(batch, dtype=torch.bool, device=z.device)
+    valid_out[order] = valid[sorted_group, slot]
+    return per_anchor, valid_out
+
+
+def _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level):
+    """Any level over the dense [B, B] similarity matrix: z [B, D] -> (loss [B], valid [B])."""
+    batch = z.shape[0]
+    logits = similarity_matrix(z, z, similarity) / temperature
+    not_self = ~torch.eye(batch, dtype=torch.bool, device=z.device)
+    same_group = group_ids.unsqueeze(0) == group_ids.unsqueeze(1)
+    candidate_mask = not_self & same_group if level == "group" else not_self
+    pos_mask = candidate_mask & correct.unsqueeze(0)
+    if level != "batch":
+        pos_mask = pos_mask & same_group
+    return _anchor_losses(logits, candidate_mask, pos_mask, correct, uniform, loss_type)
+
+
+def contrastive_loss(
+    embeddings: torch.Tensor,
+    correct: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    loss_type: str = "infonce",
+    similarity: str = "cosine",
+    temperature: float = 0.05,
+    level: str = "group",
+    generator: Optional[torch.Generator] = None,
+    dense: bool = False,
+) -> ContrastiveLossOutput:
+    """Contrastive loss of one batch.
+
+    Args:
+        embeddings: [B, D] response embeddings (normalised here, so the head's output or raw vectors).
+        correct:    [B] bool, the verifier's verdict per response.
+        group_ids:  [B] int, the prompt (group) each response belongs to; any integers.
+        loss_type:  "infonce" | "supcon_out" | "supcon_in" | "soft_nn".
+        similarity: "cosine" or "l2".
+        temperature: tau > 0; logits are similarity / tau.
+        level:      "group" | "cross" | "batch".
+        generator:  draws the InfoNCE positives (see module doc); ``None`` uses the global RNG.
+        dense:      compute the group level on the dense [B, B] matrix (the reference formulation;
+                    the padded per-group one is the default because it is O(B n D)).
+    """
+    _validate(embeddings, correct, group_ids, loss_type, similarity, temperature, level)
+    correct = correct.bool()
+    z = F.normalize(embeddings, dim=-1)
+    uniform = draw_positive_uniforms(z.shape[0], generator, z.device)
+    if z.shape[0] == 0:
+        zero = embeddings.sum() * 0.0
+        return ContrastiveLossOutput(z.new_zeros(0), correct.clone(), zero)
+    if level == "group" and not dense:
+        per_anchor, valid = _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature)
+    else:
+        per_anchor, valid = _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level)
+    loss = per_anchor.sum() / valid.sum().clamp(min=1)
+    return ContrastiveLossOutput(per_anchor, valid, loss)
+
+
+def positive_pair_cosine(embeddings: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over pairs of distinct correct responses of the same group (paper Fig. 5).
+
+    embeddings [B, D], correct [B], group_ids [B] -> scalar (NaN-free: 0 when there is no such pair).
+    """
+    z = F.normalize(embeddings.detach(), dim=-1)
+    correct = correct.bool()
+    zc, gc = z[correct], group_ids[correct]
+    pair = (gc.unsqueeze(0) == gc.unsqueeze(1)) & ~torch.eye(len(gc), dtype=torch.bool, device=z.device)
+    if not bool(pair.any()):
+        return z.new_zeros(())
+    return (zc @ zc.T)[pair].mean()
