@@ -10,7 +10,11 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
     A single NaN in embeddings, rewards or log-probs silently poisons every later step of an RL run,
     so the algorithm functions refuse it at the door instead.
     """
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    # One reduction is the fast path: any NaN/inf makes the sum non-finite. Only then (or when
+    # finite values overflow the sum) is the element-wise test paid for.
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    if not bool(torch.isfinite(tensor).all()):
         bad = (~torch.isfinite(tensor)).sum().item()
         raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf); shape {tuple(tensor.shape)}")
 

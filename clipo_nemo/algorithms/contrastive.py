@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from clipo_nemo.algorithms.checks import check_finite, check_shape
 
@@ -119,12 +118,59 @@ def _anchor_losses(
     return torch.where(valid, loss, torch.zeros_like(loss)), valid
 
 
-def similarity_matrix(a: torch.Tensor, b: torch.Tensor, similarity: str) -> torch.Tensor:
-    """Pairwise similarity of L2-normalised embeddings a [..., N, D] and b [..., M, D] -> [..., N, M]."""
-    cos = a @ b.transpose(-1, -2)
+def similarity_matrix(x: torch.Tensor, similarity: str) -> torch.Tensor:
+    """Pairwise similarity of the embeddings x [..., N, D] with each other -> [..., N, N].
+
+    The cosine is computed as dot products divided by the norms (as ``F.normalize`` would, with the
+    same 1e-12 floor) so that no normalised copy of the [B, D] embeddings is ever materialised.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1).clamp(min=1e-12)
+    cos = (x @ x.transpose(-1, -2)) / (norm.unsqueeze(-1) * norm.unsqueeze(-2))
     if similarity == "cosine":
         return cos
     return 1.0 - torch.sqrt(torch.clamp(2.0 - 2.0 * cos, min=L2_EPS))
+
+
+@dataclass
+class GroupLayout:
+    """Where each response of a batch sits in a padded [G, n_max] block layout of its groups.
+
+    order: [B] batch indices sorted by group (stable, so batch order is kept inside a group);
+    group: [B] block row of ``order[k]``; slot: [B] its column; member: [G, n_max] bool.
+    """
+
+    order: torch.Tensor
+    group: torch.Tensor
+    slot: torch.Tensor
+    member: torch.Tensor
+
+    @classmethod
+    def from_group_ids(cls, group_ids: torch.Tensor) -> "GroupLayout":
+        batch = group_ids.shape[0]
+        _, group_index = torch.unique(group_ids, return_inverse=True)
+        order = torch.argsort(group_index, stable=True)
+        group = group_index[order]
+        sizes = torch.bincount(group)
+        starts = torch.cumsum(sizes, 0) - sizes
+        slot = torch.arange(batch, device=group_ids.device) - starts[group]
+        member = torch.zeros(len(sizes), int(sizes.max().item()), dtype=torch.bool, device=group_ids.device)
+        member[group, slot] = True
+        return cls(order, group, slot, member)
+
+    def to_blocks(self, values: torch.Tensor) -> torch.Tensor:
+        """values [B, ...] -> [G, n_max, ...], zero in padding slots."""
+        if bool(self.member.all()):  # equal group sizes: a view (groups contiguous) or one gather
+            in_order = torch.equal(self.order, torch.arange(len(self.order), device=self.order.device))
+            return (values if in_order else values[self.order]).view(*self.member.shape, *values.shape[1:])
+        blocks = values.new_zeros(*self.member.shape, *values.shape[1:])
+        blocks[self.group, self.slot] = values[self.order]
+        return blocks
+
+    def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[G, n_max, ...] -> values [B, ...] in batch order (the inverse of ``to_blocks``)."""
+        out = blocks.new_empty(len(self.order), *blocks.shape[2:])
+        out[self.order] = blocks[self.group, self.slot]
+        return out
 
 
 def draw_positive_uniforms(batch_size: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
@@ -151,42 +197,21 @@ def _validate(embeddings, correct, group_ids, loss_type, similarity, temperature
 
 def _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature):
     """Group level on padded per-group blocks: z [B, D] -> (loss [B], valid [B])."""
-    batch = z.shape[0]
-    _, group_index = torch.unique(group_ids, return_inverse=True)
-    order = torch.argsort(group_index, stable=True)  # stable: batch order inside each group
-    sorted_group = group_index[order]
-    num_groups = int(sorted_group[-1].item()) + 1
-    sizes = torch.bincount(sorted_group, minlength=num_groups)
-    starts = torch.cumsum(sizes, 0) - sizes
-    slot = torch.arange(batch, device=z.device) - starts[sorted_group]
-    max_size = int(sizes.max().item())
-
-    padded_z = z.new_zeros(num_groups, max_size, z.shape[1])
-    padded_z[sorted_group, slot] = z[order]
-    member = torch.zeros(num_groups, max_size, dtype=torch.bool, device=z.device)
-    member[sorted_group, slot] = True
-    padded_correct = torch.zeros_like(member)
-    padded_correct[sorted_group, slot] = correct[order]
-    padded_uniform = uniform.new_zeros(num_groups, max_size)
-    padded_uniform[sorted_group, slot] = uniform[order]
-
-    logits = similarity_matrix(padded_z, padded_z, similarity) / temperature  # [G, n, n]
-    not_self = ~torch.eye(max_size, dtype=torch.bool, device=z.device)
+    layout = GroupLayout.from_group_ids(group_ids)
+    member = layout.member
+    logits = similarity_matrix(layout.to_blocks(z), similarity) / temperature  # [G, n, n]
+    not_self = ~torch.eye(member.shape[1], dtype=torch.bool, device=z.device)
     candidate_mask = member.unsqueeze(-1) & member.unsqueeze(-2) & not_self
-    pos_mask = candidate_mask & padded_correct.unsqueeze(-2)
-    loss, valid = _anchor_losses(logits, candidate_mask, pos_mask, padded_correct, padded_uniform, loss_type)
-
-    per_anchor = z.new_zeros(batch)
-    per_anchor[order] = loss[sorted_group, slot]
-    valid_out = torch.zeros(batch, dtype=torch.bool, device=z.device)
-    valid_out[order] = valid[sorted_group, slot]
-    return per_anchor, valid_out
+    block_correct = layout.to_blocks(correct)
+    pos_mask = candidate_mask & block_correct.unsqueeze(-2)
+    loss, valid = _anchor_losses(logits, candidate_mask, pos_mask, block_correct, layout.to_blocks(uniform), loss_type)
+    return layout.from_blocks(loss), layout.from_blocks(valid)
 
 
 def _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level):
     """Any level over the dense [B, B] similarity matrix: z [B, D] -> (loss [B], valid [B])."""
     batch = z.shape[0]
-    logits = similarity_matrix(z, z, similarity) / temperature
+    logits = similarity_matrix(z, similarity) / temperature
     not_self = ~torch.eye(batch, dtype=torch.bool, device=z.device)
     same_group = group_ids.unsqueeze(0) == group_ids.unsqueeze(1)
     candidate_mask = not_self & same_group if level == "group" else not_self
@@ -211,7 +236,7 @@ def contrastive_loss(
     """Contrastive loss of one batch.
 
     Args:
-        embeddings: [B, D] response embeddings (normalised here, so the head's output or raw vectors).
+        embeddings: [B, D] response embeddings (cosine similarity normalises them; the head's output is unit-norm).
         correct:    [B] bool, the verifier's verdict per response.
         group_ids:  [B] int, the prompt (group) each response belongs to; any integers.
         loss_type:  "infonce" | "supcon_out" | "supcon_in" | "soft_nn".
@@ -224,11 +249,10 @@ def contrastive_loss(
     """
     _validate(embeddings, correct, group_ids, loss_type, similarity, temperature, level)
     correct = correct.bool()
-    z = F.normalize(embeddings, dim=-1)
+    z = embeddings
     uniform = draw_positive_uniforms(z.shape[0], generator, z.device)
     if z.shape[0] == 0:
-        zero = embeddings.sum() * 0.0
-        return ContrastiveLossOutput(z.new_zeros(0), correct.clone(), zero)
+        return ContrastiveLossOutput(z.new_zeros(0), correct.clone(), embeddings.sum() * 0.0)
     if level == "group" and not dense:
         per_anchor, valid = _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature)
     else:
@@ -240,12 +264,14 @@ def contrastive_loss(
 def positive_pair_cosine(embeddings: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity over pairs of distinct correct responses of the same group (paper Fig. 5).
 
-    embeddings [B, D], correct [B], group_ids [B] -> scalar (NaN-free: 0 when there is no such pair).
+    embeddings [B, D], correct [B], group_ids [B] -> scalar (0 when there is no such pair).
     """
-    z = F.normalize(embeddings.detach(), dim=-1)
     correct = correct.bool()
-    zc, gc = z[correct], group_ids[correct]
-    pair = (gc.unsqueeze(0) == gc.unsqueeze(1)) & ~torch.eye(len(gc), dtype=torch.bool, device=z.device)
-    if not bool(pair.any()):
-        return z.new_zeros(())
-    return (zc @ zc.T)[pair].mean()
+    if not bool(correct.any()):
+        return embeddings.new_zeros(())
+    layout = GroupLayout.from_group_ids(group_ids[correct])
+    blocks = layout.to_blocks(embeddings.detach()[correct])
+    cos = similarity_matrix(blocks, "cosine")
+    not_self = ~torch.eye(cos.shape[-1], dtype=torch.bool, device=cos.device)
+    pair = layout.member.unsqueeze(-1) & layout.member.unsqueeze(-2) & not_self
+    return cos[pair].mean() if bool(pair.any()) else embeddings.new_zeros(())
