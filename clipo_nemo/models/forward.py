@@ -1,0 +1,287 @@
+"""One policy forward pass: per-token log-probs, entropy and pooled hidden states together.
+
+Batch format and alignment (``PolicyBatch``)::
+
+    tokens         [B, S] long   prompt + response, right padded (any pad id < vocab_size)
+    response_mask  [B, S] bool   True where tokens[b, t] is a sampled response token
+    extras         {name: [B, ...]}  per-response tensors a loss needs, split with the batch
+
+Outputs (``PolicyOutputs``), aligned with ``tokens``::
+
+    logprobs       [b, S] float32  log p(tokens[b, t] | tokens[b, :t]) / temperature-scaled, i.e.
+                                   from the logits at position t-1; 0 where response_mask is False
+    entropy        [b, S] float32  entropy of that same distribution (the one that sampled token t)
+    pooled_hidden  [b, H] float32  mean of the final-norm output H[t] over t with response_mask set
+
+Column 0 can never be a response token (nothing predicts it). Every row needs >= 1 response token.
+
+How the pooled state comes out of the *same* forward pass: a forward hook on the decoder's
+``final_layernorm`` keeps its output (the input of the output layer) while ``GPTModel.forward``
+runs unchanged. Calling the decoder and output layer by hand would duplicate GPTModel's
+pre/post-processing (rotary setup, tied weights, MTP), which changes between megatron releases; the
+hook depends only on the module name, which both layer specs share.
+
+Parallelism: logits stay split over TP; log-softmax and entropy use TP all-reduces of [b, S]
+tensors (never the vocabulary). With sequence parallel the final-norm output is split along the
+sequence over TP: each rank sums its positions and the sums are all-reduced over TP. With context
+parallel, labels are shifted before megatron's load-balanced sequence split, per-token outputs are
+all-gathered over CP (backward: each rank keeps its slice) and pooled sums all-reduced over CP, so
+every CP rank sees full-sequence outputs and computes the same loss (return ``(loss, info)`` so
+megatron scales it by the CP size, matching its gradient averaging over DP x CP). With PP only the
+last stage has outputs. SP and CP are GPU-only and not exercised by the CPU tests.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from clipo_nemo.models.logprobs import masked_sum_over_sequence, sharded_logprobs_and_entropy
+
+
+@dataclass
+class PolicyBatch:
+    """Token ids, response mask and per-response extras (see the module docstring)."""
+
+    tokens: torch.Tensor
+    response_mask: torch.Tensor
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, S], got shape {tuple(self.tokens.shape)}")
+        if self.response_mask.shape != self.tokens.shape:
+            raise ValueError(
+                f"response_mask shape {tuple(self.response_mask.shape)} != tokens shape {tuple(self.tokens.shape)}"
+            )
+        self.response_mask = self.response_mask.bool()
+        if self.response_mask[:, 0].any():
+            rows = self.response_mask[:, 0].nonzero().flatten().tolist()
+            raise ValueError(f"response_mask[:, 0] is set in rows {rows}: the first token has no log-prob")
+        empty = (~self.response_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"rows {empty} have no response tokens")
+        for name, value in self.extras.items():
+            if value.shape[0] != self.tokens.shape[0]:
+                raise ValueError(f"extras[{name!r}] has {value.shape[0]} rows, tokens has {self.tokens.shape[0]}")
+
+    def micro_batches(self, size: int) -> List["PolicyBatch"]:
+        """Consecutive micro-batches of ``size`` rows (the batch size must be a multiple of it)."""
+        rows = self.tokens.shape[0]
+        if size < 1 or rows % size != 0:
+            raise ValueError(f"batch of {rows} rows does not split into micro-batches of {size}")
+        return [
+            PolicyBatch(
+                self.tokens[i : i + size],
+                self.response_mask[i : i + size],
+                {name: value[i : i + size] for name, value in self.extras.items()},
+            )
+            for i in range(0, rows, size)
+        ]
+
+
+@dataclass
+class PolicyOutputs:
+    """Per-micro-batch outputs of the policy forward pass (see the module docstring)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    pooled_hidden: torch.Tensor
+
+    def detach(self) -> "PolicyOutputs":
+        return PolicyOutputs(self.logprobs.detach(), self.entropy.detach(), self.pooled_hidden.detach())
+
+
+LossFunc = Callable[[PolicyOutputs, PolicyBatch], Tuple[Any, ...]]
+
+
+def compute_policy_outputs(
+    model: torch.nn.Module, batch: PolicyBatch, *, micro_batch_size: int, temperature: float, vocab_size: int
+) -> Optional[PolicyOutputs]:
+    """Forward only (e.g. old log-probs): the whole batch's outputs on the last PP stage, else None."""
+    infos = forward_backward_policy(
+        model, batch, micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
+        loss_func=_keep_outputs, forward_only=True,
+    )
+    if not infos:
+        return None
+    return PolicyOutputs(*(torch.cat([getattr(info, name) for info in infos]) for name in ("logprobs", "entropy", "pooled_hidden")))
+
+
+def _keep_outputs(outputs: PolicyOutputs, micro_batch: PolicyBatch) -> Tuple[torch.Tensor, PolicyOutputs]:
+    return outputs.logprobs.new_zeros(()), outputs.detach()
+
+
+def forward_backward_policy(
+    model: torch.nn.Module,
+    batch: PolicyBatch,
+    *,
+    micro_batch_size: int,
+    temperature: float,
+    vocab_size: int,
+    loss_func: LossFunc,
+    forward_only: bool = False,
+) -> List[Any]:
+    """Run ``batch`` in micro-batches through megatron's forward-backward schedule.
+
+    ``loss_func(outputs, micro_batch)`` runs on the last PP stage for every micro-batch and returns
+    what megatron's schedules accept: ``(loss, info)`` (megatron divides the loss by the number of
+    micro-batches and multiplies it by the CP size) or ``(loss, num_tokens, info)``. Gradients are
+    accumulated into the parameters (or the DDP buffers) unless ``forward_only``.
+
+    Returns the ``info`` of each micro-batch, in order, on the last PP stage; ``[]`` on the others.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    if batch.tokens.max().item() >= vocab_size or batch.tokens.min().item() < 0:
+        bad = ((batch.tokens >= vocab_size) | (batch.tokens < 0)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"rows {bad} hold token ids outside [0, vocab_size={vocab_size})")
+    micro_batches = batch.micro_batches(micro_batch_size)
+    sequence_parallel = get_model_config(model).sequence_parallel
+    seq_length = batch.tokens.shape[1] + _sequence_padding(batch.tokens.shape[1], sequence_parallel)
+    step = functools.partial(
+        _forward_step, temperature=temperature, vocab_size=vocab_size, loss_func=loss_func,
+        sequence_parallel=sequence_parallel,
+    )
+    return get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _sequence_padding(seq_len: int, sequence_parallel: bool) -> int:
+    """Right padding so the sequence splits over CP (2*CP chunks) and, with SP, over TP."""
+    from megatron.core import parallel_state
+
+    multiple = 1
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:
+        multiple *= 2 * cp
+    if sequence_parallel:
+        multiple *= parallel_state.get_tensor_model_parallel_world_size()
+    return -seq_len % multiple
+
+
+def _forward_step(data_iterator: Iterator[PolicyBatch], model: torch.nn.Module, *, temperature: float,
+                  vocab_size: int, loss_func: LossFunc, sequence_parallel: bool):
+    from megatron.core.utils import unwrap_model
+
+    micro_batch = next(data_iterator)
+    gpt = unwrap_model(model)
+    device = next(gpt.parameters()).device
+    inputs = _prepare_inputs(micro_batch, device, sequence_parallel)
+    captured: Dict[str, torch.Tensor] = {}
+    hook = None
+    if gpt.post_process:
+        hook = gpt.decoder.final_layernorm.register_forward_hook(
+            lambda module, args, output: captured.__setitem__("hidden", output)
+        )
+    try:
+        output = model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"])
+    finally:
+        if hook is not None:
+            hook.remove()
+    if not gpt.post_process:
+        return output, None  # an intermediate PP stage: the schedule sends `output` on
+
+    def loss_on_last_stage(logits: torch.Tensor):
+        outputs = _policy_outputs(
+            logits, captured["hidden"], inputs, micro_batch, temperature, vocab_size, sequence_parallel
+        )
+        return loss_func(outputs, micro_batch)
+
+    return output, loss_on_last_stage
+
+
+def _prepare_inputs(micro_batch: PolicyBatch, device: torch.device, sequence_parallel: bool) -> Dict[str, Any]:
+    """Pad, shift labels into place (position t predicts token t+1) and take this CP rank's part."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    tokens = micro_batch.tokens.to(device)
+    mask = micro_batch.response_mask.to(device)
+    pad = _sequence_padding(tokens.shape[1], sequence_parallel)
+    tokens = torch.nn.functional.pad(tokens, (0, pad))
+    mask = torch.nn.functional.pad(mask, (0, pad))
+    seq_len = tokens.shape[1]
+    inputs = {
+        "tokens": tokens,
+        "position_ids": torch.arange(seq_len, device=device).expand_as(tokens),
+        "labels": torch.nn.functional.pad(tokens[:, 1:], (0, 1)),
+        "label_mask": torch.nn.functional.pad(mask[:, 1:], (0, 1)),
+        "hidden_mask": mask,
+    }
+    inputs = get_batch_on_this_cp_rank(inputs)
+    # An explicit causal mask (True = hidden) is needed on CPU, where megatron would build its
+    # default one with device="cuda"; on GPU the attention kernels apply causality themselves.
+    inputs["attention_mask"] = None
+    if not torch.cuda.is_available():
+        inputs["attention_mask"] = torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+    return inputs
+
+
+def _policy_outputs(logits: torch.Tensor, hidden: torch.Tensor, inputs: Dict[str, Any], micro_batch: PolicyBatch,
+                    temperature: float, vocab_size: int, sequence_parallel: bool) -> PolicyOutputs:
+    """Outputs from this rank's logits [b, s_cp, V/TP] and final-norm output [s_cp(/TP with SP), b, H]."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    shard_size = logits.shape[-1]
+    next_logprobs, next_entropy = sharded_logprobs_and_entropy(
+        logits, inputs["labels"], vocab_start=tp_rank * shard_size, vocab_size=vocab_size, temperature=temperature,
+        reduce_sum=functools.partial(tensor_parallel.reduce_from_tensor_model_parallel_region, group=tp_group),
+        reduce_max=functools.partial(_all_reduce_max, group=tp_group),
+    )
+    next_logprobs = _gather_sequence_over_cp(next_logprobs)
+    next_entropy = _gather_sequence_over_cp(next_entropy)
+    # Shifted frame -> token frame: the value at t-1 belongs to token t.
+    seq_len = micro_batch.tokens.shape[1]
+    response = micro_batch.response_mask.to(logits.device)
+    logprobs = torch.nn.functional.pad(next_logprobs[:, : seq_len - 1], (1, 0)) * response
+    entropy = torch.nn.functional.pad(next_entropy[:, : seq_len - 1], (1, 0)) * response
+
+    hidden_mask = inputs["hidden_mask"]
+    if sequence_parallel:
+        local = hidden.shape[0]
+        hidden_mask = hidden_mask[:, tp_rank * local : (tp_rank + 1) * local]
+    pooled_sum = masked_sum_over_sequence(hidden.float(), hidden_mask)
+    if sequence_parallel:
+        pooled_sum = tensor_parallel.reduce_from_tensor_model_parallel_region(pooled_sum, group=tp_group)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        pooled_sum = tensor_parallel.reduce_from_tensor_model_parallel_region(
+            pooled_sum, group=parallel_state.get_context_parallel_group()
+        )
+    counts = response.sum(dim=1, keepdim=True).to(pooled_sum.dtype)
+    return PolicyOutputs(logprobs, entropy, pooled_sum / counts)
+
+
+def _all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.clone()
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=group)
+    return x
+
+
+def _gather_sequence_over_cp(x: torch.Tensor) -> torch.Tensor:
+    """[b, S/CP] in megatron's load-balanced chunk order -> [b, S] in sequence order (autograd:
+    each rank keeps the gradient of its own positions)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return x
+    gathered = tensor_parallel.gather_from_sequence_parallel_region(
+        x.transpose(0, 1).contiguous(), tensor_parallel_output_grad=False,
+        group=parallel_state.get_context_parallel_group(),
+    )  # [S, b]: rank r holds sequence chunks r and 2*CP-1-r
+    chunk_order = [c for r in range(cp) for c in (r, 2 * cp - 1 - r)]
+    chunks = gathered.chunk(2 * cp, dim=0)
+    ordered = [chunks[chunk_order.index(c)] for c in range(2 * cp)]
+    return torch.cat(ordered, dim=0).transpose(0, 1)
