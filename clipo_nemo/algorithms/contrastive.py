@@ -118,14 +118,22 @@ def _anchor_losses(
     return torch.where(valid, loss, torch.zeros_like(loss)), valid
 
 
-def similarity_matrix(x: torch.Tensor, similarity: str) -> torch.Tensor:
+PartialSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def similarity_matrix(x: torch.Tensor, similarity: str, partial_sum: Optional[PartialSum] = None) -> torch.Tensor:
     """Pairwise similarity of the embeddings x [..., N, D] with each other -> [..., N, N].
 
-    The cosine is computed as dot products divided by the norms (as ``F.normalize`` would, with the
-    same 1e-12 floor) so that no normalised copy of the [B, D] embeddings is ever materialised.
+    The cosine is the Gram matrix divided by the norms taken from its diagonal (floored at 1e-12,
+    as ``F.normalize`` does), so no normalised copy of the [B, D] embeddings is materialised.
+    ``partial_sum``: when x holds only a slice of the feature dimension (a column-parallel head),
+    it completes the partial Gram matrix, e.g. an all-reduce over the tensor-parallel group.
     """
-    norm = torch.linalg.vector_norm(x, dim=-1).clamp(min=1e-12)
-    cos = (x @ x.transpose(-1, -2)) / (norm.unsqueeze(-1) * norm.unsqueeze(-2))
+    gram = x @ x.transpose(-1, -2)
+    if partial_sum is not None:
+        gram = partial_sum(gram)
+    norm = torch.diagonal(gram, dim1=-2, dim2=-1).clamp(min=1e-24).sqrt()
+    cos = gram / (norm.unsqueeze(-1) * norm.unsqueeze(-2))
     if similarity == "cosine":
         return cos
     return 1.0 - torch.sqrt(torch.clamp(2.0 - 2.0 * cos, min=L2_EPS))
@@ -195,11 +203,11 @@ def _validate(embeddings, correct, group_ids, loss_type, similarity, temperature
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature):
+def _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature, partial_sum):
     """Group level on padded per-group blocks: z [B, D] -> (loss [B], valid [B])."""
     layout = GroupLayout.from_group_ids(group_ids)
     member = layout.member
-    logits = similarity_matrix(layout.to_blocks(z), similarity) / temperature  # [G, n, n]
+    logits = similarity_matrix(layout.to_blocks(z), similarity, partial_sum) / temperature  # [G, n, n]
     not_self = ~torch.eye(member.shape[1], dtype=torch.bool, device=z.device)
     candidate_mask = member.unsqueeze(-1) & member.unsqueeze(-2) & not_self
     block_correct = layout.to_blocks(correct)
@@ -208,10 +216,10 @@ def _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperat
     return layout.from_blocks(loss), layout.from_blocks(valid)
 
 
-def _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level):
+def _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level, partial_sum):
     """Any level over the dense [B, B] similarity matrix: z [B, D] -> (loss [B], valid [B])."""
     batch = z.shape[0]
-    logits = similarity_matrix(z, similarity) / temperature
+    logits = similarity_matrix(z, similarity, partial_sum) / temperature
     not_self = ~torch.eye(batch, dtype=torch.bool, device=z.device)
     same_group = group_ids.unsqueeze(0) == group_ids.unsqueeze(1)
     candidate_mask = not_self & same_group if level == "group" else not_self
@@ -232,6 +240,7 @@ def contrastive_loss(
     level: str = "group",
     generator: Optional[torch.Generator] = None,
     dense: bool = False,
+    partial_sum: Optional[PartialSum] = None,
 ) -> ContrastiveLossOutput:
     """Contrastive loss of one batch.
 
@@ -254,14 +263,16 @@ def contrastive_loss(
     if z.shape[0] == 0:
         return ContrastiveLossOutput(z.new_zeros(0), correct.clone(), embeddings.sum() * 0.0)
     if level == "group" and not dense:
-        per_anchor, valid = _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature)
+        per_anchor, valid = _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature, partial_sum)
     else:
-        per_anchor, valid = _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level)
+        per_anchor, valid = _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level,
+                                   partial_sum)
     loss = per_anchor.sum() / valid.sum().clamp(min=1)
     return ContrastiveLossOutput(per_anchor, valid, loss)
 
 
-def positive_pair_cosine(embeddings: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+def positive_pair_cosine(embeddings: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor,
+                         partial_sum: Optional[PartialSum] = None) -> torch.Tensor:
     """Mean cosine similarity over pairs of distinct correct responses of the same group (paper Fig. 5).
 
     embeddings [B, D], correct [B], group_ids [B] -> scalar (0 when there is no such pair).
@@ -271,7 +282,7 @@ def positive_pair_cosine(embeddings: torch.Tensor, correct: torch.Tensor, group_
         return embeddings.new_zeros(())
     layout = GroupLayout.from_group_ids(group_ids[correct])
     blocks = layout.to_blocks(embeddings.detach()[correct])
-    cos = similarity_matrix(blocks, "cosine")
+    cos = similarity_matrix(blocks, "cosine", partial_sum)
     not_self = ~torch.eye(cos.shape[-1], dtype=torch.bool, device=cos.device)
     pair = layout.member.unsqueeze(-1) & layout.member.unsqueeze(-2) & not_self
     return cos[pair].mean() if bool(pair.any()) else embeddings.new_zeros(())
