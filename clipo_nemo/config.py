@@ -104,6 +104,25 @@ class ParallelConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# Actor: the policy update (SPEC step 11)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ActorConfig:
+    """Policy optimisation schedule and optimizer."""
+
+    optimizer: str = "adamw"  # "adamw" or "sgd" (sgd: for exact parallel-layout checks)
+    lr: float = 1e-6  # actor learning rate (track II: 1e-6)
+    weight_decay: float = 0.01  # decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0 = off)
+    ppo_epochs: int = 1  # passes over each training batch
+    num_mini_batches: int = 1  # optimizer steps per epoch (train batch / mini-batch; paper: 512 / 128 = 4)
+    use_distributed_optimizer: bool = True  # GPU: megatron's distributed optimizer (ignored on CPU)
+
+
+# --------------------------------------------------------------------------------------------------
 # Root
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -114,3 +133,4 @@ class ClipoConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
