@@ -1,0 +1,116 @@
+"""The ``math`` verifier: the last boxed answer against the reference, by ``math-verify`` equivalence.
+
+``math-verify`` decides equivalence (numbers, fractions, radicals, intervals, tuples, sets,
+``x = 3`` vs ``3``). A few forms it does not read are rewritten first by
+:func:`normalize_math_answer`, on both sides, so that the library sees the same clean LaTeX:
+LaTeX spacing (``3\\,000``), percent and degree marks, dollar signs, and unit words after a number
+(``5 \\text{ cm}``, ``12 inches``). Boolean answers (TheoremQA's ``True``/``False``) are compared as
+words. Anything slow (sympy can hang) runs in a pool worker under a hard time limit, never here
+directly in a training process.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Tuple
+
+from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
+from math_verify import LatexExtractionConfig, parse, verify
+from sympy import Basic, MatrixBase
+
+from clipo_nemo.verifiers.extraction import MalformedBoxError, last_boxed_content, unwrap_text
+
+# Everything is parsed from ``\boxed{<answer>}``, so the box is the only pattern math-verify needs.
+_EXTRACTION = (
+    LatexExtractionConfig(
+        boxed_match_priority=0,
+        normalization_config=NormalizationConfig(
+            basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False
+        ),
+    ),
+)
+
+# ``\\`` (a line break, e.g. between matrix rows) is matched first so its second backslash is never
+# read as the start of a spacing command like ``\ `` or ``\,``.
+_SPACING = re.compile(r"(?P<linebreak>\\\\)|\\[,;:! ]|\\q?quad(?![A-Za-z])|~")
+_THOUSANDS_SPACING = re.compile(r",\\!\s*")  # ``10,\!080``: a thousands separator with a negative space
+_SCIENTIFIC = re.compile(r"^(?P<mantissa>[-+]?\d+(?:\.\d+)?)[eE](?P<exponent>[-+]?\d+)$")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree(?![A-Za-z])|°")
+_PERCENT = re.compile(r"\\?%")
+_DOLLAR = re.compile(r"\\?\$")
+# A value with a digit, then a unit in a text wrapper: ``\frac{270}7\text{ degrees}``, ``5\text{ cm}^2``.
+_WRAPPED_UNIT = re.compile(
+    r"^(?P<value>.*\d.*?)\s*\\(?:text|mbox|mathrm|textnormal)\s*\{[^{}\d]*\}(?:\^\{?[23]\}?)?$"
+)
+# A plain number-like value (no letters, no commands), a space, then words: ``12 inches``, ``5 sq ft``.
+_PLAIN_UNIT = re.compile(r"^(?P<value>[^A-Za-z\\]*\d[^A-Za-z\\]*?)\s+[A-Za-z]{2,}[A-Za-z .]*(?:\^\{?[23]\}?)?$")
+_BOOLEANS = ("true", "false")
+
+
+def normalize_math_answer(answer: str) -> str:
+    """Rewrite the forms math-verify does not read into ones it does; keep the rest untouched.
+
+    ``3\\,000`` -> ``3000``, ``50\\%`` -> ``50``, ``30^{\\circ}`` -> ``30``, ``\\$5`` -> ``5``,
+    ``5 \\text{ cm}`` -> ``5``, ``12 inches`` -> ``12``, ``4e-05`` -> ``4\\times 10^{-05}``.
+    Percent is dropped rather than divided by 100 because the paper's references state percentages
+    as bare numbers (GSM: ``20`` for 20%).
+    """
+    answer = _THOUSANDS_SPACING.sub(",", answer)
+    answer = _SPACING.sub(lambda match: match.group("linebreak") or "", answer)
+    answer = answer.replace("\\varnothing", "\\emptyset")
+    answer = _DEGREES.sub("", answer)
+    answer = _PERCENT.sub("", answer)
+    answer = _DOLLAR.sub("", answer).strip()
+    for unit_pattern in (_WRAPPED_UNIT, _PLAIN_UNIT):
+        match = unit_pattern.match(answer)
+        if match:
+            answer = match.group("value").strip()
+    scientific = _SCIENTIFIC.match(answer)
+    if scientific:  # ``4e-05`` would read as ``4 e - 5`` with Euler's e
+        answer = f"{scientific.group('mantissa')}\\times 10^{{{scientific.group('exponent')}}}"
+    return answer
+
+
+def _boolean_word(answer: str) -> str | None:
+    word = unwrap_text(answer).strip().lower()
+    return word if word in _BOOLEANS else None
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_reference(reference: str) -> list:
+    """Parsed references are cached: the same reference is checked against all ``k`` samples."""
+    return parse("\\boxed{" + reference + "}", _EXTRACTION)
+
+
+def _has_expression(parsed: list) -> bool:
+    return any(isinstance(item, (Basic, MatrixBase)) for item in parsed)
+
+
+def check_math(response: str, reference: str) -> Tuple[float, str, str | None]:
+    """Judge ``response`` against the reference answer (already taken out of any worked solution).
+
+    Returns ``(reward, reason, extracted)``: reward 1.0 with reason ``ok``, else 0.0 with ``wrong``,
+    ``empty`` (blank response or empty box), ``no_box`` or ``parse_error`` (unbalanced box, or an
+    answer math-verify cannot read). ``extracted`` is the boxed answer (``None`` without a box).
+    """
+    if not response.strip():
+        return 0.0, "empty", None
+    try:
+        boxed = last_boxed_content(response)
+    except MalformedBoxError:
+        return 0.0, "parse_error", None
+    if boxed is None:
+        return 0.0, "no_box", None
+    if not boxed.strip():
+        return 0.0, "empty", boxed
+    predicted = normalize_math_answer(boxed)
+    gold = normalize_math_answer(reference)
+    if predicted == gold or unwrap_text(predicted) == unwrap_text(gold):
+        return 1.0, "ok", boxed
+    gold_boolean = _boolean_word(gold)
+    if gold_boolean is not None:
+        return (1.0, "ok", boxed) if _boolean_word(predicted) == gold_boolean else (0.0, "wrong", boxed)
+    parsed = parse("\\boxed{" + predicted + "}", _EXTRACTION)
+    if verify(_parse_reference(gold), parsed):
+        return 1.0, "ok", boxed
+    return 0.0, ("wrong" if _has_expression(parsed) else "parse_error"), boxed
