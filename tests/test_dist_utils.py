@@ -34,7 +34,7 @@ def _assert_all_gone(pid_dir: Path, world_size: int) -> None:
 
 
 def test_results_come_back_in_rank_order():
-    assert run_distributed(_rank_times_ten, 3, timeout_s=60) == [3, 13, 23]
+    assert run_distributed(_rank_times_ten, 2, timeout_s=60) == [2, 12]
 
 
 def test_failing_rank_traceback_is_raised_and_others_are_killed(tmp_path):

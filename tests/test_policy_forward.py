@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clipo_nemo.config import ModelConfig, ParallelConfig
+from clipo_nemo.models.forward import PolicyOutputs
 from clipo_nemo.parallel.state import LayoutError, validate_layout
 from dist_utils import run_distributed
 
@@ -51,7 +52,8 @@ def _loss_weights(outputs, micro_batch):
     return LOSS_SCALE * loss, {}
 
 
-def _run_layout(rank: int, world_size: int, tp: int, pp: int, full_state: Dict[str, torch.Tensor] | None):
+def _run_layout(rank: int, world_size: int, model_cfg: ModelConfig, tp: int, pp: int,
+                full_state: Dict[str, torch.Tensor] | None):
     """One rank: build the model under (tp, pp), load or create weights, forward, backward, gather."""
     warnings.filterwarnings("ignore")
     from clipo_nemo.models.forward import PolicyBatch, compute_policy_outputs, forward_backward_policy
@@ -62,23 +64,23 @@ def _run_layout(rank: int, world_size: int, tp: int, pp: int, full_state: Dict[s
     parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, micro_batch_size=MICRO_BATCH)
     init_parallel_state(parallel)
     try:
-        model = build_policy_model(MODEL, parallel)
+        model = build_policy_model(model_cfg, parallel)
         if full_state is None:  # the reference run: random non-trivial weights (norms, biases too)
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for param in model.parameters():
                     param.add_(0.1 * torch.randn(param.shape, generator=gen))
-            full_state = gather_full_state_dict(model, MODEL.vocab_size)
+            full_state = gather_full_state_dict(model, model_cfg.vocab_size)
         else:
-            load_full_state_dict(model, full_state, MODEL.vocab_size)
+            load_full_state_dict(model, full_state, model_cfg.vocab_size)
         batch = PolicyBatch(*_batch())
-        kwargs = dict(micro_batch_size=MICRO_BATCH, temperature=TEMPERATURE, vocab_size=MODEL.vocab_size)
+        kwargs = dict(micro_batch_size=MICRO_BATCH, temperature=TEMPERATURE, vocab_size=model_cfg.vocab_size)
         outputs = compute_policy_outputs(model, batch, **kwargs)
         forward_backward_policy(model, batch, loss_func=_loss_weights, **kwargs)
         with torch.no_grad():  # gather the gradients with the weight-gathering collective
             for param in model.parameters():
                 param.copy_(param.grad)
-        grads = gather_full_state_dict(model, MODEL.vocab_size)
+        grads = gather_full_state_dict(model, model_cfg.vocab_size)
         return {"state": full_state, "outputs": outputs, "grads": grads}
     finally:
         destroy_parallel_state()
@@ -102,9 +104,8 @@ def _rope(x, base):
     return x * cos[None, :, None] + rotated * sin[None, :, None]
 
 
-def _oracle(state, tokens):
+def _oracle(m: ModelConfig, state, tokens):
     """(final-norm output [B, S, H], logits [B, S, vocab]) of the dense model."""
-    m = MODEL
     heads, groups, d = m.num_attention_heads, m.num_query_groups, m.hidden_size // m.num_attention_heads
     per_group = heads // groups
     h = state["embedding.word_embeddings.weight"][tokens]
@@ -129,12 +130,13 @@ def _oracle(state, tokens):
         gate, up = (x @ p("mlp.linear_fc1.weight").T).chunk(2, dim=-1)
         h = h + (F.silu(gate) * up) @ p("mlp.linear_fc2.weight").T
     final = _rms_norm(h, state["decoder.final_layernorm.weight"], m.norm_epsilon)
-    return final, final @ state["output_layer.weight"].T
+    output = state["embedding.word_embeddings.weight" if m.tie_word_embeddings else "output_layer.weight"]
+    return final, final @ output.T
 
 
-def _oracle_outputs(state):
+def _oracle_outputs(state, m: ModelConfig = MODEL):
     tokens, mask = _batch()
-    final, logits = _oracle(state, tokens)
+    final, logits = _oracle(m, state, tokens)
     log_softmax = (logits[:, :-1] / TEMPERATURE).log_softmax(-1)
     logprobs = F.pad(log_softmax.gather(-1, tokens[:, 1:, None]).squeeze(-1), (1, 0)) * mask
     entropy = F.pad(-(log_softmax.exp() * log_softmax).sum(-1), (1, 0)) * mask
@@ -155,7 +157,7 @@ def _oracle_grads(state):
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_distributed(_run_layout, 1, args=(1, 1, None), timeout_s=120)[0]
+    return run_distributed(_run_layout, 1, args=(MODEL, 1, 1, None), timeout_s=120)[0]
 
 
 def _max_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
@@ -176,16 +178,36 @@ def test_single_process_matches_dense_oracle(reference):
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_layouts_match_single_process(reference, tp, pp):
-    results = run_distributed(_run_layout, tp * pp, args=(tp, pp, reference["state"]), timeout_s=150)
+    results = run_distributed(_run_layout, tp * pp, args=(MODEL, tp, pp, reference["state"]), timeout_s=150)
     last_stage = [r for r in results if r["outputs"] is not None]
     assert len(last_stage) == tp  # the TP ranks of the last PP stage
     for result in last_stage:
-        for name in ("logprobs", "entropy", "pooled_hidden"):
-            diff = (getattr(result["outputs"], name) - getattr(reference["outputs"], name)).abs().max().item()
-            assert diff < TOL, f"{name} differs by {diff} at TP={tp}, PP={pp}"
+        _assert_outputs_close(result["outputs"], reference["outputs"])
     for result in results:
         assert _max_diff(result["state"], reference["state"]) == 0.0
         assert _max_diff(result["grads"], reference["grads"]) < TOL
+
+
+def _assert_outputs_close(a, b) -> None:
+    for name in ("logprobs", "entropy", "pooled_hidden"):
+        diff = (getattr(a, name) - getattr(b, name)).abs().max().item()
+        assert diff < TOL, f"{name} differs by {diff}"
+
+
+def test_tied_embeddings_under_tp2_pp2(reference):
+    """Tied embeddings: the last PP stage's output layer is the first stage's embedding.
+
+    Compared with the dense oracle (proven equal to a single process above). Only forward outputs:
+    the tied weight's gradient is split between the first and last stage until megatron's
+    finalize_model_grads sums it (the training step's job)."""
+    tied = dataclasses.replace(MODEL, tie_word_embeddings=True)
+    state = {k: v for k, v in reference["state"].items() if k != "output_layer.weight"}
+    results = run_distributed(_run_layout, 4, args=(tied, 2, 2, state), timeout_s=200)
+    last_stage = [r["outputs"] for r in results if r["outputs"] is not None]
+    assert len(last_stage) == 2
+    expected = PolicyOutputs(*_oracle_outputs(state, tied))
+    for outputs in last_stage:
+        _assert_outputs_close(outputs, expected)
 
 
 def test_layout_validation_names_each_problem():

@@ -21,6 +21,9 @@ What is patched, and why:
    ``TorchFunctionMode`` rewrites a CUDA ``device=`` keyword of any torch call to CPU. That also
    covers megatron's default causal mask (``device="cuda"`` in ``transformer/utils.py``) when a
    model is called through a schedule.
+5. ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied output weight of the last
+   pipeline stage with ``.cuda()`` before all-reducing it with the first stage's embedding; while it
+   runs, ``Tensor.cuda`` returns the tensor itself (only then: tied embeddings with PP > 1).
 """
 from __future__ import annotations
 
@@ -84,6 +87,19 @@ def _with_cpu_device_mode(schedule: Callable) -> Callable:
     return run_schedule
 
 
+def _with_tensor_cuda_as_identity(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def run_on_cpu(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    return run_on_cpu
+
+
 def apply_cpu_patches() -> bool:
     """Patch megatron-core/torch for CPU execution; a no-op when CUDA is available.
 
@@ -94,6 +110,7 @@ def apply_cpu_patches() -> bool:
     if getattr(torch.cuda, _PATCH_MARK, False):
         return True
 
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -101,6 +118,9 @@ def apply_cpu_patches() -> bool:
     torch.cuda.synchronize = lambda device=None: None
     mcore_random.CudaRNGStatesTracker.add = _cpu_rng_add
     mcore_random.CudaRNGStatesTracker.fork = _cpu_rng_fork
+    LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
     for name in _SCHEDULE_NAMES:
         setattr(schedules, name, _with_cpu_device_mode(getattr(schedules, name)))
     setattr(torch.cuda, _PATCH_MARK, True)
