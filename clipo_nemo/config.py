@@ -104,6 +104,23 @@ class ParallelConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# Rollouts (SPEC step 1)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RolloutConfig:
+    """Generation of the training responses."""
+
+    engine: str = "megatron"  # rollout engine registry name ("megatron": the policy's own megatron-core model)
+    n: int = 16  # responses sampled per prompt (the group size)
+    temperature: float = 1.0  # sampling temperature; also applied to the log-probs of the update
+    top_p: float = 1.0  # nucleus sampling (1.0 = off)
+    top_k: int = 0  # top-k sampling (0 = off)
+    max_new_tokens: int = 2048  # response length cap (track I: 2048, track II: 4096)
+    stop: List[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS
+    seed: int = 1234  # base seed; each request's sampling is seeded from it
+
+
+# --------------------------------------------------------------------------------------------------
 # Actor: the policy update (SPEC step 11)
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -134,3 +151,4 @@ class ClipoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
