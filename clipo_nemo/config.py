@@ -140,6 +140,54 @@ class ActorConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# Data, verifiers and evaluation (clipo_nemo.data, clipo_nemo.verifiers, clipo_nemo.trainer.evaluation)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Prompt files and how their rows become model input."""
+
+    train_files: List[str] = field(default_factory=list)  # .parquet/.jsonl files (track I: train/gsm8k.parquet)
+    val_files: List[str] = field(default_factory=list)  # held-out files scored during training (empty = none)
+    prompt_key: str = "prompt"  # row field with the chat messages (or a plain string = one user message)
+    answer_key: str = "reward_model.ground_truth"  # row field with the reference answer (dotted = nested)
+    data_source_key: str = "data_source"  # row field naming the set; picks the verifier
+    multiple_choice_sources: List[str] = field(
+        default_factory=lambda: ["conrl/mmlu2k", "conrl/commonsense_qa", "conrl/truthfulqa"]
+    )  # data sources checked by the multiple_choice verifier; all others use math
+    max_prompt_length: int = 1024  # longest rendered prompt, in tokens
+    truncation: str = "filter"  # over-long prompts: "filter" (drop and count) or "error" (the paper's setting)
+    on_bad_row: str = "error"  # malformed rows: "error" (name file and row) or "skip" (drop and count)
+    shuffle: bool = True  # a fresh seeded permutation of the prompts each epoch
+    seed: int = 1234  # seeds the per-epoch permutations
+
+
+@dataclass
+class VerifierConfig:
+    """The worker pool that turns responses into rewards."""
+
+    timeout_s: float = 5.0  # hard limit per check; a check past it is killed and gets reward 0 ("timeout")
+    num_workers: int = 0  # verifier processes (0 = one per available CPU)
+    max_memory_mb: int = 4096  # address-space limit per verifier process (0 = none)
+    chunk_size: int = 32  # most checks handed to one worker at a time
+
+
+@dataclass
+class EvaluationConfig:
+    """Benchmark evaluation (tools/evaluate.py and the trainer's periodic validation)."""
+
+    data_dir: str = "../shared/data/clipo/test"  # folder with <benchmark>.parquet files
+    benchmarks: List[str] = field(
+        default_factory=lambda: ["gsm8k", "gsm_symbolic", "gsm_p1", "gsm_p2", "commonsense_qa", "truthfulqa", "theoremqa", "mmlu2k"]
+    )  # file stems to score (track II: math, math_perturb_simple, math_perturb_hard, amc, aime, aime2025)
+    k: int = 1  # samples per problem; Pass@1 is their mean correctness (track I: 1, track II: 16)
+    temperature: float = 0.6  # sampling temperature for evaluation
+    top_p: float = 0.95  # nucleus sampling for evaluation
+    max_new_tokens: int = 2048  # response length cap for evaluation (track II: 4096)
+    every_steps: int = 0  # run during training every this many steps (0 = never)
+    out_dir: str = "outputs/eval"  # reports (Markdown, JSON, CSV) and per-problem results go here
+
+
+# --------------------------------------------------------------------------------------------------
 # Root
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -152,3 +200,6 @@ class ClipoConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
