@@ -100,14 +100,20 @@ LossFunc = Callable[[PolicyOutputs, PolicyBatch], Tuple[Any, ...]]
 def compute_policy_outputs(
     model: torch.nn.Module, batch: PolicyBatch, *, micro_batch_size: int, temperature: float, vocab_size: int
 ) -> Optional[PolicyOutputs]:
-    """Forward only (e.g. old log-probs): the whole batch's outputs on the last PP stage, else None."""
-    infos = forward_backward_policy(
-        model, batch, micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
-        loss_func=_keep_outputs, forward_only=True,
-    )
+    """Forward only, without autograd (e.g. old log-probs): the whole batch's outputs on the last
+    PP stage, None on the other stages."""
+    with torch.no_grad():
+        infos = forward_backward_policy(
+            model, batch, micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
+            loss_func=_keep_outputs, forward_only=True,
+        )
     if not infos:
         return None
-    return PolicyOutputs(*(torch.cat([getattr(info, name) for info in infos]) for name in ("logprobs", "entropy", "pooled_hidden")))
+    return PolicyOutputs(
+        logprobs=torch.cat([info.logprobs for info in infos]),
+        entropy=torch.cat([info.entropy for info in infos]),
+        pooled_hidden=torch.cat([info.pooled_hidden for info in infos]),
+    )
 
 
 def _keep_outputs(outputs: PolicyOutputs, micro_batch: PolicyBatch) -> Tuple[torch.Tensor, PolicyOutputs]:
