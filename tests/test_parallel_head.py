@@ -5,7 +5,7 @@ import torch
 from clipo_nemo.algorithms.head import contrastive_head_step
 from clipo_nemo.config import ContrastiveConfig, HeadConfig, ParallelConfig
 from clipo_nemo.models.head import reference_head
-from tests.dist_utils import run_distributed
+from clipo_nemo.parallel.launcher import run_distributed
 
 H, D, B = 16, 8, 16  # 4 groups of 4 responses
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from clipo_nemo.config import ModelConfig, ParallelConfig
 from clipo_nemo.models.forward import PolicyOutputs
 from clipo_nemo.parallel.state import LayoutError, validate_layout
-from dist_utils import run_distributed
+from clipo_nemo.parallel.launcher import run_distributed
 
 MODEL = ModelConfig(
     num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,

@@ -29,8 +29,7 @@ from clipo_nemo.algorithms.contrastive import contrastive_loss, positive_pair_co
 from clipo_nemo.algorithms.head import HEAD_TYPES, ContrastiveHead, HeadStepOutput
 from clipo_nemo.algorithms.rewards import contrastive_rewards
 from clipo_nemo.config import ContrastiveConfig
-from clipo_nemo.parallel.gather import (
-    all_gather_rows, all_reduce_grads, gathered_sizes, tensor_parallel_partial_sum)
+from clipo_nemo.parallel.gather import GlobalBatch, all_reduce_grads, tensor_parallel_partial_sum
 
 TP_MODES = ("replicated", "column")
 
@@ -152,21 +151,12 @@ def parallel_contrastive_step(
 
         dp_group = parallel_state.get_data_parallel_group()
     embeddings = head(pooled_hidden.detach())
-    sizes = gathered_sizes(embeddings.shape[0], dp_group, embeddings.device)
-    all_embeddings = all_gather_rows(embeddings, dp_group, sizes)
-    all_correct, all_groups, all_index = (all_gather_rows(t, dp_group, sizes) for t in (correct.bool(), group_ids, batch_index))
-    canonical = torch.argsort(all_index)
-    out = contrastive_loss(all_embeddings[canonical], all_correct[canonical], all_groups[canonical],
-                           loss_type=cfg.loss, similarity=cfg.similarity, temperature=cfg.temperature,
-                           level=cfg.level, generator=generator, partial_sum=head.partial_sum())
-    # Back from canonical order to gathered (rank-major) order; this rank's rows are one slice.
-    per_anchor = torch.empty_like(out.per_anchor_loss)
-    per_anchor[canonical] = out.per_anchor_loss
-    valid = torch.empty_like(out.valid_anchor_mask)
-    valid[canonical] = out.valid_anchor_mask
-    rank = dist.get_rank(dp_group) if dist.is_initialized() else 0
-    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    local_loss, local_valid = per_anchor[start:stop], valid[start:stop]
+    view = GlobalBatch(batch_index, dp_group)
+    all_embeddings, all_correct, all_groups = (view.gather(t) for t in (embeddings, correct.bool(), group_ids))
+    out = contrastive_loss(all_embeddings, all_correct, all_groups, loss_type=cfg.loss, similarity=cfg.similarity,
+                           temperature=cfg.temperature, level=cfg.level, generator=generator,
+                           partial_sum=head.partial_sum())
+    local_loss, local_valid = view.local(out.per_anchor_loss), view.local(out.valid_anchor_mask)
     rewards = contrastive_rewards(local_loss, local_valid, scale=cfg.reward_scale, offset=cfg.reward_offset,
                                   floor=cfg.reward_floor)
     if optimizer is not None:
@@ -176,8 +166,7 @@ def parallel_contrastive_step(
         optimizer.step()
     metrics = {
         "contrastive_loss": float(out.loss.detach()),
-        "pos_pair_cos": float(positive_pair_cosine(all_embeddings[canonical], all_correct[canonical],
-                                                   all_groups[canonical], head.partial_sum())),
-        "valid_anchor_frac": float(out.valid_anchor_mask.float().mean()) if len(all_index) else 0.0,
+        "pos_pair_cos": float(positive_pair_cosine(all_embeddings, all_correct, all_groups, head.partial_sum())),
+        "valid_anchor_frac": float(out.valid_anchor_mask.float().mean()) if len(all_correct) else 0.0,
     }
     return HeadStepOutput(rewards, local_loss.detach(), local_valid, metrics)

@@ -66,6 +66,32 @@ def all_gather_rows(local: torch.Tensor, group, sizes: Optional[List[int]] = Non
     return _all_gather_padded(local, sizes, group)
 
 
+class GlobalBatch:
+    """This DP rank's view of the global batch: gathers per-response tensors from every rank into
+    canonical order (sorted by each response's global batch position) and takes this rank's rows
+    back out. Ranks may hold different numbers of responses and pieces of the same group.
+
+    batch_index: [b] long, the global position of each of this rank's responses.
+    """
+
+    def __init__(self, batch_index: torch.Tensor, group):
+        self.group = group
+        self.sizes = gathered_sizes(batch_index.shape[0], group, batch_index.device)
+        self.canonical = torch.argsort(all_gather_rows(batch_index, group, self.sizes))
+        rank = dist.get_rank(group) if _world(group) > 1 else 0
+        self.local_rows = slice(sum(self.sizes[:rank]), sum(self.sizes[: rank + 1]))
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """[b, ...] on each rank -> [B, ...] in canonical order (differentiable for float tensors)."""
+        return all_gather_rows(local, self.group, self.sizes)[self.canonical]
+
+    def local(self, canonical: torch.Tensor) -> torch.Tensor:
+        """[B, ...] in canonical order -> this rank's [b, ...] rows, in its own order."""
+        gathered = torch.empty_like(canonical)
+        gathered[self.canonical] = canonical
+        return gathered[self.local_rows]
+
+
 def tensor_parallel_partial_sum(partial: torch.Tensor) -> torch.Tensor:
     """Sum a partial result (e.g. dot products of feature shards) over the tensor-parallel group.
 

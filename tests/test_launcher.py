@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_utils import DistributedRunError, run_distributed
+from clipo_nemo.parallel.launcher import DistributedRunError, run_distributed
 
 
 def _rank_times_ten(rank: int, world_size: int) -> int:

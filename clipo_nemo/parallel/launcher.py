@@ -1,5 +1,7 @@
 """Run a function on N real processes (gloo on CPU) and collect what each rank returns.
 
+Used by the multi-process tests and by the parallel-equivalence tool.
+
     results = run_distributed(my_fn, world_size=2, args=(cfg,), timeout_s=120)
 
 ``my_fn(rank, world_size, *args)`` must be importable (module level) because ranks are started with

@@ -1,0 +1,120 @@
+"""One GRPO + CLIPO learning step, reading top to bottom as the data flows.
+
+    experience (this DP rank's responses with verifier scores)
+      -> one forward pass: old log-probs + pooled hidden states       (Actor.old_outputs)
+      -> reference log-probs, if the KL loss is on                     (Actor.reference_logprobs)
+      -> contrastive reward from the head's loss before its update     (parallel_contrastive_step)
+      -> total reward -> group-normalised advantages over the global batch
+      -> policy update (skipped during the head's warm-up)             (Actor.update)
+
+Rollouts and verification, which produce the experience, come first in ``clipo_nemo.trainer.loop``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from clipo_nemo.algorithms.advantages import compute_advantages
+from clipo_nemo.config import ClipoConfig
+from clipo_nemo.models.forward import PolicyBatch
+from clipo_nemo.models.head import ParallelContrastiveHead, parallel_contrastive_step
+from clipo_nemo.parallel.gather import GlobalBatch
+from clipo_nemo.trainer.actor import Actor, broadcast_from_last_stage
+
+
+@dataclass
+class Experience:
+    """This DP rank's responses.
+
+    tokens [b, S] prompt + response (right padded); response_mask [b, S]; scores [b] verifier
+    rewards; group_ids [b] the prompt each response answers; batch_index [b] its position in the
+    global batch (fixes a layout-independent order).
+    """
+
+    tokens: torch.Tensor
+    response_mask: torch.Tensor
+    scores: torch.Tensor
+    group_ids: torch.Tensor
+    batch_index: torch.Tensor
+
+
+@dataclass
+class ClipoHead:
+    """The contrastive head and its own optimizer (``None`` when the head is fixed)."""
+
+    head: ParallelContrastiveHead
+    optimizer: Optional[torch.optim.Optimizer]
+
+    @classmethod
+    def build(cls, cfg: ClipoConfig) -> "ClipoHead":
+        from clipo_nemo.algorithms.head import build_head_optimizer
+
+        head_cfg = cfg.contrastive.head
+        # fp32 whatever the policy's dtype: the head is tiny and its loss has a small temperature.
+        head = ParallelContrastiveHead(cfg.model.hidden_size, head_cfg.dim, head_cfg.type, head_cfg.tp_mode,
+                                       seed=cfg.contrastive.seed, params_dtype=torch.float32)
+        if torch.cuda.is_available():
+            head.cuda()
+        return cls(head, build_head_optimizer(head, cfg.contrastive))
+
+
+@dataclass
+class StepOutputs:
+    """What one step computed for this rank's responses (tensors [b] or [b, S]) and global metrics."""
+
+    old_logprobs: Optional[torch.Tensor]
+    pooled_hidden: Optional[torch.Tensor]
+    contrastive_loss: torch.Tensor
+    contrastive_rewards: torch.Tensor
+    advantages: torch.Tensor
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experience, cfg: ClipoConfig,
+                          step: int) -> StepOutputs:
+    """Run one learning step on this rank's ``exp`` (every rank of the job calls it together)."""
+    from megatron.core import parallel_state
+
+    batch = PolicyBatch(exp.tokens, exp.response_mask)
+    dp_group = parallel_state.get_data_parallel_group()
+    metrics: Dict[str, float] = {}
+
+    # 1. One forward pass for old log-probs and pooled hidden states (on the last PP stage).
+    old = actor.old_outputs(batch)
+    ref_logprobs = actor.reference_logprobs(batch)
+
+    # 2. Contrastive reward from the head's loss before its update (the head lives on the last stage).
+    contrastive_loss = torch.zeros(len(exp.scores))
+    contrastive_rewards = torch.zeros(len(exp.scores))
+    if clipo is not None and old is not None:
+        generator = torch.Generator().manual_seed(cfg.contrastive.seed + step)  # same draws on every rank
+        head_out = parallel_contrastive_step(clipo.head, clipo.optimizer, old.pooled_hidden, exp.scores > 0,
+                                             exp.group_ids, exp.batch_index, cfg.contrastive, generator, dp_group)
+        contrastive_loss, contrastive_rewards = head_out.per_anchor_loss.cpu(), head_out.rewards.cpu()
+        metrics.update(head_out.metrics)
+    if clipo is not None:
+        contrastive_loss, contrastive_rewards, head_metrics = broadcast_from_last_stage(
+            (contrastive_loss, contrastive_rewards, metrics))
+        metrics.update(head_metrics)
+
+    # 3. Total reward and group-normalised advantages over the global batch.
+    view = GlobalBatch(exp.batch_index, dp_group)
+    scores = view.gather(exp.scores.float())
+    totals = scores + view.gather(contrastive_rewards.float())
+    advantages = view.local(compute_advantages(totals, view.gather(exp.group_ids), cfg.algorithm.adv_estimator,
+                                               cfg.algorithm.adv_eps))
+    metrics.update(reward_mean=float(scores.mean()), total_reward_mean=float(totals.mean()),
+                   advantage_abs_mean=float(advantages.abs().mean()) if len(advantages) else 0.0)
+
+    # 4. Policy update, unless the head is still warming up.
+    metrics["policy_updated"] = float(step >= cfg.contrastive.warmup_steps)
+    if step >= cfg.contrastive.warmup_steps:
+        zeros = torch.zeros_like(exp.tokens, dtype=torch.float32)  # stand-ins on stages without outputs
+        extras = {"old_logprobs": old.logprobs if old is not None else zeros, "advantages": advantages}
+        if ref_logprobs is not None or actor.reference is not None:
+            extras["ref_logprobs"] = ref_logprobs if ref_logprobs is not None else zeros
+        metrics.update(actor.update(PolicyBatch(exp.tokens, exp.response_mask, extras)))
+    return StepOutputs(old.logprobs if old is not None else None, old.pooled_hidden if old is not None else None,
+                       contrastive_loss, contrastive_rewards, advantages, metrics)
