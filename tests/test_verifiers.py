@@ -322,3 +322,11 @@ def test_bad_requests_are_refused_before_work_starts(pool):
         pool.verify([VerifyRequest("math", "\\boxed{1}", "1"), VerifyRequest("code", "x", "y")])
     with pytest.raises(ValueError, match="offered letters"):
         pool.verify([VerifyRequest("multiple_choice", "\\boxed{A}", "A")])
+
+
+def test_an_exception_inside_math_verify_is_reason_error_and_the_batch_continues(pool):
+    # math-verify's set comparison raises TypeError on this pair (found in train/math75 row 3880).
+    requests = [VerifyRequest("math", "\\boxed{7 - 2 \\pi}", "(-\\infty,-5) \\cup (-5,5)"), VerifyRequest("math", "\\boxed{1}", "1")]
+    first, second = pool.verify(requests)
+    assert (first.reward, first.reason) == (0.0, "error") and first.detail.startswith("TypeError")
+    assert second.correct

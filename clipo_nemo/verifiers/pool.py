@@ -51,7 +51,7 @@ def worker_main(fd: int, max_memory_mb: int) -> None:
             try:
                 result = run_verifier(request)
             except BaseException as exc:  # noqa: BLE001 - a bad response must never stop the batch
-                result = VerifyResult(0.0, "error", f"{type(exc).__name__}: {exc}"[:200])
+                result = VerifyResult(0.0, "error", None, f"{type(exc).__name__}: {exc}"[:200])
             conn.send((position, result))
 
 

@@ -37,6 +37,7 @@ class VerifyResult:
     reward: float  # 1.0 correct, 0.0 otherwise
     reason: str  # one of REASONS
     extracted: Optional[str] = None  # the boxed answer (truncated), None without one
+    detail: Optional[str] = None  # for reason "error": the exception the verifier raised
 
     @property
     def correct(self) -> bool:

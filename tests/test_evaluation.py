@@ -1,0 +1,175 @@
+"""Evaluation: Pass@1 and the paper's aggregates from a fixed per-problem file (hand-computed),
+the --responses mode of tools/evaluate.py on the real test sets, and evaluate() with a stand-in
+generator."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clipo_nemo.data import build_prompts, load_problems
+from clipo_nemo.trainer.evaluation import (
+    evaluate,
+    metrics,
+    read_per_problem,
+    read_responses,
+    summarize,
+    write_report,
+)
+from clipo_nemo.verifiers import VerifierPool
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DATA = REPO.parent / "shared" / "data" / "clipo" / "test"
+sys.path.insert(0, str(REPO / "tools"))
+import evaluate as evaluate_tool  # noqa: E402
+
+# Per-problem verdicts (1 = correct sample); several samples per problem where k > 1.
+FIXED = {
+    "gsm8k": [[1, 1], [1, 0]],  # (100 + 50) / 2 = 75
+    "gsm_symbolic": [[1], [0]],  # 50
+    "gsm_p1": [[0], [0]],  # 0
+    "gsm_p2": [[1], [1], [1], [0]],  # 75
+    "commonsense_qa": [[1]],  # 100
+    "truthfulqa": [[0, 0, 0, 1]],  # 25
+    "theoremqa": [[1], [0], [0], [0]],  # 25
+    "mmlu2k": [[1], [1]],  # 100
+    "math": [[1, 0, 0, 0]],  # 25
+    "math_perturb_simple": [[1], [1]],  # 100
+    "math_perturb_hard": [[0]],  # 0
+    "amc": [[1, 1], [0, 0]],  # 50
+    "aime": [[1, 0]],  # 50
+    "aime2025": [[0, 0, 0, 0]],  # 0
+}
+HAND_COMPUTED = {
+    "track_I": {"M-Avg": (75 + 50 + 0 + 75) / 4, "G-Avg": (100 + 25 + 25 + 100) / 4, "Avg": 450 / 8},
+    "track_II": {"M-Avg": 125 / 3, "C-Avg": 100 / 3, "Avg": 225 / 6},
+}
+
+
+def _write_fixed(path: Path, benchmarks) -> Path:
+    with open(path, "w") as lines:
+        for name in benchmarks:
+            for index, verdicts in enumerate(FIXED[name]):
+                correct = [bool(v) for v in verdicts]
+                lines.write(json.dumps({"benchmark": name, "index": index, "reference": "1", "correct": correct,
+                                        "reasons": ["ok" if c else "wrong" for c in correct], "extracted": ["1"] * len(correct)}) + "\n")
+    return path
+
+
+def test_fixed_per_problem_file_reproduces_hand_computed_aggregates(tmp_path):
+    per_problem = _write_fixed(tmp_path / "per_problem.jsonl", FIXED)
+    assert evaluate_tool.main(["--per-problem", str(per_problem), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["benchmarks"]["gsm8k"]["pass@1"] == pytest.approx(75.0)
+    assert report["benchmarks"]["gsm8k"]["n"] == 2
+    assert report["benchmarks"]["truthfulqa"] == {"pass@1": pytest.approx(25.0), "n": 1, "samples": 4}
+    assert report["aggregates"] == {track: pytest.approx(columns) for track, columns in HAND_COMPUTED.items()}
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert {(r["track"], r["name"]): float(r["pass@1"]) for r in rows if r["kind"] == "aggregate"} == pytest.approx(
+        {(track, column): value for track, columns in HAND_COMPUTED.items() for column, value in columns.items()}, abs=1e-4
+    )
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| GSM8K | SYM | P1 | P2 | cQA | tQA | thrmQA | MMLU | M-Avg | G-Avg | Avg |" in markdown
+    assert "| 75.00 | 50.00 | 0.00 | 75.00 | 100.00 | 25.00 | 25.00 | 100.00 | 50.00 | 62.50 | 56.25 |" in markdown
+    assert "| 25.00 | 100.00 | 0.00 | 50.00 | 50.00 | 0.00 | 41.67 | 33.33 | 37.50 |" in markdown
+    # The report's own per-problem file recomputes the same report.
+    assert summarize(read_per_problem(tmp_path / "out" / "per_problem.jsonl")) == report
+
+
+def test_aggregates_need_every_member_benchmark(tmp_path):
+    results = read_per_problem(_write_fixed(tmp_path / "p.jsonl", ["gsm8k", "gsm_symbolic", "gsm_p1", "gsm_p2", "mmlu2k", "aime"]))
+    summary = summarize(results)
+    assert summary["aggregates"] == {"track_I": {"M-Avg": pytest.approx(50.0)}}
+    assert metrics(summary)["val/track_I/M-Avg"] == pytest.approx(50.0)
+    assert metrics(summary)["val/aime/pass@1"] == pytest.approx(50.0)
+
+
+@pytest.mark.skipif(not TEST_DATA.exists(), reason=f"the paper's test sets are not at {TEST_DATA}")
+def test_responses_mode_on_the_real_test_sets(tmp_path):
+    math_refs = [row["ground_truth"] for row in pd.read_parquet(TEST_DATA / "math.parquet")["reward_model"]]
+    mmlu_refs = [row["ground_truth"] for row in pd.read_parquet(TEST_DATA / "mmlu2k.parquet")["reward_model"]]
+    wrong_letter = {"A": "B", "B": "C", "C": "D", "D": "A"}
+    lines = [
+        # math row 0: 2 samples, 1 right -> 0.5; row 5: 1 right of 1; row 7: no box -> 0   => (0.5 + 1 + 0) / 3
+        {"benchmark": "math", "index": 0, "response": f"so $\\boxed{{{math_refs[0]}}}$"},
+        {"benchmark": "math", "index": 0, "response": "so $\\boxed{\\frac{1}{7}}$ wait"},
+        {"benchmark": "math", "index": 5, "response": f"... \\boxed{{{math_refs[5]}}}"},
+        {"benchmark": "math", "index": 7, "response": "I give up"},
+        # mmlu2k rows 3, 4: right, wrong  => 50%
+        {"benchmark": "mmlu2k", "index": 3, "response": f"\\boxed{{\\text{{({mmlu_refs[3]})}}}}"},
+        {"benchmark": "mmlu2k", "index": 4, "response": f"\\boxed{{{wrong_letter[mmlu_refs[4]]}}}"},
+    ]
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, "tools/evaluate.py", "--responses", str(responses), "--data-dir", "../shared/data/clipo/test", "--out", str(out)],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    )
+    report = json.loads((out / "results.json").read_text())
+    assert report["benchmarks"]["math"]["pass@1"] == pytest.approx(100 * 1.5 / 3)
+    assert report["benchmarks"]["math"]["n"] == 3
+    assert report["benchmarks"]["mmlu2k"]["pass@1"] == pytest.approx(50.0)
+    assert report["aggregates"] == {}
+    per_problem = read_per_problem(out / "per_problem.jsonl")
+    assert [(r.benchmark, r.index, r.reasons) for r in per_problem] == [
+        ("math", 0, ["ok", "wrong"]), ("math", 5, ["ok"]), ("math", 7, ["no_box"]), ("mmlu2k", 3, ["ok"]), ("mmlu2k", 4, ["wrong"]),
+    ]
+    assert (out / "results.md").exists() and (out / "results.csv").exists()
+
+
+def test_responses_file_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"benchmark": "math", "index": 0, "response": "x"}\n{"benchmark": "math", "index": "0", "response": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2: needs string 'benchmark', integer 'index'"):
+        read_responses(bad)
+    bad.write_text("{nope\n")
+    with pytest.raises(ValueError, match="bad.jsonl line 1: invalid JSON"):
+        read_responses(bad)
+
+
+def test_checkpoint_mode_points_to_responses(tmp_path):
+    with pytest.raises(SystemExit, match="--responses FILE.jsonl"):
+        evaluate_tool.main(["--checkpoint", "ckpt", "--out", str(tmp_path)])
+
+
+class _WordTokenizer:
+    """The least a tokenizer must offer build_prompts: no chat template, whitespace tokens."""
+
+    chat_template = None
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[len(word) for word in text.split()] for text in texts]}
+
+
+def test_evaluate_with_a_generate_fn(tmp_path):
+    rows = [{"data_source": "tiny/arith", "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+             "reward_model": {"ground_truth": str(2 * i)}} for i in range(4)]
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prompts = build_prompts(load_problems([path]).problems, _WordTokenizer(), max_prompt_length=64).prompts
+    calls = []
+
+    def generate_fn(texts, k, temperature, top_p):
+        calls.append((len(texts), k, temperature, top_p))
+        # Right for even operands on every sample, right on the first sample only for odd ones.
+        answers = []
+        for text in texts:
+            i = int(text.split()[2])
+            answers.append([f"\\boxed{{{2 * i if (i % 2 == 0 or s == 0) else -1}}}" for s in range(k)])
+        return answers
+
+    with VerifierPool(num_workers=1, timeout_s=5.0) as pool:
+        results = evaluate(generate_fn, {"tiny": prompts}, pool, k=4)
+        assert calls == [(4, 4, 0.6, 0.95)]
+        assert [r.pass_at_1 for r in results] == [1.0, 0.25, 1.0, 0.25]
+        summary = write_report(results, tmp_path / "out")
+        assert summary["benchmarks"]["tiny"] == {"pass@1": pytest.approx(62.5), "n": 4, "samples": 16}
+        assert "| tiny |" in (tmp_path / "out" / "results.md").read_text()
+        with pytest.raises(ValueError, match="expected 4 samples each"):
+            evaluate(lambda texts, k, t, p: [["x"]] * len(texts), {"tiny": prompts}, pool, k=4)
