@@ -188,6 +188,35 @@ class EvaluationConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TinyTaskConfig:
+    """The embedded default's synthetic arithmetic task, generated into the run directory at start."""
+
+    enabled: bool = False  # true: train on the generated task instead of data.train_files
+    max_operand: int = 4  # operands 0..max_operand; answers 0..2*max_operand (one token each)
+    operators: List[str] = field(default_factory=lambda: ["+", "-"])  # subset of + and -
+    val_fraction: float = 0.2  # share of the distinct problems held out for validation
+    seed: int = 0  # which problems go to which split
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: length, batch, logging, checkpoints, robustness."""
+
+    output_dir: str = "outputs/run"  # run directory: metrics, TensorBoard, plots, checkpoints; reused = resumed
+    tokenizer: str = ""  # Hugging Face tokenizer directory, or "tiny" for the locally built tiny tokenizer
+    max_steps: int = 100  # training steps (each: one batch of prompts x rollout.n responses)
+    prompts_per_step: int = 128  # prompts per step over all DP ranks (paper: 512)
+    save_every_steps: int = 50  # checkpoint interval (0 = only at the end and on SIGTERM/SIGINT)
+    keep_last: int = 2  # complete checkpoints kept
+    max_consecutive_nonfinite: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient
+    plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
+    seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
+
+
+# --------------------------------------------------------------------------------------------------
 # Root
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -200,6 +229,78 @@ class ClipoConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TinyTaskConfig = field(default_factory=TinyTaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks that span keys (run before any model is built)
+# --------------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
+    """Raise :class:`ConfigError` listing every key whose value cannot work."""
+    from clipo_nemo.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from clipo_nemo.algorithms.contrastive import CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES
+    from clipo_nemo.algorithms.head import HEAD_TYPES
+    from clipo_nemo.algorithms.policy_losses import AGG_MODES, POLICY_LOSSES
+    from clipo_nemo.rollout import ROLLOUT_ENGINES
+
+    problems = []
+
+    def choice(key, value, options):
+        if value not in options:
+            problems.append(f"{key}={value!r} is not one of {sorted(options)}")
+
+    def positive(key, value, allow_zero=False):
+        if value < 0 or (value == 0 and not allow_zero):
+            problems.append(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+    algo, con, act, roll, trainer = cfg.algorithm, cfg.contrastive, cfg.actor, cfg.rollout, cfg.trainer
+    choice("algorithm.policy_loss", algo.policy_loss, POLICY_LOSSES)
+    choice("algorithm.loss_agg_mode", algo.loss_agg_mode, AGG_MODES)
+    choice("algorithm.kl_loss_type", algo.kl_loss_type, ("k1", "k2", "k3", "low_var_kl"))
+    choice("algorithm.adv_estimator", algo.adv_estimator, ADVANTAGE_ESTIMATORS)
+    choice("contrastive.loss", con.loss, CONTRASTIVE_LOSSES)
+    choice("contrastive.level", con.level, LEVELS)
+    choice("contrastive.similarity", con.similarity, SIMILARITIES)
+    choice("contrastive.head.type", con.head.type, HEAD_TYPES)
+    choice("contrastive.head.tp_mode", con.head.tp_mode, ("replicated", "column"))
+    choice("actor.optimizer", act.optimizer, ("adamw", "sgd"))
+    choice("rollout.engine", roll.engine, ROLLOUT_ENGINES)
+    for key, value in (("contrastive.temperature", con.temperature), ("contrastive.head.dim", con.head.dim),
+                       ("actor.lr", act.lr), ("actor.ppo_epochs", act.ppo_epochs),
+                       ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),
+                       ("rollout.max_new_tokens", roll.max_new_tokens), ("trainer.prompts_per_step", trainer.prompts_per_step),
+                       ("trainer.max_consecutive_nonfinite", trainer.max_consecutive_nonfinite)):
+        positive(key, value)
+    for key, value in (("rollout.temperature", roll.temperature), ("contrastive.warmup_steps", con.warmup_steps),
+                       ("trainer.max_steps", trainer.max_steps), ("trainer.save_every_steps", trainer.save_every_steps),
+                       ("algorithm.kl_loss_coef", algo.kl_loss_coef), ("actor.clip_grad", act.clip_grad)):
+        positive(key, value, allow_zero=True)
+    if not 0 < roll.top_p <= 1:
+        problems.append(f"rollout.top_p={roll.top_p} must be in (0, 1]")
+    if algo.dual_clip_c is not None and algo.dual_clip_c <= 1:
+        problems.append(f"algorithm.dual_clip_c={algo.dual_clip_c} must be > 1 (or null)")
+    if trainer.keep_last < 1:
+        problems.append(f"trainer.keep_last={trainer.keep_last} must be >= 1")
+    if not cfg.task.enabled and not cfg.data.train_files:
+        problems.append("data.train_files is empty and task.enabled=false: there is nothing to train on")
+    if not trainer.tokenizer:
+        problems.append("trainer.tokenizer is empty: give a Hugging Face tokenizer directory (or 'tiny')")
+    mp = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size * cfg.parallel.context_parallel_size
+    dp = max(world_size // max(mp, 1), 1)
+    responses = trainer.prompts_per_step * roll.n
+    if trainer.prompts_per_step % dp:
+        problems.append(f"trainer.prompts_per_step={trainer.prompts_per_step} must divide by the data-parallel size {dp}")
+    elif (responses // dp) % (act.num_mini_batches * cfg.parallel.micro_batch_size):
+        problems.append(f"responses per DP rank ({responses} / {dp}) must divide into actor.num_mini_batches="
+                        f"{act.num_mini_batches} mini-batches of whole parallel.micro_batch_size="
+                        f"{cfg.parallel.micro_batch_size} micro-batches")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

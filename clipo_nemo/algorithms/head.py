@@ -53,12 +53,14 @@ def build_head_optimizer(head: nn.Module, cfg: ContrastiveConfig) -> Optional[to
 @dataclass
 class HeadStepOutput:
     """rewards [B]: contrastive reward per response; per_anchor_loss [B]; valid_anchor_mask [B];
-    metrics: detached scalars (contrastive_loss, pos_pair_cos, valid_anchor_frac)."""
+    metrics: detached scalars (contrastive_loss, pos_pair_cos, valid_anchor_frac);
+    embeddings: the whole batch's head outputs before the update, detached (for plots)."""
 
     rewards: torch.Tensor
     per_anchor_loss: torch.Tensor
     valid_anchor_mask: torch.Tensor
     metrics: Dict[str, float]
+    embeddings: Optional[torch.Tensor] = None
 
 
 def contrastive_head_step(
@@ -90,4 +92,4 @@ def contrastive_head_step(
         "valid_anchor_frac": float(out.valid_anchor_mask.float().mean()) if len(correct) else 0.0,
         "contrastive_reward_mean": float(rewards.mean()) if len(correct) else 0.0,
     }
-    return HeadStepOutput(rewards, out.per_anchor_loss.detach(), out.valid_anchor_mask, metrics)
+    return HeadStepOutput(rewards, out.per_anchor_loss.detach(), out.valid_anchor_mask, metrics, embeddings.detach())

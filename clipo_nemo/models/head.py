@@ -144,7 +144,7 @@ def parallel_contrastive_step(
     pooled_hidden [b, H], correct [b], group_ids [b] and batch_index [b] (each response's position
     in the global batch, which fixes the canonical order) describe this rank's responses; ranks may
     hold different counts and split groups. Returns this rank's rewards [b] from the loss before the
-    update; metrics are global. ``optimizer=None`` (a fixed head) skips the update.
+    update; metrics and ``embeddings`` are global. ``optimizer=None`` (a fixed head) skips the update.
     """
     if dp_group is None:
         from megatron.core import parallel_state
@@ -169,4 +169,5 @@ def parallel_contrastive_step(
         "pos_pair_cos": float(positive_pair_cosine(all_embeddings, all_correct, all_groups, head.partial_sum())),
         "valid_anchor_frac": float(out.valid_anchor_mask.float().mean()) if len(all_correct) else 0.0,
     }
-    return HeadStepOutput(rewards, local_loss.detach(), local_valid, metrics)
+    # Global batch, canonical order (in column mode: this TP rank's slice of each embedding).
+    return HeadStepOutput(rewards, local_loss.detach(), local_valid, metrics, all_embeddings.detach())

@@ -11,6 +11,7 @@ Rollouts and verification, which produce the experience, come first in ``clipo_n
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -70,6 +71,8 @@ class StepOutputs:
     contrastive_rewards: torch.Tensor
     advantages: torch.Tensor
     metrics: Dict[str, float] = field(default_factory=dict)
+    head_embeddings: Optional[torch.Tensor] = None  # [B, D] global batch, canonical order (last PP stage)
+    global_correct: Optional[torch.Tensor] = None  # [B] the verifier's verdicts in the same order
 
 
 def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experience, cfg: ClipoConfig,
@@ -80,24 +83,29 @@ def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experie
     batch = PolicyBatch(exp.tokens, exp.response_mask)
     dp_group = parallel_state.get_data_parallel_group()
     metrics: Dict[str, float] = {}
+    clock = time.perf_counter()
 
     # 1. One forward pass for old log-probs and pooled hidden states (on the last PP stage).
     old = actor.old_outputs(batch)
     ref_logprobs = actor.reference_logprobs(batch)
+    metrics["time/old_forward_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
     # 2. Contrastive reward from the head's loss before its update (the head lives on the last stage).
     contrastive_loss = torch.zeros(len(exp.scores))
     contrastive_rewards = torch.zeros(len(exp.scores))
+    head_embeddings = None
     if clipo is not None and old is not None:
         generator = torch.Generator().manual_seed(cfg.contrastive.seed + step)  # same draws on every rank
         head_out = parallel_contrastive_step(clipo.head, clipo.optimizer, old.pooled_hidden, exp.scores > 0,
                                              exp.group_ids, exp.batch_index, cfg.contrastive, generator, dp_group)
         contrastive_loss, contrastive_rewards = head_out.per_anchor_loss.cpu(), head_out.rewards.cpu()
+        head_embeddings = head_out.embeddings
         metrics.update(head_out.metrics)
     if clipo is not None:
         contrastive_loss, contrastive_rewards, head_metrics = broadcast_from_last_stage(
             (contrastive_loss, contrastive_rewards, metrics))
         metrics.update(head_metrics)
+    metrics["time/contrastive_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
     # 3. Total reward and group-normalised advantages over the global batch.
     view = GlobalBatch(exp.batch_index, dp_group)
@@ -116,5 +124,6 @@ def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experie
         if ref_logprobs is not None or actor.reference is not None:
             extras["ref_logprobs"] = ref_logprobs if ref_logprobs is not None else zeros
         metrics.update(actor.update(PolicyBatch(exp.tokens, exp.response_mask, extras)))
+    metrics["time/update_s"] = time.perf_counter() - clock
     return StepOutputs(old.logprobs if old is not None else None, old.pooled_hidden if old is not None else None,
-                       contrastive_loss, contrastive_rewards, advantages, metrics)
+                       contrastive_loss, contrastive_rewards, advantages, metrics, head_embeddings, scores > 0)

@@ -1,0 +1,390 @@
+"""The GRPO + CLIPO training run.
+
+Each step, on every rank together::
+
+    sample prompts -> rollouts (n per prompt) -> verify -> learn_from_experience
+      (old log-probs + pooled hidden in one forward -> reference log-probs -> contrastive reward ->
+       advantages -> policy update, or only the head during warm-up)
+    -> metrics -> periodic validation -> checkpoint
+
+Data parallel: the step's prompts are dealt to DP ranks in contiguous blocks; every rank generates,
+verifies and learns from its own share. TP/PP ranks of one model replica share their prompts.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from clipo_nemo.algorithms.advantages import zero_variance_groups
+from clipo_nemo.config import ClipoConfig, validate_config
+from clipo_nemo.data.prompts import Prompt
+from clipo_nemo.trainer.step import ClipoHead, Experience, learn_from_experience
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGINT: the loop finishes the current step, saves and exits cleanly."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def any_rank(self) -> bool:
+        """Whether any rank was signalled (all ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and rollouts
+# --------------------------------------------------------------------------------------------------
+def load_tokenizer(cfg: ClipoConfig):
+    if cfg.trainer.tokenizer == "tiny":
+        from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+
+        return build_tiny_tokenizer(cfg.task.max_operand)
+    from transformers import AutoTokenizer
+
+    if not Path(cfg.trainer.tokenizer).is_dir():
+        raise FileNotFoundError(f"trainer.tokenizer={cfg.trainer.tokenizer!r} is not a directory with a tokenizer")
+    return AutoTokenizer.from_pretrained(cfg.trainer.tokenizer)
+
+
+def prepare_task_files(cfg: ClipoConfig, run_dir: Path) -> None:
+    """With ``task.enabled``, generate the tiny task into the run directory and train on it."""
+    if not cfg.task.enabled:
+        return
+    from clipo_nemo.data.tiny_task import write_tiny_arith_parquet
+
+    out = run_dir / "data"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_tiny_arith_parquet(out, max_operand=cfg.task.max_operand, operators=tuple(cfg.task.operators),
+                                 val_fraction=cfg.task.val_fraction, seed=cfg.task.seed)
+    if dist.is_initialized():
+        dist.barrier()
+    cfg.data.train_files, cfg.data.val_files = [str(out / "train.parquet")], [str(out / "val.parquet")]
+
+
+@dataclass
+class Rollouts:
+    """Responses of one rank: ``n`` consecutive responses per prompt."""
+
+    prompt_ids: List[List[int]]  # per response, its prompt's tokens
+    response_ids: List[List[int]]
+    finish_reasons: List[str]
+
+
+def generate(engine, prompts: Sequence[Prompt], n: int, seeds: Sequence[int], temperature: float, top_p: float,
+             max_new_tokens: int) -> Rollouts:
+    """``n`` responses per prompt from the rollout engine, seeded per prompt."""
+    out = engine.generate([list(p.token_ids) for p in prompts], n=n, seeds=list(seeds), temperature=temperature,
+                          top_p=top_p, max_new_tokens=max_new_tokens)
+    prompt_ids = [list(p.token_ids) for p in prompts for _ in range(n)]
+    return Rollouts(prompt_ids, [list(r) for r in out.token_ids], list(out.finish_reasons))
+
+
+def verify(pool, tokenizer, prompts: Sequence[Prompt], rollouts: Rollouts, n: int):
+    """Scores [b] (1.0 / 0.0) and reason codes, in rollout order."""
+    from clipo_nemo.verifiers.registry import VerifyRequest
+
+    texts = tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+    requests = [VerifyRequest(p.problem.verifier, text, p.problem.reference, p.problem.choices)
+                for p, start in zip(prompts, range(0, len(texts), n)) for text in texts[start:start + n]]
+    results = pool.verify(requests)
+    return torch.tensor([r.reward for r in results], dtype=torch.float32), [r.reason for r in results]
+
+
+def build_experience(rollouts: Rollouts, scores: torch.Tensor, first_group: int, first_index: int, n: int,
+                     pad_id: int, eos_id: int) -> (Experience, int):
+    """Right-padded prompt + response tokens with the response mask. A response with no tokens is
+    stood in for by a lone EOS (the model ended at once), so every row has a token to learn from.
+    Returns the experience and the number of empty responses."""
+    rows, masks, empty = [], [], 0
+    for prompt, response in zip(rollouts.prompt_ids, rollouts.response_ids):
+        if not response:
+            response, empty = [eos_id], empty + 1
+        rows.append(prompt + response)
+        masks.append([False] * len(prompt) + [True] * len(response))
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, m) in enumerate(zip(rows, masks)):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(m)] = torch.tensor(m)
+    count = len(rows)
+    group_ids = first_group + torch.arange(count) // n
+    return Experience(tokens, mask, scores, group_ids, first_index + torch.arange(count)), empty
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+class Trainer:
+    """Builds everything for ``cfg`` on an initialised parallel state and runs the loop."""
+
+    def __init__(self, cfg: ClipoConfig, run_dir: Path):
+        from megatron.core import parallel_state
+
+        from clipo_nemo.data.prompts import load_prompt_set
+        from clipo_nemo.data.sampler import EpochSampler
+        from clipo_nemo.rollout import ROLLOUT_ENGINES
+        from clipo_nemo.trainer.actor import Actor
+        from clipo_nemo.verifiers.pool import VerifierPool
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
+        prepare_task_files(cfg, run_dir)
+        self.tokenizer = load_tokenizer(cfg)
+        self.train_set = load_prompt_set(cfg.data.train_files, cfg.data, self.tokenizer)
+        self.val_set = load_prompt_set(cfg.data.val_files, cfg.data, self.tokenizer) if cfg.data.val_files else None
+        if len(self.train_set.prompts) < cfg.trainer.prompts_per_step:
+            raise ValueError(f"{len(self.train_set.prompts)} usable training prompts (of {cfg.data.train_files}) "
+                             f"cannot fill trainer.prompts_per_step={cfg.trainer.prompts_per_step}")
+        self.sampler = EpochSampler(len(self.train_set.prompts), cfg.trainer.prompts_per_step, cfg.data.seed,
+                                    cfg.data.shuffle)
+        self.actor = Actor.build(cfg)
+        self.actor.sync_reference()
+        self.clipo = ClipoHead.build(cfg) if cfg.contrastive.enabled else None
+        self.engine = ROLLOUT_ENGINES[cfg.rollout.engine](self.actor.module, self.tokenizer, cfg)
+        self.pool = VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s, cfg.verifier.max_memory_mb,
+                                 cfg.verifier.chunk_size)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+
+    # ----------------------------------------------------------------------------------------------
+    def _my_prompts(self, indices: List[int]):
+        per_rank = len(indices) // self.dp_size
+        start = self.dp_rank * per_rank
+        return [self.train_set.prompts[i] for i in indices[start:start + per_rank]], start
+
+    def _collect(self, step: int):
+        """Rollouts and verification for this step; with dynamic sampling, groups whose rewards are all
+        equal are dropped and more prompts are drawn (up to ``dynamic_sampling_max_batches``) to refill
+        this rank's share. A rank still short after that keeps zero-variance groups (zero advantage)."""
+        cfg, n = self.cfg, self.cfg.rollout.n
+        wanted = cfg.trainer.prompts_per_step // self.dp_size
+        kept: List[tuple] = []  # (prompt, responses, finish reasons, scores, reasons) per group
+        spare: List[tuple] = []
+        info = {"rollout_s": 0.0, "verify_s": 0.0, "batches": 0}
+        for attempt in range(cfg.algorithm.dynamic_sampling_max_batches if cfg.algorithm.dynamic_sampling else 1):
+            indices = self.sampler.next_batch()
+            prompts, offset = self._my_prompts(indices)
+            seeds = [cfg.rollout.seed + (step * 1_000_003 + attempt * 10_007 + offset + i) for i in range(len(prompts))]
+            clock = time.perf_counter()
+            rollouts = generate(self.engine, prompts, n, seeds, cfg.rollout.temperature, cfg.rollout.top_p,
+                                cfg.rollout.max_new_tokens)
+            info["rollout_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            scores, reasons = self._verified(prompts, rollouts)
+            info["verify_s"] += time.perf_counter() - clock
+            info["batches"] += 1
+            for g, prompt in enumerate(prompts):
+                part = slice(g * n, (g + 1) * n)
+                group = (prompt, rollouts.response_ids[part], rollouts.finish_reasons[part], scores[part], reasons[part])
+                flat = not cfg.algorithm.dynamic_sampling or bool(
+                    zero_variance_groups(scores[part], torch.zeros(n, dtype=torch.long)).all())
+                (spare if flat and cfg.algorithm.dynamic_sampling else kept).append(group)
+            if len(kept) >= wanted or not self._any_rank_short(len(kept) < wanted):
+                break
+        info["dropped_groups"] = len(spare)
+        kept = (kept + spare)[:wanted]
+        return kept, info
+
+    def _any_rank_short(self, short: bool) -> bool:
+        flag = torch.tensor([float(short)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _verified(self, prompts, rollouts):
+        """Verify on one rank of each model replica and share the result with its TP/PP peers."""
+        from megatron.core import parallel_state
+
+        result = None
+        if parallel_state.get_model_parallel_group is None or not dist.is_initialized() or \
+                dist.get_rank(parallel_state.get_model_parallel_group()) == 0:
+            result = verify(self.pool, self.tokenizer, prompts, rollouts, self.cfg.rollout.n)
+        if dist.is_initialized() and dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
+            holder = [result]
+            src = dist.get_global_rank(parallel_state.get_model_parallel_group(), 0)
+            dist.broadcast_object_list(holder, src=src, group=parallel_state.get_model_parallel_group())
+            result = holder[0]
+        return result
+
+    def train_one_step(self) -> Dict[str, float]:
+        cfg, n, step = self.cfg, self.cfg.rollout.n, self.step
+        clock = time.perf_counter()
+        groups, info = self._collect(step)
+        rollouts = Rollouts([list(g[0].token_ids) for g in groups for _ in range(n)],
+                            [r for g in groups for r in g[1]], [f for g in groups for f in g[2]])
+        scores = torch.cat([g[3] for g in groups])
+        first_group = self.dp_rank * len(groups)
+        exp, empty = build_experience(rollouts, scores, first_group, first_group * n, n,
+                                      self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        out = learn_from_experience(self.actor, self.clipo, exp, cfg, step)
+        reasons = [r for g in groups for r in g[4]]
+        lengths = exp.response_mask.sum(1).float()
+        local = torch.tensor([len(reasons), float(empty), lengths.sum().item(),
+                              sum(f == "length" for f in rollouts.finish_reasons),
+                              *(sum(r == code for r in reasons) for code in REASON_CODES)], dtype=torch.float64)
+        if dist.is_initialized():
+            from megatron.core import parallel_state
+
+            dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+        total = max(local[0].item(), 1.0)
+        metrics = dict(out.metrics)
+        metrics.update({
+            "rollout/empty_responses": local[1].item(), "rollout/response_length_mean": local[2].item() / total,
+            "rollout/truncated_frac": local[3].item() / total, "time/rollout_s": info["rollout_s"],
+            "time/verify_s": info["verify_s"], "dynamic_sampling/rollout_batches": float(info["batches"]),
+            "dynamic_sampling/dropped_groups": float(info["dropped_groups"]),
+            **{f"verifier/{code}": local[4 + i].item() for i, code in enumerate(REASON_CODES)},
+        })
+        metrics["step_time_s"] = time.perf_counter() - clock
+        if cfg.trainer.plot_embeddings and out.head_embeddings is not None and (
+                step == 0 or step == cfg.trainer.max_steps - 1):
+            self._save_embeddings(step, out)
+        return metrics
+
+    def _save_embeddings(self, step: int, out) -> None:
+        from megatron.core import parallel_state
+
+        if self.cfg.contrastive.head.tp_mode == "column" and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            return  # each TP rank holds a slice; the plot uses whole embeddings
+        if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+            path = self.run_dir / "embeddings" / f"step_{step}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"embeddings": out.head_embeddings.cpu(), "correct": out.global_correct.cpu()}, path)
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self) -> Dict[str, float]:
+        """Pass@1 on the validation prompts (``evaluation`` sampling settings), this rank's share
+        gathered over DP."""
+        ev = self.cfg.evaluation
+        prompts = self.val_set.prompts[self.dp_rank::self.dp_size]
+        seeds = [self.cfg.rollout.seed + 7_777_777 + i for i in range(len(prompts))]
+        rollouts = generate(self.engine, prompts, ev.k, seeds, ev.temperature, ev.top_p, ev.max_new_tokens)
+        scores, _ = self._verified(prompts, rollouts) if prompts else (torch.zeros(0), [])
+        totals = torch.tensor([scores.sum().item(), float(len(scores))], dtype=torch.float64)
+        if dist.is_initialized():
+            from megatron.core import parallel_state
+
+            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return {"val_pass@1": 100.0 * totals[0].item() / max(totals[1].item(), 1.0)}
+
+    # ----------------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, object]:
+        """Resume if the run directory has a checkpoint, train to ``trainer.max_steps``, save, plot."""
+        from clipo_nemo.trainer import checkpoint
+        from clipo_nemo.trainer.metrics import MetricsLogger
+
+        cfg = self.cfg
+        state = checkpoint.load_checkpoint(str(self.run_dir), self.actor, self.clipo)
+        if state is not None:
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+        logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger)
+        if state is not None:
+            logger.note(f"resumed from {checkpoint.latest_checkpoint(str(self.run_dir))} at step {self.step}")
+        stop = StopRequested()
+        status = "completed"
+        try:
+            while self.step < cfg.trainer.max_steps:
+                metrics = self.train_one_step()
+                if metrics.get("update_skipped", 0.0) > 0 or not all(
+                        v == v and abs(v) != float("inf") for k, v in metrics.items() if "loss" in k):
+                    self.nonfinite_in_a_row += 1
+                    metrics["nonfinite_steps_in_a_row"] = float(self.nonfinite_in_a_row)
+                else:
+                    self.nonfinite_in_a_row = 0
+                if self.val_set is not None and cfg.evaluation.every_steps and (
+                        (self.step + 1) % cfg.evaluation.every_steps == 0 or self.step == 0):
+                    metrics.update(self.validate())
+                logger.log(self.step, metrics)
+                self.step += 1
+                if self.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
+                    status = f"stopped: {self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient"
+                    break
+                if stop.any_rank():
+                    status = "stopped by signal"
+                    break
+                if cfg.trainer.save_every_steps and self.step % cfg.trainer.save_every_steps == 0 \
+                        and self.step < cfg.trainer.max_steps:
+                    self._save()
+            self._save()
+        finally:
+            self.pool.close()
+        summary = logger.close()
+        if self.is_logger:
+            self._plots(logger.history)
+            print(f"\n== clipo-nemo run {status} ==\nrun directory: {self.run_dir}\n{summary}", flush=True)
+        return {"status": status, "step": self.step, "history": logger.history}
+
+    def _save(self) -> None:
+        from clipo_nemo.trainer import checkpoint
+
+        checkpoint.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
+                                   {"step": self.step, "sampler": self.sampler.state_dict()},
+                                   keep_last=self.cfg.trainer.keep_last)
+
+    def _plots(self, history) -> None:
+        from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves
+
+        if history:
+            plot_training_curves(history, self.run_dir / "training_curves.png")
+        snapshots = sorted((self.run_dir / "embeddings").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        if len(snapshots) >= 1:
+            chosen = {f"head embeddings, step {p.stem.split('_')[1]}": torch.load(p) for p in (snapshots[0], snapshots[-1])}
+            plot_embeddings(chosen, self.run_dir / "embeddings.png")
+
+
+REASON_CODES = ("ok", "wrong", "empty", "no_box", "parse_error", "timeout", "error")
+
+
+def train(cfg: ClipoConfig) -> Dict[str, object]:
+    """Validate ``cfg``, set up the process groups, train, tear down. The Hydra entry point calls this."""
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state, validate_layout
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_config(cfg, world_size)
+    validate_layout(world_size, cfg.model, cfg.parallel,
+                    batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n, group_size=cfg.rollout.n)
+    if world_size == 1:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    init_parallel_state(cfg.parallel)
+    try:
+        holder = [Path(cfg.trainer.output_dir).resolve()]
+        if dist.get_world_size() > 1:  # rank 0's choice wins (a ${now:} in the path may differ per rank)
+            dist.broadcast_object_list(holder, src=0)
+        run_dir = holder[0]
+        cfg.trainer.output_dir = str(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return Trainer(cfg, run_dir).run()
+    finally:
+        destroy_parallel_state()
+
+
+def _free_port() -> int:
+    from clipo_nemo.parallel.launcher import free_port
+
+    return free_port()
