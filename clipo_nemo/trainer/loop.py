@@ -274,19 +274,35 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def validate(self) -> Dict[str, float]:
-        """Pass@1 on the validation prompts (``evaluation`` sampling settings), this rank's share
-        gathered over DP."""
-        ev = self.cfg.evaluation
-        prompts = self.val_set.prompts[self.dp_rank::self.dp_size]
-        seeds = [self.cfg.rollout.seed + 7_777_777 + i for i in range(len(prompts))]
-        rollouts = generate(self.engine, prompts, ev.k, seeds, ev.temperature, ev.top_p, ev.max_new_tokens)
-        scores, _ = self._verified(prompts, rollouts) if prompts else (torch.zeros(0), [])
-        totals = torch.tensor([scores.sum().item(), float(len(scores))], dtype=torch.float64)
-        if dist.is_initialized():
-            from megatron.core import parallel_state
+        """Pass@1 on the validation files with the ``evaluation`` sampling settings, through the same
+        code as ``tools/evaluate.py``; each DP rank scores its share and the results are gathered."""
+        from megatron.core import parallel_state
 
-            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        return {"val_pass@1": 100.0 * totals[0].item() / max(totals[1].item(), 1.0)}
+        from clipo_nemo.trainer import evaluation
+
+        ev, tokenizer = self.cfg.evaluation, self.tokenizer
+        mine = self.val_set.prompts[self.dp_rank::self.dp_size]
+        prompt_sets: Dict[str, List[Prompt]] = {}
+        for prompt in mine:
+            prompt_sets.setdefault(Path(prompt.problem.source_file).stem, []).append(prompt)
+        ids_by_text = {p.text: list(p.token_ids) for p in mine}
+
+        def generate_fn(texts, k, temperature, top_p):
+            seeds = [self.cfg.rollout.seed + 7_777_777 + self.dp_rank * 100_003 + i for i in range(len(texts))]
+            out = self.engine.generate([ids_by_text[t] for t in texts], n=k, seeds=seeds, temperature=temperature,
+                                       top_p=top_p, max_new_tokens=ev.max_new_tokens)
+            decoded = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+            return [decoded[i * k:(i + 1) * k] for i in range(len(texts))]
+
+        results = evaluation.evaluate(generate_fn, prompt_sets, self.pool, ev.k, ev.temperature, ev.top_p)
+        if dist.is_initialized():
+            gathered = [None] * self.dp_size
+            dist.all_gather_object(gathered, results, group=parallel_state.get_data_parallel_group())
+            results = [r for part in gathered for r in part]
+        flat = evaluation.metrics(evaluation.summarize(results))
+        per_benchmark = [v for k, v in flat.items() if k.endswith("/pass@1")]
+        flat["val/pass@1_mean"] = sum(per_benchmark) / max(len(per_benchmark), 1)
+        return flat
 
     # ----------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, object]:

@@ -79,7 +79,7 @@ def summarize(history: List[Dict[str, float]], window: int = 5) -> str:
     first, last = history[:window], history[-window:]
     lines = [f"steps {history[0]['step']}..{history[-1]['step']} ({len(history)} logged)",
              f"{'metric':<20}{'first ' + str(len(first)):>12}{'last ' + str(len(last)):>12}"]
-    for key in HEADLINE + ("val_pass@1", "total_reward_mean"):
+    for key in HEADLINE + ("val/pass@1_mean", "total_reward_mean"):
         if any(key in row for row in history):
             lines.append(f"{key:<20}{_mean(first, key):>12.4f}{_mean(last, key):>12.4f}")
     return "\n".join(lines)
