@@ -2,8 +2,9 @@
 
 Builds 1,000 problems x 16 samples from the GSM8K test references (synthetic integers when the
 shared data are absent), each a ~300-word worked solution ending in a boxed answer written in one
-of the forms models use (plain, thousands separators, dollars, units). Times the worker pool on the
-whole batch, and one in-process serial pass over a slice as the same-run baseline.
+of the forms models use (plain, thousands separators, dollars, units); every wrong answer differs
+from the problem's other answers. Times the worker pool on the whole batch, and one in-process
+serial pass over a slice as the same-run baseline.
 
 Run: .venv/bin/python benchmarks/verifier.py [--workers N] [--responses N]
 Last line: ``responses/s: <number>``.
@@ -41,9 +42,11 @@ def written_answer(value: int, rng: random.Random) -> str:
     return f"{value} \\text{{ dollars}}"
 
 
-def response(gold: str, right: bool, rng: random.Random) -> str:
+def response(gold: str, sample: int, rng: random.Random) -> str:
+    """Even samples are right; odd ones are wrong, each with its own value, so no two wrong answers
+    to one problem are the same string (the verifier caches repeated answers)."""
     exact = int(float(gold.replace(",", "")))
-    value = exact if right else exact + rng.randint(1, 50)
+    value = exact if sample % 2 == 0 else exact + sample
     steps = []
     for _ in range(12):
         a, b = rng.randint(2, 99), rng.randint(2, 99)
@@ -60,7 +63,7 @@ def main() -> None:
     rng = random.Random(0)
     golds = reference_answers(args.responses // 16 + 1, rng)
     requests = [
-        VerifyRequest("math", response(golds[i // 16], i % 2 == 0, rng), golds[i // 16]) for i in range(args.responses)
+        VerifyRequest("math", response(golds[i // 16], i % 16, rng), golds[i // 16]) for i in range(args.responses)
     ]
     words = sum(len(request.response.split()) for request in requests) / len(requests)
     print(f"responses: {len(requests)}, mean words: {words:.0f}")

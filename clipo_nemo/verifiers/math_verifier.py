@@ -76,10 +76,10 @@ def _boolean_word(answer: str) -> str | None:
     return word if word in _BOOLEANS else None
 
 
-@functools.lru_cache(maxsize=8192)
-def _parse_reference(reference: str) -> list:
-    """Parsed references are cached: the same reference is checked against all ``k`` samples."""
-    return parse("\\boxed{" + reference + "}", _EXTRACTION)
+@functools.lru_cache(maxsize=16384)
+def _parse(answer: str) -> list:
+    """Parsed answers are cached: a reference meets all ``k`` samples, and samples often agree."""
+    return parse("\\boxed{" + answer + "}", _EXTRACTION)
 
 
 def _has_expression(parsed: list) -> bool:
@@ -110,7 +110,14 @@ def check_math(response: str, reference: str) -> Tuple[float, str, str | None]:
     gold_boolean = _boolean_word(gold)
     if gold_boolean is not None:
         return (1.0, "ok", boxed) if _boolean_word(predicted) == gold_boolean else (0.0, "wrong", boxed)
-    parsed = parse("\\boxed{" + predicted + "}", _EXTRACTION)
-    if verify(_parse_reference(gold), parsed):
-        return 1.0, "ok", boxed
-    return 0.0, ("wrong" if _has_expression(parsed) else "parse_error"), boxed
+    reason = _judge(gold, predicted)
+    return (1.0 if reason == "ok" else 0.0), reason, boxed
+
+
+@functools.lru_cache(maxsize=16384)
+def _judge(gold: str, predicted: str) -> str:
+    """``ok``, ``wrong`` or ``parse_error`` for two normalised answers (cached like :func:`_parse`)."""
+    parsed = _parse(predicted)
+    if verify(_parse(gold), parsed):
+        return "ok"
+    return "wrong" if _has_expression(parsed) else "parse_error"
