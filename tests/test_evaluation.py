@@ -173,3 +173,24 @@ def test_evaluate_with_a_generate_fn(tmp_path):
         assert "| tiny |" in (tmp_path / "out" / "results.md").read_text()
         with pytest.raises(ValueError, match="expected 4 samples each"):
             evaluate(lambda texts, k, t, p: [["x"]] * len(texts), {"tiny": prompts}, pool, k=4)
+
+
+def test_load_prompt_sets_from_the_configs(tmp_path):
+    from clipo_nemo.config import DataConfig, EvaluationConfig
+    from clipo_nemo.trainer.evaluation import load_prompt_sets
+
+    rows = [{"data_source": "conrl/x", "prompt": [{"role": "user", "content": "one two" + " three" * i}],
+             "reward_model": {"ground_truth": "1"}} for i in range(3)]
+    (tmp_path / "toy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sets = load_prompt_sets(EvaluationConfig(data_dir=str(tmp_path), benchmarks=["toy"]), DataConfig(max_prompt_length=3), _WordTokenizer())
+    assert [prompt.problem.row for prompt in sets["toy"]] == [0, 1]  # row 2 has 4 words > 3
+    with pytest.raises(FileNotFoundError, match="benchmark 'nope'"):
+        load_prompt_sets(EvaluationConfig(data_dir=str(tmp_path), benchmarks=["nope"]), DataConfig(), _WordTokenizer())
+
+
+@pytest.mark.skipif(not TEST_DATA.exists(), reason=f"the paper's test sets are not at {TEST_DATA}")
+def test_responses_for_a_row_that_does_not_exist_are_refused(tmp_path):
+    responses = tmp_path / "r.jsonl"
+    responses.write_text(json.dumps({"benchmark": "aime", "index": 30, "response": "\\boxed{1}"}) + "\n")
+    with pytest.raises(SystemExit, match="'aime' row 30, which is not a loaded problem"):
+        evaluate_tool.main(["--responses", str(responses), "--data-dir", str(TEST_DATA), "--out", str(tmp_path / "o")])

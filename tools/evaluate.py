@@ -51,14 +51,17 @@ def main(argv=None) -> int:
             "(clipo_nemo.rollout), which is not available yet. Generate the responses with any engine and "
             "score them with --responses FILE.jsonl --data-dir DIR --out DIR."
         )
-    if args.per_problem:
-        results = read_per_problem(args.per_problem)
-    else:
-        responses = read_responses(args.responses)
-        names = list(dict.fromkeys(benchmark for benchmark, _ in responses))
-        benchmarks = load_benchmarks(args.data_dir, names)
-        with VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
-            results = score(benchmarks, responses, pool)
+    try:
+        if args.per_problem:
+            results = read_per_problem(args.per_problem)
+        else:
+            responses = read_responses(args.responses)
+            names = list(dict.fromkeys(benchmark for benchmark, _ in responses))
+            benchmarks = load_benchmarks(args.data_dir, names)
+            with VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
+                results = score(benchmarks, responses, pool)
+    except (ValueError, KeyError, FileNotFoundError) as exc:  # bad input: say what, without a traceback
+        raise SystemExit(f"evaluate.py: {exc}") from None
     summary = write_report(results, args.out)
     print(markdown_table(summary))
     print(f"reports written to {args.out}/ (results.json, results.md, results.csv, per_problem.jsonl)")

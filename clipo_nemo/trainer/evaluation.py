@@ -17,9 +17,9 @@ import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from clipo_nemo.data import Problem, Prompt, RowSchema, load_problems
+from clipo_nemo.data import Problem, Prompt, RowSchema, build_prompts, load_problems
 from clipo_nemo.verifiers import VerifierPool, VerifyRequest
 
 # generate_fn(prompts, k, temperature, top_p) -> k responses for each prompt, in prompt order.
@@ -77,6 +77,22 @@ def load_benchmarks(data_dir: str | Path, names: Sequence[str], schema: RowSchem
             raise FileNotFoundError(f"benchmark {name!r}: neither {candidates[0]} nor {candidates[1]} exists")
         benchmarks[name] = load_problems([path], schema).problems
     return benchmarks
+
+
+def load_prompt_sets(evaluation_config: Any, data_config: Any, tokenizer: Any) -> Dict[str, List[Prompt]]:
+    """The rendered prompts of every benchmark in ``evaluation_config`` (an ``EvaluationConfig``),
+    with the row schema and prompt-length rule of ``data_config`` (a ``DataConfig``)."""
+    schema = RowSchema(
+        prompt_key=data_config.prompt_key,
+        answer_key=data_config.answer_key,
+        data_source_key=data_config.data_source_key,
+        multiple_choice_sources=tuple(data_config.multiple_choice_sources),
+    )
+    benchmarks = load_benchmarks(evaluation_config.data_dir, evaluation_config.benchmarks, schema)
+    return {
+        name: build_prompts(problems, tokenizer, data_config.max_prompt_length, data_config.truncation).prompts
+        for name, problems in benchmarks.items()
+    }
 
 
 def score(
