@@ -58,8 +58,10 @@ def run_distributed(
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="clipo_dist_") as out_dir:
+        # Not daemonic, like torchrun's ranks: dist_checkpointing.save starts helper processes, which a
+        # daemonic process may not. Cleanup does not rely on it: the ``finally`` below kills the ranks.
         procs = [
-            ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, out_dir, tuple(args)), daemon=True)
+            ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, out_dir, tuple(args)))
             for rank in range(world_size)
         ]
         for proc in procs:

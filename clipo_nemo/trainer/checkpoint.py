@@ -1,0 +1,435 @@
+"""Checkpoint and resume: policy, reference, head, both optimizers, trainer state and RNG states.
+
+Every rank of the job calls :func:`save_checkpoint` / :func:`load_checkpoint` together (after
+``init_parallel_state``); ``run_dir`` must be visible to all ranks (one machine, or a shared file
+system, as megatron's ``dist_checkpointing`` itself assumes). Directory layout::
+
+    run_dir/checkpoints/
+        latest                  text: the name of the newest complete checkpoint ("step_12")
+        step_<N>/               one complete checkpoint (renamed from .tmp-step_<N> when whole)
+            dist/               megatron-core dist_checkpointing (torch_dist): weights and optimizer
+                                moments as global sharded tensors, so they load at any TP/PP/DP
+            rng/rank_<r>.pt     rank r's RNG states (python, numpy, torch, CUDA, megatron tracker)
+            trainer_state.pt    the loop's own dict (rank 0's copy)
+            meta.json           step, layout and contents; written last
+        .tmp-step_<N>/          a save in progress or killed mid-way: never read, removed by the next save
+
+Sharded keys (global shapes, independent of the layout): ``policy.*`` and ``reference.*`` are the
+GPTModels' own ``sharded_state_dict``; ``head.proj.weight`` (or ``head.proj.0.weight`` /
+``head.proj.2.weight`` for the MLP head) are the whole [out, in] head weights, so the head's
+``replicated`` and ``column`` modes load each other's checkpoints; optimizer moments are
+``optimizer.state.<moment>.<parameter key>`` (megatron's own naming) and each optimizer's shared step
+and hyperparameters one ``ShardedObject``. On GPU the policy optimizer is megatron's and contributes its
+own ``sharded_state_dict`` ("fully_reshardable"); that path is written against megatron's API but is
+not exercised on this CPU-only machine. RNG states are restored only at the layout they were saved
+at (they are per rank); at another layout a warning says so and the current RNG streams are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from clipo_nemo.models.head import ParallelContrastiveHead, _layer_names
+from clipo_nemo.trainer.actor import Actor
+from clipo_nemo.trainer.step import ClipoHead
+
+FORMAT_VERSION = 1
+_STEP_PREFIX = "step_"
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointWarning(UserWarning):
+    """Part of a checkpoint could not be restored at this layout or configuration (and was skipped)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model it is loaded into, or the checkpoint directory is unusable."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Directory bookkeeping (pure file-system helpers)
+# ------------------------------------------------------------------------------------------------
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _step_of(path: Path) -> Optional[int]:
+    suffix = path.name[len(_STEP_PREFIX):]
+    return int(suffix) if path.name.startswith(_STEP_PREFIX) and suffix.isdigit() else None
+
+
+def _complete_checkpoints(root: Path) -> List[Path]:
+    """Complete ``step_N`` directories (their ``meta.json`` exists), oldest first."""
+    found = [p for p in root.glob(f"{_STEP_PREFIX}*") if _step_of(p) is not None and (p / "meta.json").is_file()]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint ``latest`` names, or None when the run has none yet.
+
+    If ``latest`` names a directory that is gone (a replace of the same step was killed half-way),
+    the newest complete ``step_N`` is used instead, with a warning.
+    """
+    root = checkpoints_dir(run_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / "meta.json").is_file():
+            return named
+        complete = _complete_checkpoints(root)
+        warnings.warn(f"{pointer} names {named.name!r}, which is not a complete checkpoint; using "
+                      f"{complete[-1].name if complete else 'none'} instead", CheckpointWarning)
+        return complete[-1] if complete else None
+    return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old or the new content, never a mix."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints older than the newest ``keep_last`` ones."""
+    for old in _complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout and sharded state dicts
+# ------------------------------------------------------------------------------------------------
+def _layout() -> Dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+
+
+def _replica_id(main_on_last_stage: bool, tp_replicated: bool) -> Tuple[int, int, int]:
+    """dist_checkpointing replica id (all zeros = the copy that is written).
+
+    The policy optimizer's scalars are written by the first stage; the head lives (is trained) on the
+    last pipeline stage, so its copies on the other stages are never the main replica.
+    """
+    from megatron.core import parallel_state as ps
+
+    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    pp_id = pp_size - 1 - pp_rank if main_on_last_stage else pp_rank
+    tp_id = ps.get_tensor_model_parallel_rank() if tp_replicated else 0
+    return pp_id, tp_id, ps.get_data_parallel_rank(with_context_parallel=True)
+
+
+def head_parameters(head: ParallelContrastiveHead) -> Dict[str, torch.nn.Parameter]:
+    """The head's weights by their whole-head name (``proj.weight``, ...), in either TP mode."""
+    if head.tp_mode == "replicated":
+        return dict(head.head.named_parameters())
+    return {name: layer.weight for name, layer in zip(_layer_names(head.head_type), head.layers)}
+
+
+def head_sharded_state_dict(head: ParallelContrastiveHead) -> Dict[str, Any]:
+    """ShardedTensors ``head.<name>`` of global shape [out, in]: whole on every rank (``replicated``)
+    or split along dim 0 over TP (``column``), so either mode reads the other's checkpoint."""
+    from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
+
+    sharded = {}
+    for name, param in head_parameters(head).items():
+        if head.tp_mode == "column":
+            sharded[name] = make_tp_sharded_tensor_for_checkpoint(
+                param, f"head.{name}", tp_axis=0, replica_id=_replica_id(True, tp_replicated=False))
+        else:
+            sharded[name] = make_sharded_tensor_for_checkpoint(
+                param, f"head.{name}", replica_id=_replica_id(True, tp_replicated=True))
+    return sharded
+
+
+def _torch_optimizer_params(optimizer: torch.optim.Optimizer) -> List[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _torch_optimizer_moment_keys(optimizer: torch.optim.Optimizer) -> List[str]:
+    """The per-parameter state tensors (e.g. AdamW's exp_avg, exp_avg_sq); [] before the first step.
+
+    Raises CheckpointError if only some parameters have state (it would not reshard)."""
+    states = [optimizer.state.get(p, {}) for p in _torch_optimizer_params(optimizer)]
+    keys = {tuple(sorted(k for k in s if k != "step")) for s in states}
+    if len(keys) > 1:
+        raise CheckpointError(f"{type(optimizer).__name__} has different state keys per parameter: {sorted(keys)}")
+    return list(keys.pop()) if keys else []
+
+
+def torch_optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, params_sharded: Dict[str, Any],
+                                       name: str, moment_keys: List[str], main_on_last_stage: bool,
+                                       loading: bool) -> Dict[str, Any]:
+    """A ``torch.optim`` optimizer's state as sharded tensors shaped like the parameters it updates.
+
+    ``params_sharded`` is the sharded state dict holding those parameters (matched by identity, as
+    megatron's own optimizers do). Each moment becomes ``optimizer.state.<moment>.<param key>``; the
+    step (shared by all parameters) and the param-group hyperparameters become one ShardedObject
+    ``<name>.scalars``. With ``loading`` the moments are zero placeholders to be filled by ``load``.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor)
+
+    params = _torch_optimizer_params(optimizer)
+    param_map = get_param_id_to_sharded_param_map(params_sharded, params)
+    moments, steps = {}, []
+    for index, param in enumerate(params):
+        if index not in param_map:
+            raise CheckpointError(f"{name}: optimizer parameter #{index} {tuple(param.shape)} is not in the "
+                                  "model's sharded state dict")
+        state = optimizer.state.get(param, {})
+        for key in moment_keys:
+            value = torch.zeros_like(param) if loading else state[key]
+            moments[f"{index}.{key}"] = make_sharded_optimizer_tensor(param_map[index], value, f"optimizer.state.{key}")
+        if not loading and "step" in state:
+            steps.append(state["step"])
+    if any(not torch.equal(torch.as_tensor(s), torch.as_tensor(steps[0])) for s in steps):
+        raise CheckpointError(f"{name}: the optimizer step differs between parameters")
+    scalars = {"step": steps[0].clone() if steps and torch.is_tensor(steps[0]) else (steps[0] if steps else None),
+               "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
+    return {"moments": moments,
+            "scalars": ShardedObject(f"{name}.scalars", scalars, (1,), (0,),
+                                     replica_id=_replica_id(main_on_last_stage, tp_replicated=True))}
+
+
+def _load_torch_optimizer(optimizer: torch.optim.Optimizer, loaded: Dict[str, Any], moment_keys: List[str], name: str):
+    """Put loaded moments, step and hyperparameters into ``optimizer`` (torch's own load_state_dict)."""
+    scalars = loaded["scalars"]
+    current = optimizer.state_dict()["param_groups"]
+    if len(scalars["param_groups"]) != len(current):
+        raise CheckpointError(f"{name}: checkpoint has {len(scalars['param_groups'])} parameter groups, "
+                              f"the optimizer {len(current)}")
+    state = {}
+    for index in range(len(_torch_optimizer_params(optimizer))):
+        state[index] = {key: loaded["moments"][f"{index}.{key}"] for key in moment_keys}
+        if scalars["step"] is not None:
+            state[index]["step"] = scalars["step"].clone() if torch.is_tensor(scalars["step"]) else scalars["step"]
+    groups = [{**saved, "params": group["params"]} for saved, group in zip(scalars["param_groups"], current)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _is_megatron_optimizer(optimizer: Any) -> bool:
+    return not isinstance(optimizer, torch.optim.Optimizer)
+
+
+# ------------------------------------------------------------------------------------------------
+# What goes into the checkpoint
+# ------------------------------------------------------------------------------------------------
+def _moment_keys_over_ranks(optimizer: Optional[torch.optim.Optimizer]) -> List[str]:
+    """Moment keys of an optimizer that may have state on some ranks only (the head trains on the
+    last pipeline stage only). Collective."""
+    gathered: List[Optional[List[str]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, _torch_optimizer_moment_keys(optimizer) if optimizer is not None else [])
+    return max(gathered, key=len)
+
+
+def _contents(actor: Actor, clipo_head: Optional[ClipoHead]) -> Dict[str, Any]:
+    """meta.json's description of what this job saves (the same on every rank). Collective."""
+    head_moments = _moment_keys_over_ranks(clipo_head.optimizer if clipo_head is not None else None)
+    megatron_opt = _is_megatron_optimizer(actor.optimizer)
+    return {
+        "format": FORMAT_VERSION,
+        "layout": _layout(),
+        "reference": actor.reference is not None,
+        "head": None if clipo_head is None else {"type": clipo_head.head.head_type, "tp_mode": clipo_head.head.tp_mode},
+        "policy_optimizer": {"kind": "megatron" if megatron_opt else type(actor.optimizer).__name__,
+                             "moments": [] if megatron_opt else _torch_optimizer_moment_keys(actor.optimizer)},
+        "head_optimizer": None if clipo_head is None or clipo_head.optimizer is None else
+        {"kind": type(clipo_head.optimizer).__name__, "moments": head_moments},
+    }
+
+
+def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents: Dict[str, Any],
+                        loading: bool) -> Dict[str, Any]:
+    """The sharded state dict to save, or (``loading``) to request: only what ``contents`` lists."""
+    policy = actor.module.sharded_state_dict(prefix="policy.")
+    sharded: Dict[str, Any] = {"policy": policy}
+    if contents["reference"] and actor.reference is not None:
+        sharded["reference"] = actor.reference.sharded_state_dict(prefix="reference.")
+    popt = contents["policy_optimizer"]
+    if popt is not None:
+        if _is_megatron_optimizer(actor.optimizer):
+            sharded["policy_optimizer"] = actor.optimizer.sharded_state_dict(
+                policy, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        else:
+            sharded["policy_optimizer"] = torch_optimizer_sharded_state_dict(
+                actor.optimizer, policy, "policy_optimizer", popt["moments"], main_on_last_stage=False, loading=loading)
+    if contents["head"] is not None and clipo_head is not None:
+        head = head_sharded_state_dict(clipo_head.head)
+        sharded["head"] = head
+        hopt = contents["head_optimizer"]
+        if hopt is not None and clipo_head.optimizer is not None:
+            sharded["head_optimizer"] = torch_optimizer_sharded_state_dict(
+                clipo_head.optimizer, head, "head_optimizer", hopt["moments"], main_on_last_stage=True, loading=loading)
+    return sharded
+
+
+def _rng_states() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()}}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(states["tracker"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_head: Optional[ClipoHead],
+                    trainer_state: Dict[str, Any], keep_last: int) -> Path:
+    """Save everything needed to resume after ``step`` to ``run_dir/checkpoints/step_<step>``.
+
+    Collective: every rank calls it with the same arguments (``trainer_state`` is taken from rank
+    0). Written under ``.tmp-step_<step>`` and renamed when every rank has finished; then ``latest``
+    is replaced atomically and all but the newest ``keep_last`` complete checkpoints are deleted. A
+    leftover ``.tmp-*`` from a killed save is removed first. Saving a step that already exists
+    replaces it. Returns the checkpoint directory.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if not isinstance(trainer_state, dict):
+        raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
+    from megatron.core import dist_checkpointing
+
+    root = checkpoints_dir(run_dir)
+    final, tmp = root / f"{_STEP_PREFIX}{step}", root / f"{_TMP_PREFIX}{_STEP_PREFIX}{step}"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(f"{_TMP_PREFIX}*"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        (tmp / "dist").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    dist.barrier()
+    contents = _contents(actor, clipo_head)
+    dist_checkpointing.save(_sharded_state_dict(actor, clipo_head, contents, loading=False), str(tmp / "dist"))
+    torch.save(_rng_states(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        _write_atomically(tmp / "meta.json", json.dumps({"step": step, **contents}, indent=1))
+        if final.exists():  # re-saving a step: move the old copy aside first (rename cannot overwrite)
+            replaced = root / f"{_TMP_PREFIX}replaced-{final.name}"
+            os.replace(final, replaced)
+            os.replace(tmp, final)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(tmp, final)
+        _write_atomically(root / "latest", final.name)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Optional[ClipoHead],
+                    path: Optional[str | os.PathLike] = None) -> Optional[Dict[str, Any]]:
+    """Restore ``latest`` (or the checkpoint at ``path``) into ``actor`` and ``clipo_head``.
+
+    Collective. Returns the saved ``trainer_state``, or None when ``run_dir`` has no checkpoint.
+    Weights and optimizer states load at any TP/PP/DP layout and either head TP mode. RNG states
+    are restored only at the layout they were saved at; otherwise a :class:`CheckpointWarning`
+    says they were skipped. Do not call ``actor.sync_reference()`` afterwards: the reference policy
+    is restored from the checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    checkpoint = Path(path) if path is not None else latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{checkpoint}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+    contents = _loadable_contents(meta, actor, clipo_head, checkpoint)
+    loaded = dist_checkpointing.load(_sharded_state_dict(actor, clipo_head, contents, loading=True),
+                                     str(checkpoint / "dist"))
+    actor.module.load_state_dict(_without_prefix(loaded["policy"], "policy."))
+    if "reference" in loaded:
+        actor.reference.load_state_dict(_without_prefix(loaded["reference"], "reference."))
+    if "policy_optimizer" in loaded:
+        if _is_megatron_optimizer(actor.optimizer):
+            actor.optimizer.load_state_dict(loaded["policy_optimizer"])
+        else:
+            _load_torch_optimizer(actor.optimizer, loaded["policy_optimizer"],
+                                  contents["policy_optimizer"]["moments"], "policy_optimizer")
+    if "head" in loaded:
+        with torch.no_grad():
+            for name, param in head_parameters(clipo_head.head).items():
+                param.copy_(loaded["head"][name])
+    if "head_optimizer" in loaded:
+        _load_torch_optimizer(clipo_head.optimizer, loaded["head_optimizer"],
+                              contents["head_optimizer"]["moments"], "head_optimizer")
+    if meta["layout"] == _layout():
+        _set_rng_states(torch.load(checkpoint / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False))
+    else:
+        _warn(f"{checkpoint.name} was saved at layout {meta['layout']}, this run is {_layout()}: weights and "
+              "optimizer states were resharded, but the per-rank RNG states were not restored (runs continue "
+              "from the current seeds, so they are not bit-identical to an uninterrupted run)")
+    trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    dist.barrier()
+    return trainer_state
+
+
+def _without_prefix(state_dict: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    """A module's state dict from its sharded state dict's keys (which carry the save prefix)."""
+    return {key.removeprefix(prefix): value for key, value in state_dict.items()}
+
+
+def _loadable_contents(meta: Dict[str, Any], actor: Actor, clipo_head: Optional[ClipoHead],
+                       checkpoint: Path) -> Dict[str, Any]:
+    """What of the checkpoint to load into these objects; errors for missing parts, warnings for skipped ones."""
+    contents = dict(meta)
+    if actor.reference is not None and not meta["reference"]:
+        raise CheckpointError(f"{checkpoint}: the actor has a reference policy (KL loss on) but the "
+                              "checkpoint has none")
+    if clipo_head is not None and meta["head"] is None:
+        raise CheckpointError(f"{checkpoint}: a contrastive head is configured but the checkpoint has none")
+    if clipo_head is not None and meta["head"]["type"] != clipo_head.head.head_type:
+        raise CheckpointError(f"{checkpoint}: head type {meta['head']['type']!r} in the checkpoint, "
+                              f"{clipo_head.head.head_type!r} configured")
+    popt, kind = meta["policy_optimizer"], ("megatron" if _is_megatron_optimizer(actor.optimizer)
+                                            else type(actor.optimizer).__name__)
+    if popt["kind"] != kind:
+        _warn(f"{checkpoint.name}: policy optimizer {popt['kind']} in the checkpoint, {kind} now: its state "
+              "was not restored (fresh optimizer state)")
+        contents["policy_optimizer"] = None
+    hopt = meta["head_optimizer"]
+    if clipo_head is not None and (clipo_head.optimizer is None or hopt is None
+                                   or hopt["kind"] != type(clipo_head.optimizer).__name__):
+        if clipo_head.optimizer is not None:
+            _warn(f"{checkpoint.name}: no usable head optimizer state ({hopt}); the head optimizer starts fresh")
+        contents["head_optimizer"] = None
+    return contents
+
+
+def _warn(message: str) -> None:
+    if dist.get_rank() == 0:
+        warnings.warn(message, CheckpointWarning, stacklevel=3)
