@@ -118,6 +118,7 @@ class RolloutConfig:
     max_new_tokens: int = 2048  # response length cap (track I: 2048, track II: 4096)
     stop: List[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS
     seed: int = 1234  # base seed; each request's sampling is seeded from it
+    max_batch_size: Optional[int] = None  # most responses decoded together (bounds KV-cache memory); None = all
 
 
 # --------------------------------------------------------------------------------------------------
