@@ -4,7 +4,7 @@ Thin wrappers over ``torch.distributed`` and megatron-core's mappings; no math l
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -14,11 +14,25 @@ def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def gathered_sizes(local_size: int, group, device) -> List[int]:
+def comm_device() -> torch.device:
+    """Where collective inputs must live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_values(values: Sequence[float], group=None, op=None) -> List[float]:
+    """All-reduce a few Python numbers (counts, metrics) in float64; identity without a process group."""
+    if not dist.is_initialized():
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=comm_device())
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+    return tensor.tolist()
+
+
+def gathered_sizes(local_size: int, group) -> List[int]:
     """First-dimension size of every rank's tensor in ``group`` (ranks may hold different counts)."""
     if _world(group) == 1:
         return [local_size]
-    mine = torch.tensor([local_size], dtype=torch.long, device=device)
+    mine = torch.tensor([local_size], dtype=torch.long, device=comm_device())
     sizes = [torch.zeros_like(mine) for _ in range(_world(group))]
     dist.all_gather(sizes, mine, group=group)
     return [int(s.item()) for s in sizes]
@@ -27,11 +41,11 @@ def gathered_sizes(local_size: int, group, device) -> List[int]:
 def _all_gather_padded(local: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
     """Concatenate every rank's ``local`` [b_r, ...] along dim 0, padding to the largest b_r for the wire."""
     longest = max(sizes)
-    padded = local.new_zeros(longest, *local.shape[1:])
+    padded = local.new_zeros(longest, *local.shape[1:], device=comm_device())
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(local.device)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -41,15 +55,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, group, sizes: Tuple[int, ...]):
-        ctx.group, ctx.sizes = group, sizes
+        ctx.group, ctx.sizes, ctx.device = group, sizes, local.device
         return _all_gather_padded(local, list(sizes), group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
+        grad = grad.to(comm_device()).contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         start = sum(ctx.sizes[: dist.get_rank(ctx.group)])
-        return grad[start: start + ctx.sizes[dist.get_rank(ctx.group)]], None, None
+        return grad[start: start + ctx.sizes[dist.get_rank(ctx.group)]].to(ctx.device), None, None
 
 
 def all_gather_rows(local: torch.Tensor, group, sizes: Optional[List[int]] = None) -> torch.Tensor:
@@ -60,7 +74,7 @@ def all_gather_rows(local: torch.Tensor, group, sizes: Optional[List[int]] = Non
     """
     if _world(group) == 1:
         return local
-    sizes = sizes if sizes is not None else gathered_sizes(local.shape[0], group, local.device)
+    sizes = sizes if sizes is not None else gathered_sizes(local.shape[0], group)
     if local.requires_grad:
         return _AllGatherWithGrad.apply(local, group, tuple(sizes))
     return _all_gather_padded(local, sizes, group)
@@ -76,7 +90,7 @@ class GlobalBatch:
 
     def __init__(self, batch_index: torch.Tensor, group):
         self.group = group
-        self.sizes = gathered_sizes(batch_index.shape[0], group, batch_index.device)
+        self.sizes = gathered_sizes(batch_index.shape[0], group)
         self.canonical = torch.argsort(all_gather_rows(batch_index, group, self.sizes))
         rank = dist.get_rank(group) if _world(group) > 1 else 0
         self.local_rows = slice(sum(self.sizes[:rank]), sum(self.sizes[: rank + 1]))

@@ -23,6 +23,7 @@ from clipo_nemo.algorithms.policy_losses import (
 from clipo_nemo.config import ClipoConfig
 from clipo_nemo.models.forward import PolicyBatch, PolicyOutputs, compute_policy_outputs, forward_backward_policy
 from clipo_nemo.models.policy import build_policy_model
+from clipo_nemo.parallel.gather import all_reduce_values
 
 
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
@@ -54,20 +55,18 @@ def build_optimizer(model: torch.nn.Module, cfg: ClipoConfig):
                              weight_decay=actor.weight_decay)
 
 
-def model_parallel_grad_norm(params: List[torch.nn.Parameter]) -> torch.Tensor:
+def model_parallel_grad_norm(params: List[torch.nn.Parameter]) -> float:
     """L2 norm of ``.grad`` over the whole model: local squares, TP duplicates and PP-shared copies
     counted once (megatron's own filters), summed over the model-parallel group."""
     from megatron.core import parallel_state
     from megatron.core.transformer.module import param_is_not_shared
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    total = torch.zeros((), dtype=torch.float32)
+    total = 0.0
     for p in params:
         if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
-            total = total + p.grad.float().square().sum()
-    if dist.is_initialized():
-        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return total.sqrt()
+            total += p.grad.double().square().sum().item()
+    return math.sqrt(all_reduce_values([total], parallel_state.get_model_parallel_group())[0])
 
 
 @dataclass
@@ -152,9 +151,8 @@ class Actor:
         from megatron.core import parallel_state
 
         mask = mini_batch.response_mask
-        counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        counts = all_reduce_values([mask.sum().item(), (mask.sum(-1) > 0).sum().item()],
+                                   parallel_state.get_data_parallel_group())
         max_len = self.cfg.rollout.max_new_tokens
         return LossNormalizer(num_tokens=float(counts[0]), num_seqs=float(counts[1]), max_response_length=max_len)
 
@@ -168,16 +166,18 @@ class Actor:
         loss_cfg = PolicyLossConfig(algo.clip_ratio_low, algo.clip_ratio_high, algo.dual_clip_c, algo.loss_agg_mode)
 
         def loss_func(outputs: PolicyOutputs, mb: PolicyBatch):
-            mask = mb.response_mask
-            advantages = mb.extras["advantages"].to(outputs.logprobs.dtype).unsqueeze(-1).expand_as(outputs.logprobs)
+            device = outputs.logprobs.device
+            mask = mb.response_mask.to(device)
+            extras = {k: v.to(device) for k, v in mb.extras.items()}
+            advantages = extras["advantages"].to(outputs.logprobs.dtype).unsqueeze(-1).expand_as(outputs.logprobs)
             # The registry function directly, without compute_policy_loss's NaN refusal: a policy that
             # produced non-finite log-probs gets a non-finite grad norm, and the step is skipped.
-            pg_loss, metrics = POLICY_LOSSES[algo.policy_loss](outputs.logprobs, mb.extras["old_logprobs"],
+            pg_loss, metrics = POLICY_LOSSES[algo.policy_loss](outputs.logprobs, extras["old_logprobs"],
                                                                advantages, mask, loss_cfg, norm)
             loss = pg_loss
             info = {"pg_loss": pg_loss.detach(), **metrics}
             if algo.kl_loss_coef > 0:
-                kl = aggregate_loss(kl_penalty(outputs.logprobs, mb.extras["ref_logprobs"], algo.kl_loss_type),
+                kl = aggregate_loss(kl_penalty(outputs.logprobs, extras["ref_logprobs"], algo.kl_loss_type),
                                     mask, algo.loss_agg_mode, norm)
                 loss = loss + algo.kl_loss_coef * kl
                 info["kl_loss"] = kl.detach()
@@ -204,7 +204,7 @@ class Actor:
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = p.main_grad.to(p.dtype) if getattr(p, "main_grad", None) is not None else None
-        grad_norm = float(model_parallel_grad_norm(params))
+        grad_norm = model_parallel_grad_norm(params)
         if not math.isfinite(grad_norm):
             return grad_norm, True  # every rank sees the same all-reduced norm, so all skip together
         clip = self.cfg.actor.clip_grad
@@ -222,14 +222,12 @@ class Actor:
 
         keys = sorted(infos[0]) if infos else []
         summed = {"pg_loss", "kl_loss", "entropy"}
-        values = torch.tensor([sum(float(i[k]) for i in infos) / (1 if k in summed else len(infos)) for k in keys],
-                              dtype=torch.float64)
-        if dist.is_initialized() and keys:
-            dp = parallel_state.get_data_parallel_group()
-            dist.all_reduce(values, group=dp)
-            values = torch.tensor([v if k in summed else v / dist.get_world_size(dp) for k, v in zip(keys, values.tolist())],
-                                  dtype=torch.float64)
-        return broadcast_from_last_stage(dict(zip(keys, values.tolist())))
+        values = [sum(float(i[k]) for i in infos) / (1 if k in summed else len(infos)) for k in keys]
+        if keys:  # only the last PP stage has infos; its DP group reduces them
+            dp_size = parallel_state.get_data_parallel_world_size()
+            values = all_reduce_values(values, parallel_state.get_data_parallel_group())
+            values = [v if k in summed else v / dp_size for k, v in zip(keys, values)]
+        return broadcast_from_last_stage(dict(zip(keys, values)))
 
 
 def broadcast_from_last_stage(obj):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -25,6 +25,7 @@ import torch.distributed as dist
 from clipo_nemo.algorithms.advantages import zero_variance_groups
 from clipo_nemo.config import ClipoConfig, validate_config
 from clipo_nemo.data.prompts import Prompt
+from clipo_nemo.parallel.gather import all_reduce_values
 from clipo_nemo.trainer.step import ClipoHead, Experience, learn_from_experience
 
 
@@ -43,10 +44,7 @@ class StopRequested:
 
     def any_rank(self) -> bool:
         """Whether any rank was signalled (all ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return all_reduce_values([float(self.signal is not None)], op=dist.ReduceOp.MAX)[0] > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,13 +86,11 @@ class Rollouts:
     finish_reasons: List[str]
 
 
-def generate(engine, prompts: Sequence[Prompt], n: int, seeds: Sequence[int], temperature: float, top_p: float,
-             max_new_tokens: int) -> Rollouts:
-    """``n`` responses per prompt from the rollout engine, seeded per prompt."""
-    out = engine.generate([list(p.token_ids) for p in prompts], n=n, seeds=list(seeds), temperature=temperature,
-                          top_p=top_p, max_new_tokens=max_new_tokens)
-    prompt_ids = [list(p.token_ids) for p in prompts for _ in range(n)]
-    return Rollouts(prompt_ids, [list(r) for r in out.token_ids], list(out.finish_reasons))
+def generate(engine, prompt_ids: Sequence[Sequence[int]], params, seeds: Sequence[int]) -> Rollouts:
+    """``params.n`` responses per prompt from the rollout engine, seeded per prompt."""
+    out = engine.generate([list(p) for p in prompt_ids], params, list(seeds))
+    return Rollouts([list(p) for p in prompt_ids for _ in range(params.n)],
+                    [out.response(row) for row in range(len(out.finish_reasons))], list(out.finish_reasons))
 
 
 def verify(pool, tokenizer, prompts: Sequence[Prompt], rollouts: Rollouts, n: int):
@@ -141,7 +137,7 @@ class Trainer:
 
         from clipo_nemo.data.prompts import load_prompt_set
         from clipo_nemo.data.sampler import EpochSampler
-        from clipo_nemo.rollout import ROLLOUT_ENGINES
+        from clipo_nemo.rollout import GenerationParams, build_rollout_engine
         from clipo_nemo.trainer.actor import Actor
         from clipo_nemo.verifiers.pool import VerifierPool
 
@@ -161,11 +157,15 @@ class Trainer:
         self.actor = Actor.build(cfg)
         self.actor.sync_reference()
         self.clipo = ClipoHead.build(cfg) if cfg.contrastive.enabled else None
-        self.engine = ROLLOUT_ENGINES[cfg.rollout.engine](self.actor.module, self.tokenizer, cfg)
+        self.engine = build_rollout_engine(cfg.rollout, **self._engine_args())
+        self.train_params = GenerationParams.from_config(cfg.rollout)
         self.pool = VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s, cfg.verifier.max_memory_mb,
                                  cfg.verifier.chunk_size)
         self.step = 0
         self.nonfinite_in_a_row = 0
+
+    def _engine_args(self) -> Dict[str, object]:
+        return {"model": self.actor.module, "tokenizer": self.tokenizer, "cfg": self.cfg}
 
     # ----------------------------------------------------------------------------------------------
     def _my_prompts(self, indices: List[int]):
@@ -187,8 +187,7 @@ class Trainer:
             prompts, offset = self._my_prompts(indices)
             seeds = [cfg.rollout.seed + (step * 1_000_003 + attempt * 10_007 + offset + i) for i in range(len(prompts))]
             clock = time.perf_counter()
-            rollouts = generate(self.engine, prompts, n, seeds, cfg.rollout.temperature, cfg.rollout.top_p,
-                                cfg.rollout.max_new_tokens)
+            rollouts = generate(self.engine, [p.token_ids for p in prompts], self.train_params, seeds)
             info["rollout_s"] += time.perf_counter() - clock
             clock = time.perf_counter()
             scores, reasons = self._verified(prompts, rollouts)
@@ -207,10 +206,7 @@ class Trainer:
         return kept, info
 
     def _any_rank_short(self, short: bool) -> bool:
-        flag = torch.tensor([float(short)])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return all_reduce_values([float(short)], op=dist.ReduceOp.MAX)[0] > 0
 
     def _verified(self, prompts, rollouts):
         """Verify on one rank of each model replica and share the result with its TP/PP peers."""
@@ -240,21 +236,20 @@ class Trainer:
         out = learn_from_experience(self.actor, self.clipo, exp, cfg, step)
         reasons = [r for g in groups for r in g[4]]
         lengths = exp.response_mask.sum(1).float()
-        local = torch.tensor([len(reasons), float(empty), lengths.sum().item(),
-                              sum(f == "length" for f in rollouts.finish_reasons),
-                              *(sum(r == code for r in reasons) for code in REASON_CODES)], dtype=torch.float64)
-        if dist.is_initialized():
-            from megatron.core import parallel_state
+        from megatron.core import parallel_state
 
-            dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
-        total = max(local[0].item(), 1.0)
+        local = all_reduce_values([len(reasons), float(empty), lengths.sum().item(),
+                                   sum(f == "length" for f in rollouts.finish_reasons),
+                                   *(sum(r == code for r in reasons) for code in REASON_CODES)],
+                                  parallel_state.get_data_parallel_group())
+        total = max(local[0], 1.0)
         metrics = dict(out.metrics)
         metrics.update({
-            "rollout/empty_responses": local[1].item(), "rollout/response_length_mean": local[2].item() / total,
-            "rollout/truncated_frac": local[3].item() / total, "time/rollout_s": info["rollout_s"],
+            "rollout/empty_responses": local[1], "rollout/response_length_mean": local[2] / total,
+            "rollout/truncated_frac": local[3] / total, "time/rollout_s": info["rollout_s"],
             "time/verify_s": info["verify_s"], "dynamic_sampling/rollout_batches": float(info["batches"]),
             "dynamic_sampling/dropped_groups": float(info["dropped_groups"]),
-            **{f"verifier/{code}": local[4 + i].item() for i, code in enumerate(REASON_CODES)},
+            **{f"verifier/{code}": local[4 + i] for i, code in enumerate(REASON_CODES)},
         })
         metrics["step_time_s"] = time.perf_counter() - clock
         if cfg.trainer.plot_embeddings and out.head_embeddings is not None and (
@@ -289,9 +284,10 @@ class Trainer:
 
         def generate_fn(texts, k, temperature, top_p):
             seeds = [self.cfg.rollout.seed + 7_777_777 + self.dp_rank * 100_003 + i for i in range(len(texts))]
-            out = self.engine.generate([ids_by_text[t] for t in texts], n=k, seeds=seeds, temperature=temperature,
-                                       top_p=top_p, max_new_tokens=ev.max_new_tokens)
-            decoded = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+            params = replace(self.train_params, n=k, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=ev.max_new_tokens)
+            rollouts = generate(self.engine, [ids_by_text[t] for t in texts], params, seeds)
+            decoded = tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
             return [decoded[i * k:(i + 1) * k] for i in range(len(texts))]
 
         results = evaluation.evaluate(generate_fn, prompt_sets, self.pool, ev.k, ev.temperature, ev.top_p)

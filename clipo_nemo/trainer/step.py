@@ -96,8 +96,10 @@ def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experie
     head_embeddings = None
     if clipo is not None and old is not None:
         generator = torch.Generator().manual_seed(cfg.contrastive.seed + step)  # same draws on every rank
-        head_out = parallel_contrastive_step(clipo.head, clipo.optimizer, old.pooled_hidden, exp.scores > 0,
-                                             exp.group_ids, exp.batch_index, cfg.contrastive, generator, dp_group)
+        device = old.pooled_hidden.device
+        head_out = parallel_contrastive_step(clipo.head, clipo.optimizer, old.pooled_hidden, (exp.scores > 0).to(device),
+                                             exp.group_ids.to(device), exp.batch_index.to(device), cfg.contrastive,
+                                             generator, dp_group)
         contrastive_loss, contrastive_rewards = head_out.per_anchor_loss.cpu(), head_out.rewards.cpu()
         head_embeddings = head_out.embeddings
         metrics.update(head_out.metrics)

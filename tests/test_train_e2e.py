@@ -1,0 +1,104 @@
+"""The tiny GRPO+CLIPO run end to end on CPU: single process, TP=2, DP=2, resume, signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough for CI: 8 prompts x 4 responses per step.
+FAST = ["trainer.prompts_per_step=8", "rollout.n=4", "evaluation.every_steps=2", "evaluation.k=1",
+        "parallel.micro_batch_size=8", "actor.num_mini_batches=2", "contrastive.warmup_steps=1"]
+REQUIRED = {"step", "reward_mean", "contrastive_loss", "pos_pair_cos", "step_time_s"}
+
+
+def _train(run_dir, *overrides, nproc=1, timeout=600, wait=True):
+    args = ["examples/train_grpo_clipo.py", "--config-name=tiny", f"trainer.output_dir={run_dir}", *FAST, *overrides]
+    if nproc > 1:
+        from clipo_nemo.parallel.launcher import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", *args]
+    else:
+        cmd = [sys.executable, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_metrics_events_plots_and_summary(tmp_path):
+    run = tmp_path / "run"
+    proc = _train(run, "trainer.max_steps=3", "trainer.save_every_steps=2")
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(REQUIRED <= set(r) for r in rows)
+    assert rows[0]["policy_updated"] == 0.0 and rows[1]["policy_updated"] == 1.0  # one warm-up step
+    assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+    assert "val/pass@1_mean" in rows[0] and "val/pass@1_mean" in rows[1]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "training_curves.png").stat().st_size > 0 and (run / "embeddings.png").stat().st_size > 0
+    assert "clipo-nemo run completed" in proc.stdout and "reward_mean" in proc.stdout
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor_parallel_size=2"], ["trainer.prompts_per_step=8"]],
+                         ids=["tp2", "dp2"])
+def test_tiny_run_on_two_processes(tmp_path, layout):
+    run = tmp_path / "run"
+    _train(run, "trainer.max_steps=2", "evaluation.every_steps=0", *layout, nproc=2)
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [0, 1] and all(REQUIRED <= set(r) for r in rows)
+
+
+def test_resume_is_exact(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["evaluation.every_steps=0", "trainer.save_every_steps=2"]
+    _train(straight, "trainer.max_steps=4", *common)
+    _train(resumed, "trainer.max_steps=2", *common)
+    proc = _train(resumed, "trainer.max_steps=4", *common)
+    assert "resumed from" in proc.stdout + proc.stderr
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [r["step"] for r in b] == [0, 1, 2, 3]
+    skip = lambda key: key.startswith("time/") or key == "step_time_s"  # noqa: E731
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if not skip(k)} == {k: v for k, v in rb.items() if not skip(k)}
+    assert _final_weights(straight) == _final_weights(resumed)
+
+
+def _final_weights(run_dir):
+    """A digest of the latest checkpoint's tensors (files compared byte for byte would include times)."""
+    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+
+    path = Path(latest_checkpoint(str(run_dir)))
+    digest = {}
+    for file in sorted(path.rglob("*")):
+        if file.suffix in (".distcp", ".pt"):
+            digest[file.relative_to(path).as_posix()] = file.stat().st_size
+    return digest
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    run = tmp_path / "run"
+    proc = _train(run, "trainer.max_steps=1000", "evaluation.every_steps=0", "trainer.save_every_steps=0", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and _metrics(run)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by signal" in out
+    steps = len(_metrics(run))
+    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(str(run)) is not None and f"step_{steps}" in latest_checkpoint(str(run))
