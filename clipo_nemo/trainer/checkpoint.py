@@ -383,7 +383,7 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
     if "head" in loaded:
         with torch.no_grad():
             for name, param in head_parameters(clipo_head.head).items():
-                pass
+                param.copy_(loaded["head"][name])
     if "head_optimizer" in loaded:
         _load_torch_optimizer(clipo_head.optimizer, loaded["head_optimizer"],
                               contents["head_optimizer"]["moments"], "head_optimizer")
