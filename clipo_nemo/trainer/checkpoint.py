@@ -23,6 +23,10 @@ and hyperparameters one ``ShardedObject``. On GPU the policy optimizer is megatr
 own ``sharded_state_dict`` ("fully_reshardable"); that path is written against megatron's API but is
 not exercised on this CPU-only machine. RNG states are restored only at the layout they were saved
 at (they are per rank); at another layout a warning says so and the current RNG streams are kept.
+
+Crash safety: a SIGKILL at any point leaves ``latest`` naming a complete checkpoint (the rename and
+the pointer update are atomic ``os.replace`` calls). ``meta.json`` and ``latest`` are fsynced; the
+shard files are not, so a power loss right after a save may still need the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -102,10 +106,12 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Delete complete checkpoints older than the newest ``keep_last`` ones."""
+def _prune(root: Path, keep_last: int, just_saved: Path) -> None:
+    """Delete complete checkpoints older than the newest ``keep_last`` ones (never ``just_saved``,
+    which ``latest`` names, even when a higher-numbered checkpoint exists)."""
     for old in _complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old)
+        if old != just_saved:
+            shutil.rmtree(old)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,7 +351,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_h
         else:
             os.replace(tmp, final)
         _write_atomically(root / "latest", final.name)
-        _prune(root, keep_last)
+        _prune(root, keep_last, final)
     dist.barrier()
     return final
 
