@@ -73,19 +73,43 @@ def test_resume_is_exact(tmp_path):
     skip = lambda key: key.startswith("time/") or key == "step_time_s"  # noqa: E731
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if not skip(k)} == {k: v for k, v in rb.items() if not skip(k)}
-    assert _final_weights(straight) == _final_weights(resumed)
+    (step_a, policy_a, head_a), (step_b, policy_b, head_b) = _final_weights(straight), _final_weights(resumed)
+    assert step_a == step_b == 4
+    for name in policy_a:
+        assert torch.equal(policy_a[name], policy_b[name]), name
+    for name in head_a:
+        assert torch.equal(head_a[name], head_b[name]), name
+
+
+def _load_weights(rank, world_size, run_dir, overrides):
+    """Build the tiny actor and head, load the run's latest checkpoint, return full weights."""
+    from omegaconf import OmegaConf
+
+    from clipo_nemo.config import ClipoConfig
+    from clipo_nemo.models.sharding import gather_full_state_dict
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+    from clipo_nemo.trainer.actor import Actor
+    from clipo_nemo.trainer.checkpoint import load_checkpoint
+    from clipo_nemo.trainer.step import ClipoHead
+
+    yaml = OmegaConf.load(ROOT / "examples/conf/tiny.yaml")
+    yaml.pop("defaults"), yaml.pop("hydra")
+    yaml.trainer.output_dir = str(run_dir)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClipoConfig), yaml,
+                                              OmegaConf.from_dotlist(list(overrides))))
+    init_parallel_state(cfg.parallel)
+    try:
+        actor, head = Actor.build(cfg), ClipoHead.build(cfg)
+        state = load_checkpoint(str(run_dir), actor, head)
+        return state["step"], gather_full_state_dict(actor.module, cfg.model.vocab_size), head.head.full_state_dict()
+    finally:
+        destroy_parallel_state()
 
 
 def _final_weights(run_dir):
-    """A digest of the latest checkpoint's tensors (files compared byte for byte would include times)."""
-    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+    from clipo_nemo.parallel.launcher import run_distributed
 
-    path = Path(latest_checkpoint(str(run_dir)))
-    digest = {}
-    for file in sorted(path.rglob("*")):
-        if file.suffix in (".distcp", ".pt"):
-            digest[file.relative_to(path).as_posix()] = file.stat().st_size
-    return digest
+    return run_distributed(_load_weights, 1, args=(str(run_dir), FAST), timeout_s=300)[0]
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
@@ -101,4 +125,4 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     steps = len(_metrics(run))
     from clipo_nemo.trainer.checkpoint import latest_checkpoint
 
-    assert latest_checkpoint(str(run)) is not None and f"step_{steps}" in latest_checkpoint(str(run))
+    assert latest_checkpoint(str(run)).name == f"step_{steps}"

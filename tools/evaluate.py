@@ -8,18 +8,25 @@ Modes:
       OUT/results.md, OUT/results.csv and OUT/per_problem.jsonl.
   --per-problem OUT/per_problem.jsonl --out OUT2
       Recompute the report from saved per-problem results, without generating or verifying again.
-  --checkpoint PATH | --hf-model DIR
-      Generate k samples per problem with the policy (temperature 0.6, top-p 0.95; track I k=1,
-      track II k=16). Needs the rollout engine, which is not in the package yet: use --responses.
+  --checkpoint RUN_DIR[/checkpoints/step_N] [--benchmarks ...] [--k K] --out OUT
+      Generate k samples per problem with a trained policy (the run's config.yaml rebuilds it; the
+      latest checkpoint unless a step directory is given) through the megatron rollout engine at
+      temperature 0.6, top-p 0.95 (track I k=1, track II k=16), then score as above.
+  --hf-model DIR
+      Needs Hugging Face -> megatron-core conversion, which is not in the package yet.
 
 Examples:
   python tools/evaluate.py --responses responses.jsonl --data-dir ../shared/data/clipo/test --out outputs/eval
   python tools/evaluate.py --per-problem outputs/eval/per_problem.jsonl --out outputs/eval2
+  python tools/evaluate.py --checkpoint outputs/tiny/run --data-dir outputs/tiny/run/data --benchmarks val --k 4 --out ev
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipo_nemo.trainer.evaluation import load_benchmarks, markdown_table, read_per_problem, read_responses, score, write_report
 from clipo_nemo.verifiers import VerifierPool
@@ -30,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--responses", help="JSONL of {benchmark, index, response} lines to score")
     source.add_argument("--per-problem", help="per_problem.jsonl of an earlier run, to recompute its report")
-    source.add_argument("--checkpoint", help="policy checkpoint to generate with (needs the rollout engine)")
-    source.add_argument("--hf-model", help="Hugging Face model directory to generate with (needs the rollout engine)")
+    source.add_argument("--checkpoint", help="run directory (or one of its checkpoints/step_N) to generate with")
+    source.add_argument("--hf-model", help="Hugging Face model directory (needs HF conversion, not available yet)")
     parser.add_argument("--data-dir", default="../shared/data/clipo/test", help="folder with <benchmark>.parquet")
     parser.add_argument("--benchmarks", nargs="*", help="benchmarks to generate for (generation modes)")
     parser.add_argument("--k", type=int, default=1, help="samples per problem (track I: 1, track II: 16)")
@@ -39,20 +46,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--timeout-s", type=float, default=5.0, help="hard limit per verification")
     parser.add_argument("--workers", type=int, default=0, help="verifier processes (0 = one per CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's evaluation.max_new_tokens")
     parser.add_argument("--out", required=True, help="output folder for the reports")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.checkpoint or args.hf_model:
+    if args.hf_model:
         raise SystemExit(
-            "evaluate.py: generating from a checkpoint or HF model needs the rollout engine "
-            "(clipo_nemo.rollout), which is not available yet. Generate the responses with any engine and "
-            "score them with --responses FILE.jsonl --data-dir DIR --out DIR."
+            "evaluate.py: --hf-model needs Hugging Face -> megatron-core conversion, which is not in the package "
+            "yet. Generate with any engine and score with --responses, or evaluate a clipo-nemo run with --checkpoint."
         )
     try:
-        if args.per_problem:
+        if args.checkpoint:
+            results = generate_and_score(args)
+        elif args.per_problem:
             results = read_per_problem(args.per_problem)
         else:
             responses = read_responses(args.responses)
@@ -60,12 +69,60 @@ def main(argv=None) -> int:
             benchmarks = load_benchmarks(args.data_dir, names)
             with VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
                 results = score(benchmarks, responses, pool)
-    except (ValueError, KeyError, FileNotFoundError) as exc:  # bad input: say what, without a traceback
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError) as exc:  # bad input: say what, without a traceback
         raise SystemExit(f"evaluate.py: {exc}") from None
     summary = write_report(results, args.out)
     print(markdown_table(summary))
     print(f"reports written to {args.out}/ (results.json, results.md, results.csv, per_problem.jsonl)")
     return 0
+
+
+def generate_and_score(args):
+    """Rebuild the run's policy in this process, load its checkpoint, sample, verify."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from clipo_nemo.config import ClipoConfig
+    from clipo_nemo.parallel.launcher import free_port
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+    from clipo_nemo.rollout import GenerationParams, build_rollout_engine
+    from clipo_nemo.trainer.actor import Actor
+    from clipo_nemo.trainer.checkpoint import load_checkpoint
+    from clipo_nemo.trainer.evaluation import evaluate, load_prompt_sets
+    from clipo_nemo.trainer.loop import engine_generate_fn, load_tokenizer
+
+    path = Path(args.checkpoint).resolve()
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}/config.yaml not found: --checkpoint takes a clipo-nemo run directory")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClipoConfig), OmegaConf.load(run_dir / "config.yaml")))
+    cfg.parallel.tensor_parallel_size = cfg.parallel.pipeline_parallel_size = cfg.parallel.context_parallel_size = 1
+    cfg.parallel.sequence_parallel = False
+    cfg.evaluation.data_dir = args.data_dir
+    if args.benchmarks:
+        cfg.evaluation.benchmarks = list(args.benchmarks)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(free_port()))):
+        os.environ.setdefault(key, value)
+    init_parallel_state(cfg.parallel)
+    try:
+        actor = Actor.build(cfg)
+        state = load_checkpoint(str(run_dir), actor, None, path=None if path == run_dir else path)
+        if state is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint")
+        print(f"evaluating {run_dir} at step {state['step']}", flush=True)
+        tokenizer = load_tokenizer(cfg)
+        prompt_sets = load_prompt_sets(cfg.evaluation, cfg.data, tokenizer)
+        engine = build_rollout_engine(cfg.rollout, model=actor.module, tokenizer=tokenizer, cfg=cfg)
+        max_new = args.max_new_tokens or cfg.evaluation.max_new_tokens
+        prompts = [p for ps in prompt_sets.values() for p in ps]
+        generate_fn = engine_generate_fn(engine, tokenizer, prompts, GenerationParams.from_config(cfg.rollout), max_new,
+                                         cfg.rollout.seed)
+        with VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
+            return evaluate(generate_fn, prompt_sets, pool, args.k, args.temperature, args.top_p)
+    finally:
+        destroy_parallel_state()
 
 
 if __name__ == "__main__":

@@ -93,6 +93,21 @@ def generate(engine, prompt_ids: Sequence[Sequence[int]], params, seeds: Sequenc
                     [out.response(row) for row in range(len(out.finish_reasons))], list(out.finish_reasons))
 
 
+def engine_generate_fn(engine, tokenizer, prompts: Sequence[Prompt], params, max_new_tokens: int, base_seed: int):
+    """An evaluation ``generate_fn(texts, k, temperature, top_p)`` over ``prompts`` (looked up by
+    their rendered text) that samples with the rollout engine, seeded per prompt position."""
+    ids_by_text = {p.text: list(p.token_ids) for p in prompts}
+
+    def generate_fn(texts, k, temperature, top_p):
+        eval_params = replace(params, n=k, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens)
+        rollouts = generate(engine, [ids_by_text[t] for t in texts], eval_params,
+                            [base_seed + i for i in range(len(texts))])
+        decoded = tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+        return [decoded[i * k:(i + 1) * k] for i in range(len(texts))]
+
+    return generate_fn
+
+
 def verify(pool, tokenizer, prompts: Sequence[Prompt], rollouts: Rollouts, n: int):
     """Scores [b] (1.0 / 0.0) and reason codes, in rollout order."""
     from clipo_nemo.verifiers.registry import VerifyRequest
@@ -275,21 +290,13 @@ class Trainer:
 
         from clipo_nemo.trainer import evaluation
 
-        ev, tokenizer = self.cfg.evaluation, self.tokenizer
+        ev = self.cfg.evaluation
         mine = self.val_set.prompts[self.dp_rank::self.dp_size]
         prompt_sets: Dict[str, List[Prompt]] = {}
         for prompt in mine:
             prompt_sets.setdefault(Path(prompt.problem.source_file).stem, []).append(prompt)
-        ids_by_text = {p.text: list(p.token_ids) for p in mine}
-
-        def generate_fn(texts, k, temperature, top_p):
-            seeds = [self.cfg.rollout.seed + 7_777_777 + self.dp_rank * 100_003 + i for i in range(len(texts))]
-            params = replace(self.train_params, n=k, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=ev.max_new_tokens)
-            rollouts = generate(self.engine, [ids_by_text[t] for t in texts], params, seeds)
-            decoded = tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-            return [decoded[i * k:(i + 1) * k] for i in range(len(texts))]
-
+        generate_fn = engine_generate_fn(self.engine, self.tokenizer, mine, self.train_params, ev.max_new_tokens,
+                                         self.cfg.rollout.seed + 7_777_777 + self.dp_rank * 100_003)
         results = evaluation.evaluate(generate_fn, prompt_sets, self.pool, ev.k, ev.temperature, ev.top_p)
         if dist.is_initialized():
             gathered = [None] * self.dp_size
@@ -391,6 +398,10 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
         run_dir = holder[0]
         cfg.trainer.output_dir = str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if dist.get_rank() == 0:  # what tools/evaluate.py --checkpoint rebuilds the policy from
+            from omegaconf import OmegaConf
+
+            OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         return Trainer(cfg, run_dir).run()
     finally:
         destroy_parallel_state()
