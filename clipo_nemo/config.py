@@ -7,6 +7,7 @@ Semantic checks that span sections live in :func:`validate_config`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 
@@ -208,6 +209,7 @@ class TrainerConfig:
 
     output_dir: str = "outputs/run"  # run directory: metrics, TensorBoard, plots, checkpoints; reused = resumed
     tokenizer: str = ""  # Hugging Face tokenizer directory, or "tiny" for the locally built tiny tokenizer
+    init_from: str = ""  # starting weights: a clipo-nemo run or checkpoint directory ("" = random init, tiny only)
     max_steps: int = 100  # training steps (each: one batch of prompts x rollout.n responses)
     prompts_per_step: int = 128  # prompts per step over all DP ranks (paper: 512)
     save_every_steps: int = 50  # checkpoint interval (0 = only at the end and on SIGTERM/SIGINT)
@@ -292,6 +294,8 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         problems.append(f"trainer.keep_last={trainer.keep_last} must be >= 1")
     if not cfg.task.enabled and not cfg.data.train_files:
         problems.append("data.train_files is empty and task.enabled=false: there is nothing to train on")
+    if trainer.init_from and not Path(trainer.init_from).is_dir():
+        problems.append(f"trainer.init_from={trainer.init_from!r} is not a directory (a clipo-nemo run or checkpoint)")
     if not trainer.tokenizer:
         problems.append("trainer.tokenizer is empty: give a Hugging Face tokenizer directory (or 'tiny')")
     mp = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size * cfg.parallel.context_parallel_size

@@ -318,6 +318,11 @@ class Trainer:
         if state is not None:
             self.step = state["step"]
             self.sampler.load_state_dict(state["sampler"])
+        elif cfg.trainer.init_from:  # a fresh run starting from another run's weights (its step is not kept)
+            source = Path(cfg.trainer.init_from)
+            is_step_dir = source.parent.name == "checkpoints"
+            checkpoint.load_checkpoint(str(source.parent.parent if is_step_dir else source), self.actor, self.clipo,
+                                       path=source if is_step_dir else None)
         logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger)
         if state is not None:
             logger.note(f"resumed from {checkpoint.latest_checkpoint(str(self.run_dir))} at step {self.step}")
