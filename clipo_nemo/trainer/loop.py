@@ -93,6 +93,17 @@ def generate(engine, prompt_ids: Sequence[Sequence[int]], params, seeds: Sequenc
                     [out.response(row) for row in range(len(out.finish_reasons))], list(out.finish_reasons))
 
 
+@dataclass
+class SampledGroup:
+    """One prompt's ``n`` responses with their verdicts."""
+
+    prompt: Prompt
+    responses: List[List[int]]
+    finish_reasons: List[str]
+    scores: torch.Tensor  # [n]
+    reasons: List[str]
+
+
 def engine_generate_fn(engine, tokenizer, prompts: Sequence[Prompt], params, max_new_tokens: int, base_seed: int):
     """An evaluation ``generate_fn(texts, k, temperature, top_p)`` over ``prompts`` (looked up by
     their rendered text) that samples with the rollout engine, seeded per prompt position."""
@@ -172,15 +183,12 @@ class Trainer:
         self.actor = Actor.build(cfg)
         self.actor.sync_reference()
         self.clipo = ClipoHead.build(cfg) if cfg.contrastive.enabled else None
-        self.engine = build_rollout_engine(cfg.rollout, **self._engine_args())
+        self.engine = build_rollout_engine(cfg.rollout, model=self.actor.module, tokenizer=self.tokenizer, cfg=cfg)
         self.train_params = GenerationParams.from_config(cfg.rollout)
         self.pool = VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s, cfg.verifier.max_memory_mb,
                                  cfg.verifier.chunk_size)
         self.step = 0
         self.nonfinite_in_a_row = 0
-
-    def _engine_args(self) -> Dict[str, object]:
-        return {"model": self.actor.module, "tokenizer": self.tokenizer, "cfg": self.cfg}
 
     # ----------------------------------------------------------------------------------------------
     def _my_prompts(self, indices: List[int]):
@@ -188,18 +196,18 @@ class Trainer:
         start = self.dp_rank * per_rank
         return [self.train_set.prompts[i] for i in indices[start:start + per_rank]], start
 
-    def _collect(self, step: int):
+    def _collect(self, step: int) -> (List["SampledGroup"], Dict[str, float]):
         """Rollouts and verification for this step; with dynamic sampling, groups whose rewards are all
         equal are dropped and more prompts are drawn (up to ``dynamic_sampling_max_batches``) to refill
         this rank's share. A rank still short after that keeps zero-variance groups (zero advantage)."""
         cfg, n = self.cfg, self.cfg.rollout.n
+        dynamic = cfg.algorithm.dynamic_sampling
         wanted = cfg.trainer.prompts_per_step // self.dp_size
-        kept: List[tuple] = []  # (prompt, responses, finish reasons, scores, reasons) per group
-        spare: List[tuple] = []
+        kept: List[SampledGroup] = []
+        flat: List[SampledGroup] = []
         info = {"rollout_s": 0.0, "verify_s": 0.0, "batches": 0}
-        for attempt in range(cfg.algorithm.dynamic_sampling_max_batches if cfg.algorithm.dynamic_sampling else 1):
-            indices = self.sampler.next_batch()
-            prompts, offset = self._my_prompts(indices)
+        for attempt in range(cfg.algorithm.dynamic_sampling_max_batches if dynamic else 1):
+            prompts, offset = self._my_prompts(self.sampler.next_batch())
             seeds = [cfg.rollout.seed + (step * 1_000_003 + attempt * 10_007 + offset + i) for i in range(len(prompts))]
             clock = time.perf_counter()
             rollouts = generate(self.engine, [p.token_ids for p in prompts], self.train_params, seeds)
@@ -210,31 +218,27 @@ class Trainer:
             info["batches"] += 1
             for g, prompt in enumerate(prompts):
                 part = slice(g * n, (g + 1) * n)
-                group = (prompt, rollouts.response_ids[part], rollouts.finish_reasons[part], scores[part], reasons[part])
-                flat = not cfg.algorithm.dynamic_sampling or bool(
-                    zero_variance_groups(scores[part], torch.zeros(n, dtype=torch.long)).all())
-                (spare if flat and cfg.algorithm.dynamic_sampling else kept).append(group)
-            if len(kept) >= wanted or not self._any_rank_short(len(kept) < wanted):
+                group = SampledGroup(prompt, rollouts.response_ids[part], rollouts.finish_reasons[part], scores[part],
+                                     reasons[part])
+                no_signal = dynamic and bool(zero_variance_groups(group.scores, torch.zeros(n, dtype=torch.long)).all())
+                (flat if no_signal else kept).append(group)
+            # Every rank draws the same number of batches (the sampler stays in step across ranks).
+            if not all_reduce_values([float(len(kept) < wanted)], op=dist.ReduceOp.MAX)[0]:
                 break
-        info["dropped_groups"] = len(spare)
-        kept = (kept + spare)[:wanted]
-        return kept, info
-
-    def _any_rank_short(self, short: bool) -> bool:
-        return all_reduce_values([float(short)], op=dist.ReduceOp.MAX)[0] > 0
+        info["dropped_groups"] = len(flat)
+        return (kept + flat)[:wanted], info
 
     def _verified(self, prompts, rollouts):
-        """Verify on one rank of each model replica and share the result with its TP/PP peers."""
+        """Verify on the first rank of each model replica and share the result with its TP/PP peers."""
         from megatron.core import parallel_state
 
+        group = parallel_state.get_model_parallel_group()
         result = None
-        if parallel_state.get_model_parallel_group is None or not dist.is_initialized() or \
-                dist.get_rank(parallel_state.get_model_parallel_group()) == 0:
+        if dist.get_rank(group) == 0:
             result = verify(self.pool, self.tokenizer, prompts, rollouts, self.cfg.rollout.n)
-        if dist.is_initialized() and dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
+        if dist.get_world_size(group) > 1:
             holder = [result]
-            src = dist.get_global_rank(parallel_state.get_model_parallel_group(), 0)
-            dist.broadcast_object_list(holder, src=src, group=parallel_state.get_model_parallel_group())
+            dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
             result = holder[0]
         return result
 
@@ -242,14 +246,14 @@ class Trainer:
         cfg, n, step = self.cfg, self.cfg.rollout.n, self.step
         clock = time.perf_counter()
         groups, info = self._collect(step)
-        rollouts = Rollouts([list(g[0].token_ids) for g in groups for _ in range(n)],
-                            [r for g in groups for r in g[1]], [f for g in groups for f in g[2]])
-        scores = torch.cat([g[3] for g in groups])
+        rollouts = Rollouts([list(g.prompt.token_ids) for g in groups for _ in range(n)],
+                            [r for g in groups for r in g.responses], [f for g in groups for f in g.finish_reasons])
+        scores = torch.cat([g.scores for g in groups])
         first_group = self.dp_rank * len(groups)
         exp, empty = build_experience(rollouts, scores, first_group, first_group * n, n,
                                       self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         out = learn_from_experience(self.actor, self.clipo, exp, cfg, step)
-        reasons = [r for g in groups for r in g[4]]
+        reasons = [r for g in groups for r in g.reasons]
         lengths = exp.response_mask.sum(1).float()
         from megatron.core import parallel_state
 

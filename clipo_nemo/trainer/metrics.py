@@ -72,7 +72,7 @@ def _mean(rows: List[Dict[str, float]], key: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize(history: List[Dict[str, float]], window: int = 5) -> str:
+def summarize(history: List[Dict[str, float]], window: int = 20) -> str:
     """First vs last ``window`` steps of the headline metrics."""
     if not history:
         return "no steps were run"

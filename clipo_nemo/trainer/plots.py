@@ -19,7 +19,12 @@ def plot_training_curves(history: List[Dict[str, float]], out_path: Path) -> Non
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
         rows = [row for row in history if key in row]
-        ax.plot([row["step"] for row in rows], [row[key] for row in rows], marker=".", linewidth=1)
+        steps, values = [row["step"] for row in rows], [row[key] for row in rows]
+        ax.plot(steps, values, marker=".", linewidth=0.8, alpha=0.5)
+        if len(values) >= 10:  # a 10-step moving average makes the trend readable through sampling noise
+            smooth = [sum(values[max(0, i - 9): i + 1]) / len(values[max(0, i - 9): i + 1]) for i in range(len(values))]
+            ax.plot(steps, smooth, linewidth=2, color="black", label="10-step mean")
+            ax.legend(loc="best", fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

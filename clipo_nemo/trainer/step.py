@@ -123,7 +123,7 @@ def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experie
     if step >= cfg.contrastive.warmup_steps:
         zeros = torch.zeros_like(exp.tokens, dtype=torch.float32)  # stand-ins on stages without outputs
         extras = {"old_logprobs": old.logprobs if old is not None else zeros, "advantages": advantages}
-        if ref_logprobs is not None or actor.reference is not None:
+        if actor.reference is not None:
             extras["ref_logprobs"] = ref_logprobs if ref_logprobs is not None else zeros
         metrics.update(actor.update(PolicyBatch(exp.tokens, exp.response_mask, extras)))
     metrics["time/update_s"] = time.perf_counter() - clock
