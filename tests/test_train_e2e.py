@@ -51,6 +51,16 @@ def test_tiny_run_writes_metrics_events_plots_and_summary(tmp_path):
     assert (run / "training_curves.png").stat().st_size > 0 and (run / "embeddings.png").stat().st_size > 0
     assert "clipo-nemo run completed" in proc.stdout and "reward_mean" in proc.stdout
 
+    # The trained policy scored by tools/evaluate.py from its checkpoint, on the task's held-out split.
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--data-dir", str(run / "data"),
+                           "--benchmarks", "val", "--k", "2", "--workers", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 3" in proc.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert report["benchmarks"]["val"]["n"] == 8 and 0.0 <= report["benchmarks"]["val"]["pass@1"] <= 100.0
+
 
 @pytest.mark.parametrize("layout", [["parallel.tensor_parallel_size=2"], ["trainer.prompts_per_step=8"]],
                          ids=["tp2", "dp2"])
@@ -126,3 +136,19 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     from clipo_nemo.trainer.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(str(run)).name == f"step_{steps}"
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    run = tmp_path / "run"
+    # An absurd learning rate makes the first update blow the weights up; every later step is non-finite.
+    args = ["examples/train_grpo_clipo.py", "--config-name=tiny", f"trainer.output_dir={run}", *FAST,
+            "actor.lr=1e12", "trainer.max_consecutive_nonfinite=2", "trainer.max_steps=50", "evaluation.every_steps=0",
+            "contrastive.warmup_steps=0", "trainer.save_every_steps=0"]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "steps in a row with a non-finite loss or gradient" in proc.stdout
+    rows = _metrics(run)
+    assert 2 <= len(rows) < 50 and rows[-1]["nonfinite_steps_in_a_row"] == 2.0
+    assert rows[-1]["update_skipped"] == 1.0
+    assert not (run / "checkpoints" / "latest").exists()  # the diverged weights were not saved

@@ -355,7 +355,8 @@ class Trainer:
                 if cfg.trainer.save_every_steps and self.step % cfg.trainer.save_every_steps == 0 \
                         and self.step < cfg.trainer.max_steps:
                     self._save()
-            self._save()
+            if not status.startswith("stopped:"):  # a diverged policy is not saved over the last good one
+                self._save()
         finally:
             self.pool.close()
         summary = logger.close()

@@ -21,7 +21,7 @@ from clipo_nemo.algorithms.advantages import compute_advantages
 from clipo_nemo.config import ClipoConfig
 from clipo_nemo.models.forward import PolicyBatch
 from clipo_nemo.models.head import ParallelContrastiveHead, parallel_contrastive_step
-from clipo_nemo.parallel.gather import GlobalBatch
+from clipo_nemo.parallel.gather import GlobalBatch, all_reduce_values
 from clipo_nemo.trainer.actor import Actor, broadcast_from_last_stage
 
 
@@ -75,6 +75,13 @@ class StepOutputs:
     global_correct: Optional[torch.Tensor] = None  # [B] the verifier's verdicts in the same order
 
 
+def _any_rank_nonfinite(old, ref_logprobs) -> bool:
+    """Whether the old-policy (or reference) pass produced NaN/inf on any rank."""
+    bad = old is not None and not (bool(torch.isfinite(old.logprobs).all()) and bool(torch.isfinite(old.pooled_hidden).all()))
+    bad = bad or (ref_logprobs is not None and not bool(torch.isfinite(ref_logprobs).all()))
+    return all_reduce_values([float(bad)], op=torch.distributed.ReduceOp.MAX)[0] > 0
+
+
 def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experience, cfg: ClipoConfig,
                           step: int) -> StepOutputs:
     """Run one learning step on this rank's ``exp`` (every rank of the job calls it together)."""
@@ -89,6 +96,13 @@ def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experie
     old = actor.old_outputs(batch)
     ref_logprobs = actor.reference_logprobs(batch)
     metrics["time/old_forward_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    if _any_rank_nonfinite(old, ref_logprobs):
+        # A diverged policy: nothing learnable this step. Skip the head and the update; the loop
+        # counts such steps and stops after trainer.max_consecutive_nonfinite in a row.
+        zeros = torch.zeros(len(exp.scores))
+        metrics.update(update_skipped=1.0, nonfinite_outputs=1.0, policy_updated=0.0,
+                       reward_mean=float(GlobalBatch(exp.batch_index, dp_group).gather(exp.scores.float()).mean()))
+        return StepOutputs(None, None, zeros, zeros, zeros, metrics)
 
     # 2. Contrastive reward from the head's loss before its update (the head lives on the last stage).
     contrastive_loss = torch.zeros(len(exp.scores))
