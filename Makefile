@@ -24,3 +24,5 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/contrastive_loss.py
+	$(PY) benchmarks/clipo_overhead.py --threads 1
+	$(PY) benchmarks/verifier.py
