@@ -133,9 +133,11 @@ def test_responses_file_errors_name_the_line(tmp_path):
         read_responses(bad)
 
 
-def test_checkpoint_mode_points_to_responses(tmp_path):
-    with pytest.raises(SystemExit, match="--responses FILE.jsonl"):
-        evaluate_tool.main(["--checkpoint", "ckpt", "--out", str(tmp_path)])
+def test_generation_modes_explain_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="config.yaml not found: --checkpoint takes a clipo-nemo run directory"):
+        evaluate_tool.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="needs Hugging Face -> megatron-core conversion"):
+        evaluate_tool.main(["--hf-model", str(tmp_path), "--out", str(tmp_path / "out")])
 
 
 class _WordTokenizer:
