@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence, Tuple
 
-from clipo_nemo.verifiers.extraction import MalformedBoxError, last_boxed_content, unwrap_text
+from clipo_nemo.verifiers.extraction import boxed_answer, unwrap_text
 
 _OPTIONS_HEADER = re.compile(r"(?m)^\s*Options:\s*$")
 _OPTION_LINE = re.compile(r"(?m)^([A-Z])\.\s")
@@ -54,16 +54,9 @@ def check_multiple_choice(response: str, reference: str, offered: Sequence[str])
     """
     if not offered:
         raise ValueError("multiple-choice check needs the prompt's offered letters; none were given")
-    if not response.strip():
-        return 0.0, "empty", None
-    try:
-        boxed = last_boxed_content(response)
-    except MalformedBoxError:
-        return 0.0, "parse_error", None
-    if boxed is None:
-        return 0.0, "no_box", None
-    if not boxed.strip():
-        return 0.0, "empty", boxed
+    boxed, failure = boxed_answer(response)
+    if failure is not None:
+        return 0.0, failure, boxed
     letter = boxed_letter(boxed, offered)
     if letter is None:
         return 0.0, "parse_error", boxed

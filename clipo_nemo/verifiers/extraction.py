@@ -6,7 +6,7 @@ can be slow lives in :mod:`clipo_nemo.verifiers.math_verifier` and runs under th
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Tuple
 
 # ``\boxed`` or ``\fbox`` not followed by another letter (so ``\boxedfoo`` is not a box).
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -57,6 +57,25 @@ def last_boxed_content(text: str) -> Optional[str]:
         return text[pos + 1 : _braced_group_end(text, pos) - 1]
     bare = re.match(r"[^\s$]*", text[pos:])
     return bare.group(0)
+
+
+def boxed_answer(response: str) -> Tuple[Optional[str], Optional[str]]:
+    """The answer in the response's last box, and why there is none to judge.
+
+    Returns ``(answer, None)`` for a non-empty box; otherwise ``(what was found, reason)`` with reason
+    ``empty`` (blank response or empty box), ``parse_error`` (unbalanced box) or ``no_box``.
+    """
+    if not response.strip():
+        return None, "empty"
+    try:
+        boxed = last_boxed_content(response)
+    except MalformedBoxError:
+        return None, "parse_error"
+    if boxed is None:
+        return None, "no_box"
+    if not boxed.strip():
+        return boxed, "empty"
+    return boxed, None
 
 
 def reference_answer(ground_truth: str) -> str:

@@ -18,7 +18,7 @@ from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
 from math_verify import LatexExtractionConfig, parse, verify
 from sympy import Basic, MatrixBase
 
-from clipo_nemo.verifiers.extraction import MalformedBoxError, last_boxed_content, unwrap_text
+from clipo_nemo.verifiers.extraction import boxed_answer, unwrap_text
 
 # Everything is parsed from ``\boxed{<answer>}``, so the box is the only pattern math-verify needs.
 _EXTRACTION = (
@@ -93,16 +93,9 @@ def check_math(response: str, reference: str) -> Tuple[float, str, str | None]:
     ``empty`` (blank response or empty box), ``no_box`` or ``parse_error`` (unbalanced box, or an
     answer math-verify cannot read). ``extracted`` is the boxed answer (``None`` without a box).
     """
-    if not response.strip():
-        return 0.0, "empty", None
-    try:
-        boxed = last_boxed_content(response)
-    except MalformedBoxError:
-        return 0.0, "parse_error", None
-    if boxed is None:
-        return 0.0, "no_box", None
-    if not boxed.strip():
-        return 0.0, "empty", boxed
+    boxed, failure = boxed_answer(response)
+    if failure is not None:
+        return 0.0, failure, boxed
     predicted = normalize_math_answer(boxed)
     gold = normalize_math_answer(reference)
     if predicted == gold or unwrap_text(predicted) == unwrap_text(gold):
