@@ -173,6 +173,9 @@ class Trainer:
         self.is_logger = not dist.is_initialized() or dist.get_rank() == 0
         prepare_task_files(cfg, run_dir)
         self.tokenizer = load_tokenizer(cfg)
+        if len(self.tokenizer) > cfg.model.vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}: "
+                             "every token id must have an embedding row")
         self.train_set = load_prompt_set(cfg.data.train_files, cfg.data, self.tokenizer)
         self.val_set = load_prompt_set(cfg.data.val_files, cfg.data, self.tokenizer) if cfg.data.val_files else None
         if len(self.train_set.prompts) < cfg.trainer.prompts_per_step:
