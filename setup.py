@@ -18,7 +18,7 @@ setup(
         "omegaconf>=2.3",
         "hydra-core>=1.3",
         # hydra pins antlr4 4.9.*, so math-verify's LaTeX parser must use the same runtime.
-        "math-verify[antlr4_9_3]>=0.3",
+        "math-verify[antlr4_9_3]>=0.9",
         "pandas",
         "pyarrow",
         "tensorboard",

@@ -324,9 +324,12 @@ def test_bad_requests_are_refused_before_work_starts(pool):
         pool.verify([VerifyRequest("multiple_choice", "\\boxed{A}", "A")])
 
 
-def test_an_exception_inside_math_verify_is_reason_error_and_the_batch_continues(pool):
-    # math-verify's set comparison raises TypeError on this pair (found in train/math75 row 3880).
-    requests = [VerifyRequest("math", "\\boxed{7 - 2 \\pi}", "(-\\infty,-5) \\cup (-5,5)"), VerifyRequest("math", "\\boxed{1}", "1")]
-    first, second = pool.verify(requests)
-    assert (first.reward, first.reason) == (0.0, "error") and first.detail.startswith("TypeError")
+def test_an_exception_inside_a_verifier_is_reason_error_and_the_batch_continues(pool):
+    # math-verify 0.3 raised TypeError on the first pair (train/math75 row 3880); 0.9 catches it and
+    # answers "wrong". A response that is not text fails inside any verifier version, in the worker.
+    requests = [VerifyRequest("math", "\\boxed{7 - 2 \\pi}", "(-\\infty,-5) \\cup (-5,5)"),
+                VerifyRequest("math", 12345, "1"), VerifyRequest("math", "\\boxed{1}", "1")]
+    first, broken, second = pool.verify(requests)
+    assert first.reward == 0.0 and first.reason in ("wrong", "error")
+    assert (broken.reward, broken.reason) == (0.0, "error") and broken.detail.startswith("AttributeError")
     assert second.correct
