@@ -51,7 +51,7 @@ def test_gspo_sequence_ratio_and_gradient():
     loss, _ = compute_policy_loss("gspo", logp, old, adv, torch.ones_like(old), cfg)
     s = math.exp(0.2)  # exp(mean(0.1, 0.3))
     # Row 0 (A=+1): max(-s, -1.0004) = -1.0004, clipped; row 1 (A=-1): max(s, 1.0004) = s.
-    assert float(loss) == pytest.approx((-1.0004 + s) / 2)
+    assert loss.item() == pytest.approx((-1.0004 + s) / 2)
     loss.backward()
     # Row 1 tokens: d/dlogp_t of (s * exp(lp_t - sg(lp_t))) averaged over 2 tokens and 2 sequences.
     assert logp.grad.tolist() == [pytest.approx([0.0, 0.0]), pytest.approx([s / 4, s / 4])]

@@ -152,3 +152,15 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert 2 <= len(rows) < 50 and rows[-1]["nonfinite_steps_in_a_row"] == 2.0
     assert rows[-1]["update_skipped"] == 1.0
     assert not (run / "checkpoints" / "latest").exists()  # the diverged weights were not saved
+
+
+def test_dapo_with_dynamic_sampling_and_without_clipo(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "trainer.max_steps=2", "evaluation.every_steps=0", "algorithm.policy_loss=dapo",
+           "algorithm.clip_ratio_high=0.28", "algorithm.kl_loss_coef=0", "algorithm.dynamic_sampling=true",
+           "algorithm.dynamic_sampling_max_batches=3", "contrastive.enabled=false")
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [0, 1]
+    # A fresh policy is nearly always wrong, so most groups have equal rewards: more prompts are drawn.
+    assert rows[0]["dynamic_sampling/rollout_batches"] > 1 and rows[0]["dynamic_sampling/zero_variance_groups"] > 0
+    assert "contrastive_loss" not in rows[0] and "kl_loss" not in rows[1] and "pg_loss" in rows[1]

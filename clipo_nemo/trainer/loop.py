@@ -228,7 +228,8 @@ class Trainer:
             # Every rank draws the same number of batches (the sampler stays in step across ranks).
             if not all_reduce_values([float(len(kept) < wanted)], op=dist.ReduceOp.MAX)[0]:
                 break
-        info["dropped_groups"] = len(flat)
+        info["zero_variance_groups"] = len(flat)
+        info["filler_groups"] = max(wanted - len(kept), 0)
         return (kept + flat)[:wanted], info
 
     def _verified(self, prompts, rollouts):
@@ -256,23 +257,23 @@ class Trainer:
         exp, empty = build_experience(rollouts, scores, first_group, first_group * n, n,
                                       self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         out = learn_from_experience(self.actor, self.clipo, exp, cfg, step)
-        reasons = [r for g in groups for r in g.reasons]
-        lengths = exp.response_mask.sum(1).float()
         from megatron.core import parallel_state
 
-        local = all_reduce_values([len(reasons), float(empty), lengths.sum().item(),
-                                   sum(f == "length" for f in rollouts.finish_reasons),
-                                   *(sum(r == code for r in reasons) for code in REASON_CODES)],
-                                  parallel_state.get_data_parallel_group())
-        total = max(local[0], 1.0)
-        metrics = dict(out.metrics)
-        metrics.update({
-            "rollout/empty_responses": local[1], "rollout/response_length_mean": local[2] / total,
-            "rollout/truncated_frac": local[3] / total, "time/rollout_s": info["rollout_s"],
-            "time/verify_s": info["verify_s"], "dynamic_sampling/rollout_batches": float(info["batches"]),
-            "dynamic_sampling/dropped_groups": float(info["dropped_groups"]),
-            **{f"verifier/{code}": local[4 + i] for i, code in enumerate(REASON_CODES)},
-        })
+        reasons = [r for g in groups for r in g.reasons]
+        counts = {  # summed over DP ranks
+            "responses": len(reasons), "rollout/empty_responses": empty,
+            "tokens": exp.response_mask.sum().item(), "truncated": sum(f == "length" for f in rollouts.finish_reasons),
+            "dynamic_sampling/zero_variance_groups": info["zero_variance_groups"],
+            "dynamic_sampling/filler_groups": info["filler_groups"],
+            **{f"verifier/{code}": sum(r == code for r in reasons) for code in REASON_CODES},
+        }
+        counts = dict(zip(counts, all_reduce_values(list(counts.values()), parallel_state.get_data_parallel_group())))
+        responses = max(counts.pop("responses"), 1.0)
+        metrics = {**out.metrics,
+                   "rollout/response_length_mean": counts.pop("tokens") / responses,
+                   "rollout/truncated_frac": counts.pop("truncated") / responses, **counts,
+                   "time/rollout_s": info["rollout_s"], "time/verify_s": info["verify_s"],
+                   "dynamic_sampling/rollout_batches": float(info["batches"])}
         metrics["step_time_s"] = time.perf_counter() - clock
         if cfg.trainer.plot_embeddings and out.head_embeddings is not None and (
                 step == 0 or step == cfg.trainer.max_steps - 1):
