@@ -187,9 +187,8 @@ class Actor:
                 info["entropy"] = entropy.detach()
             return loss * scale, info
 
-        self.model.zero_grad_buffer()
-        if not torch.cuda.is_available():
-            self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad_buffer()  # DDP's main-grad buffers
+        self.optimizer.zero_grad(set_to_none=True)  # torch's .grad (CPU) / megatron's fp32 copies (GPU)
         infos = forward_backward_policy(self.model, mini_batch, micro_batch_size=micro,
                                         temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
                                         loss_func=loss_func)
