@@ -23,7 +23,6 @@ Last line: ``overhead: <percent>%``. On CUDA it also prints tokens/s and an MFU 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ import torch
 
 import clipo_nemo.trainer.step as step_module
 from clipo_nemo.config import ClipoConfig
-from clipo_nemo.parallel.launcher import free_port
 from clipo_nemo.trainer.actor import Actor
 from clipo_nemo.trainer.step import ClipoHead, Experience, learn_from_experience
 
@@ -167,8 +165,6 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state, validate_layout
 
     cfg = build_config(args)

@@ -10,7 +10,6 @@ Every response runs the full ``--new`` tokens (no EOS) so all engines do the sam
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 
@@ -18,8 +17,6 @@ import torch
 
 
 def _setup(args):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
     from clipo_nemo.config import ModelConfig, ParallelConfig
     from clipo_nemo.models.policy import build_policy_model
     from clipo_nemo.parallel.state import init_parallel_state

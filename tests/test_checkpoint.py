@@ -7,7 +7,6 @@ RNG draws taken right after saving; the directory listing after keep-last and af
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import random

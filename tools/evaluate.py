@@ -84,7 +84,6 @@ def generate_and_score(args):
     from omegaconf import OmegaConf
 
     from clipo_nemo.config import ClipoConfig
-    from clipo_nemo.parallel.launcher import free_port
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.rollout import GenerationParams, build_rollout_engine
     from clipo_nemo.trainer.actor import Actor
@@ -102,10 +101,7 @@ def generate_and_score(args):
     cfg.evaluation.data_dir = args.data_dir
     if args.benchmarks:
         cfg.evaluation.benchmarks = list(args.benchmarks)
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(free_port()))):
-        os.environ.setdefault(key, value)
-    init_parallel_state(cfg.parallel)
+    init_parallel_state(cfg.parallel)  # a single process
     try:
         actor = Actor.build(cfg)
         state = load_checkpoint(str(run_dir), actor, None, path=None if path == run_dir else path)

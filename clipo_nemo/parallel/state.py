@@ -117,8 +117,9 @@ def init_parallel_state(parallel: ParallelConfig, *, timeout_s: float = 600.0) -
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU), megatron's groups and RNG seeds.
 
     Reads the usual launcher environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
-    ``LOCAL_RANK``) unless torch.distributed is already initialised. On CPU the megatron CPU patches
-    are applied first.
+    ``LOCAL_RANK``) unless torch.distributed is already initialised; without a launcher (no
+    ``RANK``), it is a single process on a free local port. On CPU the megatron CPU patches are
+    applied first.
     """
     from megatron.core import parallel_state
 
@@ -126,6 +127,11 @@ def init_parallel_state(parallel: ParallelConfig, *, timeout_s: float = 600.0) -
     if not on_gpu:
         apply_cpu_patches()
     if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            from clipo_nemo.parallel.launcher import free_port
+
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))

@@ -398,12 +398,6 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     validate_config(cfg, world_size)
     validate_layout(world_size, cfg.model, cfg.parallel,
                     batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n, group_size=cfg.rollout.n)
-    if world_size == 1:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     init_parallel_state(cfg.parallel)
     try:
         holder = [Path(cfg.trainer.output_dir).resolve()]
@@ -420,8 +414,3 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     finally:
         destroy_parallel_state()
 
-
-def _free_port() -> int:
-    from clipo_nemo.parallel.launcher import free_port
-
-    return free_port()
