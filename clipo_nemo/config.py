@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,6 +237,25 @@ class ClipoConfig:
     data: DataConfig = field(default_factory=DataConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
+    """A YAML of ``examples/conf`` (or a run's ``config.yaml``) as a typed config, outside Hydra.
+
+    Hydra-only keys (``defaults``, ``hydra``) are dropped, ``${now:...}`` resolves as under Hydra,
+    and ``overrides`` are ``key=value`` strings applied last.
+    """
+    from datetime import datetime
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("now"):
+        OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern))
+    yaml = OmegaConf.load(path)
+    for key in ("defaults", "hydra"):
+        yaml.pop(key, None)
+    merged = OmegaConf.merge(OmegaConf.structured(ClipoConfig), yaml, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(merged)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,17 +6,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from clipo_nemo.config import ClipoConfig, ConfigError, validate_config
+from clipo_nemo.config import ClipoConfig, ConfigError, load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny():
-    schema = OmegaConf.structured(ClipoConfig)
-    yaml = OmegaConf.load(ROOT / "examples/conf/tiny.yaml")
-    yaml.pop("defaults"), yaml.pop("hydra")
-    yaml.trainer.output_dir = "unused"  # ${now:} is Hydra's resolver
-    return OmegaConf.to_object(OmegaConf.merge(schema, yaml))
+    return load_config(ROOT / "examples/conf/tiny.yaml")
 
 
 @pytest.mark.parametrize("name", ["tiny", "track1", "track2"])

@@ -91,22 +91,16 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(head_a[name], head_b[name]), name
 
 
-def _load_weights(rank, world_size, run_dir, overrides):
+def _load_weights(rank, world_size, run_dir):
     """Build the tiny actor and head, load the run's latest checkpoint, return full weights."""
-    from omegaconf import OmegaConf
-
-    from clipo_nemo.config import ClipoConfig
+    from clipo_nemo.config import load_config
     from clipo_nemo.models.sharding import gather_full_state_dict
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.trainer.actor import Actor
     from clipo_nemo.trainer.checkpoint import load_checkpoint
     from clipo_nemo.trainer.step import ClipoHead
 
-    yaml = OmegaConf.load(ROOT / "examples/conf/tiny.yaml")
-    yaml.pop("defaults"), yaml.pop("hydra")
-    yaml.trainer.output_dir = str(run_dir)
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClipoConfig), yaml,
-                                              OmegaConf.from_dotlist(list(overrides))))
+    cfg = load_config(Path(run_dir) / "config.yaml")  # what the run itself used
     init_parallel_state(cfg.parallel)
     try:
         actor, head = Actor.build(cfg), ClipoHead.build(cfg)
@@ -119,7 +113,7 @@ def _load_weights(rank, world_size, run_dir, overrides):
 def _final_weights(run_dir):
     from clipo_nemo.parallel.launcher import run_distributed
 
-    return run_distributed(_load_weights, 1, args=(str(run_dir), FAST), timeout_s=300)[0]
+    return run_distributed(_load_weights, 1, args=(str(run_dir),), timeout_s=300)[0]
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):

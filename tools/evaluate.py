@@ -81,9 +81,7 @@ def generate_and_score(args):
     """Rebuild the run's policy in this process, load its checkpoint, sample, verify."""
     from pathlib import Path
 
-    from omegaconf import OmegaConf
-
-    from clipo_nemo.config import ClipoConfig
+    from clipo_nemo.config import load_config
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.rollout import GenerationParams, build_rollout_engine
     from clipo_nemo.trainer.actor import Actor
@@ -95,7 +93,7 @@ def generate_and_score(args):
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}/config.yaml not found: --checkpoint takes a clipo-nemo run directory")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClipoConfig), OmegaConf.load(run_dir / "config.yaml")))
+    cfg = load_config(run_dir / "config.yaml")
     cfg.parallel.tensor_parallel_size = cfg.parallel.pipeline_parallel_size = cfg.parallel.context_parallel_size = 1
     cfg.parallel.sequence_parallel = False
     cfg.evaluation.data_dir = args.data_dir
