@@ -28,6 +28,15 @@ def all_reduce_values(values: Sequence[float], group=None, op=None) -> List[floa
     return tensor.tolist()
 
 
+def broadcast_object(obj, src: int, group=None):
+    """``obj`` (picklable) from global rank ``src`` to every rank of ``group``; identity alone."""
+    if _world(group) == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]
+
+
 def gathered_sizes(local_size: int, group) -> List[int]:
     """First-dimension size of every rank's tensor in ``group`` (ranks may hold different counts)."""
     if _world(group) == 1:

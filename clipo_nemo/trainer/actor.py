@@ -23,7 +23,7 @@ from clipo_nemo.algorithms.policy_losses import (
 from clipo_nemo.config import ClipoConfig
 from clipo_nemo.models.forward import PolicyBatch, PolicyOutputs, compute_policy_outputs, forward_backward_policy
 from clipo_nemo.models.policy import build_policy_model
-from clipo_nemo.parallel.gather import all_reduce_values
+from clipo_nemo.parallel.gather import all_reduce_values, broadcast_object
 
 
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
@@ -233,9 +233,7 @@ def broadcast_from_last_stage(obj):
     """Send a picklable object from the last pipeline stage to every stage of this pipeline."""
     from megatron.core import parallel_state
 
-    if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    if not dist.is_initialized():
         return obj
-    holder = [obj]
-    src = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast_object_list(holder, src=src, group=parallel_state.get_pipeline_model_parallel_group())
-    return holder[0]
+    return broadcast_object(obj, parallel_state.get_pipeline_model_parallel_last_rank(),
+                            parallel_state.get_pipeline_model_parallel_group())

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from clipo_nemo.algorithms.advantages import zero_variance_groups
 from clipo_nemo.config import ClipoConfig, validate_config
 from clipo_nemo.data.prompts import Prompt
-from clipo_nemo.parallel.gather import all_reduce_values
+from clipo_nemo.parallel.gather import all_reduce_values, broadcast_object
 from clipo_nemo.trainer.step import ClipoHead, Experience, learn_from_experience
 
 
@@ -240,11 +240,7 @@ class Trainer:
         result = None
         if dist.get_rank(group) == 0:
             result = verify(self.pool, self.tokenizer, prompts, rollouts, self.cfg.rollout.n)
-        if dist.get_world_size(group) > 1:
-            holder = [result]
-            dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
-            result = holder[0]
-        return result
+        return broadcast_object(result, dist.get_global_rank(group, 0), group)
 
     def train_one_step(self) -> Dict[str, float]:
         cfg, n, step = self.cfg, self.cfg.rollout.n, self.step
@@ -400,10 +396,8 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
                     batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n, group_size=cfg.rollout.n)
     init_parallel_state(cfg.parallel)
     try:
-        holder = [Path(cfg.trainer.output_dir).resolve()]
-        if dist.get_world_size() > 1:  # rank 0's choice wins (a ${now:} in the path may differ per rank)
-            dist.broadcast_object_list(holder, src=0)
-        run_dir = holder[0]
+        # Rank 0's choice wins: a ${now:} in the path may resolve differently per rank.
+        run_dir = broadcast_object(Path(cfg.trainer.output_dir).resolve(), src=0)
         cfg.trainer.output_dir = str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if dist.get_rank() == 0:  # what tools/evaluate.py --checkpoint rebuilds the policy from
