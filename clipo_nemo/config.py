@@ -90,6 +90,8 @@ class ModelConfig:
     init_method_std: float = 0.02  # std of the normal weight init (before any checkpoint is loaded)
     attention_dropout: float = 0.0  # dropout on attention probabilities (RL fine-tuning: 0)
     hidden_dropout: float = 0.0  # dropout on the residual branches (RL fine-tuning: 0)
+    recompute: str = "none"  # activation recomputation: "none" | "selective" (core attention) | "full" (whole layers)
+    recompute_num_layers: int = 1  # with recompute=full: layers per recomputed block (megatron's "uniform" method)
 
 
 @dataclass
@@ -101,6 +103,8 @@ class ParallelConfig:
     context_parallel_size: int = 1  # CP: sequence split over ranks (GPU + Transformer Engine only)
     sequence_parallel: bool = False  # shard norms/dropout activations over TP along the sequence (GPU only)
     micro_batch_size: int = 1  # responses per forward/backward micro-batch on one data-parallel rank
+    max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by token budget (length-sorted, padded tokens
+    #   rows * longest <= budget) instead of micro_batch_size rows; 0 = fixed micro_batch_size
     seed: int = 1234  # seeds weight init and megatron's per-TP-rank RNG streams
 
 
@@ -119,7 +123,8 @@ class RolloutConfig:
     max_new_tokens: int = 2048  # response length cap (track I: 2048, track II: 4096)
     stop: List[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS
     seed: int = 1234  # base seed; each request's sampling is seeded from it
-    max_batch_size: Optional[int] = None  # most responses decoded together (bounds KV-cache memory); None = all
+    max_batch_size: Optional[int] = None  # most responses decoded together; None = as many as kv_cache_gb allows
+    kv_cache_gb: float = 16.0  # KV-cache budget per GPU for one generation chunk (GiB); sets the rows decoded together
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,6 +144,9 @@ class ActorConfig:
     ppo_epochs: int = 1  # passes over each training batch
     num_mini_batches: int = 1  # optimizer steps per epoch (train batch / mini-batch; paper: 512 / 128 = 4)
     use_distributed_optimizer: bool = True  # GPU: megatron's distributed optimizer (ignored on CPU)
+    logprob_chunk_size: int = 1024  # response positions per chunk of the log-prob/entropy pass (bounds the
+    #   fp32 [chunk, V/TP] temporaries; forward and backward)
+    reference_offload: bool = False  # keep the frozen reference policy's weights in CPU memory between uses
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +225,7 @@ class TrainerConfig:
     max_consecutive_nonfinite: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient
     plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
+    gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
 
 
 # --------------------------------------------------------------------------------------------------
