@@ -5,6 +5,7 @@ Batch format and alignment (``PolicyBatch``)::
     tokens         [B, S] long   prompt + response, right padded (any pad id < vocab_size)
     response_mask  [B, S] bool   True where tokens[b, t] is a sampled response token
     extras         {name: [B, ...]}  per-response tensors a loss needs, split with the batch
+                                     (those [B, S, ...] are per-token: trimmed with the tokens)
 
 Outputs (``PolicyOutputs``), aligned with ``tokens``::
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,19 +68,96 @@ class PolicyBatch:
             if value.shape[0] != self.tokens.shape[0]:
                 raise ValueError(f"extras[{name!r}] has {value.shape[0]} rows, tokens has {self.tokens.shape[0]}")
 
-    def micro_batches(self, size: int) -> List["PolicyBatch"]:
-        """Consecutive micro-batches of ``size`` rows (the batch size must be a multiple of it)."""
-        rows = self.tokens.shape[0]
-        if size < 1 or rows % size != 0:
-            raise ValueError(f"batch of {rows} rows does not split into micro-batches of {size}")
+    def micro_batch_plan(self, size: int, max_tokens: int = 0) -> "MicroBatchPlan":
+        """``max_tokens == 0``: consecutive micro-batches of ``size`` rows at the full width S (the
+        batch size must be a multiple of ``size``). ``max_tokens > 0``: rows packed by token budget
+        (:func:`pack_by_token_budget`), each micro-batch trimmed to its longest row."""
+        num_rows, width = self.tokens.shape
+        lengths = sequence_lengths(self.response_mask)
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 0 (0 = fixed micro-batches of {size} rows)")
+        if max_tokens == 0:
+            if size < 1 or num_rows % size != 0:
+                raise ValueError(f"batch of {num_rows} rows does not split into micro-batches of {size}")
+            groups = [list(range(i, i + size)) for i in range(0, num_rows, size)]
+            widths = [width] * len(groups)
+        else:
+            groups = pack_by_token_budget(lengths.tolist(), max_tokens)
+            widths = [int(lengths[group].max()) for group in groups]
+        return MicroBatchPlan(
+            rows=[torch.tensor(group, dtype=torch.long) for group in groups], widths=widths,
+            real_tokens=int(lengths.sum()),
+            rows_over_budget=int((lengths > max_tokens).sum()) if max_tokens > 0 else 0,
+        )
+
+    def micro_batches(self, plan: "MicroBatchPlan") -> List["PolicyBatch"]:
+        """The planned micro-batches: their rows, right padding trimmed to the plan's width.
+        Extras with a second dimension of S are per-token and are trimmed too."""
+        width = self.tokens.shape[1]
+
+        def take(value: torch.Tensor, rows: torch.Tensor, keep: int) -> torch.Tensor:
+            value = value[rows]
+            return value[:, :keep] if value.dim() >= 2 and value.shape[1] == width else value
+
         return [
-            PolicyBatch(
-                self.tokens[i : i + size],
-                self.response_mask[i : i + size],
-                {name: value[i : i + size] for name, value in self.extras.items()},
-            )
-            for i in range(0, rows, size)
+            PolicyBatch(self.tokens[rows, :keep], self.response_mask[rows, :keep],
+                        {name: take(value, rows, keep) for name, value in self.extras.items()})
+            for rows, keep in zip(plan.rows, plan.widths)
         ]
+
+
+def sequence_lengths(response_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool -> [B] long: the real length (prompt + response) of each row, i.e. one past its
+    last response position; everything after it is padding no output depends on (causal model)."""
+    positions = torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)
+    return (response_mask.long() * positions).amax(dim=1)
+
+
+def pack_by_token_budget(lengths: Sequence[int], max_tokens: int) -> List[List[int]]:
+    """Row indices of each micro-batch such that rows x longest row <= ``max_tokens``.
+
+    Rows are sorted by length, longest first (equal lengths keep their order), and consecutive
+    sorted rows are packed greedily, so each micro-batch holds rows of similar length and little
+    padding. A row longer than the budget gets a micro-batch of its own (the caller counts those).
+    Every row appears exactly once.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+    groups: List[List[int]] = []
+    for row in order:
+        # Sorted longest first: a group's first row is its longest.
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+@dataclass
+class MicroBatchPlan:
+    """How a batch of B rows splits into micro-batches.
+
+    rows              one [b_i] long tensor of batch row indices per micro-batch (all rows, once each)
+    widths            the sequence length each micro-batch is trimmed to
+    real_tokens       sum over rows of their real length (see :func:`sequence_lengths`)
+    rows_over_budget  rows longer than the token budget (each alone in its micro-batch)
+    """
+
+    rows: List[torch.Tensor]
+    widths: List[int]
+    real_tokens: int
+    rows_over_budget: int = 0
+
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions the model runs over: sum of rows x width per micro-batch."""
+        return sum(len(rows) * width for rows, width in zip(self.rows, self.widths))
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the computed positions that are padding."""
+        return 1.0 - self.real_tokens / max(self.computed_tokens, 1)
 
 
 @dataclass
@@ -98,22 +176,31 @@ LossFunc = Callable[[PolicyOutputs, PolicyBatch], Tuple[Any, ...]]
 
 
 def compute_policy_outputs(
-    model: torch.nn.Module, batch: PolicyBatch, *, micro_batch_size: int, temperature: float, vocab_size: int
+    model: torch.nn.Module, batch: PolicyBatch, *, micro_batch_size: int, temperature: float, vocab_size: int,
+    max_tokens_per_micro_batch: int = 0,
 ) -> Optional[PolicyOutputs]:
     """Forward only, without autograd (e.g. old log-probs): the whole batch's outputs on the last
-    PP stage, None on the other stages."""
+    PP stage, in the batch's row order and at its full width S (zeros past each micro-batch's
+    width), None on the other stages."""
     with torch.no_grad():
         infos = forward_backward_policy(
             model, batch, micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
-            loss_func=_keep_outputs, forward_only=True,
+            loss_func=_keep_outputs, forward_only=True, max_tokens_per_micro_batch=max_tokens_per_micro_batch,
         )
     if not infos:
         return None
-    return PolicyOutputs(
-        logprobs=torch.cat([info.logprobs for info in infos]),
-        entropy=torch.cat([info.entropy for info in infos]),
-        pooled_hidden=torch.cat([info.pooled_hidden for info in infos]),
-    )
+    plan = batch.micro_batch_plan(micro_batch_size, max_tokens_per_micro_batch)
+    num_rows, width = batch.tokens.shape
+    first = infos[0]
+    logprobs = first.logprobs.new_zeros(num_rows, width)
+    entropy = first.entropy.new_zeros(num_rows, width)
+    pooled_hidden = first.pooled_hidden.new_zeros(num_rows, first.pooled_hidden.shape[-1])
+    for rows, info in zip(plan.rows, infos):
+        rows = rows.to(logprobs.device)
+        logprobs[rows, : info.logprobs.shape[1]] = info.logprobs
+        entropy[rows, : info.entropy.shape[1]] = info.entropy
+        pooled_hidden[rows] = info.pooled_hidden
+    return PolicyOutputs(logprobs, entropy, pooled_hidden)
 
 
 def _keep_outputs(outputs: PolicyOutputs, micro_batch: PolicyBatch) -> Tuple[torch.Tensor, PolicyOutputs]:
@@ -129,15 +216,22 @@ def forward_backward_policy(
     vocab_size: int,
     loss_func: LossFunc,
     forward_only: bool = False,
+    max_tokens_per_micro_batch: int = 0,
 ) -> List[Any]:
     """Run ``batch`` in micro-batches through megatron's forward-backward schedule.
+
+    Micro-batches: ``micro_batch_size`` consecutive rows at full width, or with
+    ``max_tokens_per_micro_batch > 0`` length-sorted rows packed by token budget, each trimmed to
+    its longest row (``PolicyBatch.micro_batch_plan``). Varying shapes need megatron's pipeline
+    shape exchange, so that mode sets ``variable_seq_lengths`` on the model config (used with PP > 1).
 
     ``loss_func(outputs, micro_batch)`` runs on the last PP stage for every micro-batch and returns
     what megatron's schedules accept: ``(loss, info)`` (megatron divides the loss by the number of
     micro-batches and multiplies it by the CP size) or ``(loss, num_tokens, info)``. Gradients are
     accumulated into the parameters (or the DDP buffers) unless ``forward_only``.
 
-    Returns the ``info`` of each micro-batch, in order, on the last PP stage; ``[]`` on the others.
+    Returns the ``info`` of each micro-batch in the plan's order on the last PP stage; ``[]`` on the
+    others.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
@@ -145,9 +239,14 @@ def forward_backward_policy(
     if batch.tokens.max().item() >= vocab_size or batch.tokens.min().item() < 0:
         bad = ((batch.tokens >= vocab_size) | (batch.tokens < 0)).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"rows {bad} hold token ids outside [0, vocab_size={vocab_size})")
-    micro_batches = batch.micro_batches(micro_batch_size)
-    sequence_parallel = get_model_config(model).sequence_parallel
-    seq_length = batch.tokens.shape[1] + _sequence_padding(batch.tokens.shape[1], sequence_parallel)
+    plan = batch.micro_batch_plan(micro_batch_size, max_tokens_per_micro_batch)
+    micro_batches = batch.micro_batches(plan)
+    config = get_model_config(model)
+    sequence_parallel = config.sequence_parallel
+    if max_tokens_per_micro_batch > 0:
+        # Pipeline stages then send each activation's [s, b, h] ahead of it (p2p_communication).
+        config.variable_seq_lengths = True
+    seq_length = max(plan.widths) + _sequence_padding(max(plan.widths), sequence_parallel)
     step = functools.partial(
         _forward_step, temperature=temperature, vocab_size=vocab_size, loss_func=loss_func,
         sequence_parallel=sequence_parallel,
@@ -158,7 +257,7 @@ def forward_backward_policy(
         model=[model],
         num_microbatches=len(micro_batches),
         seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=max(len(rows) for rows in plan.rows),
         forward_only=forward_only,
     )
 
