@@ -312,6 +312,7 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         positive(key, value)
     for key, value in (("rollout.temperature", roll.temperature), ("contrastive.warmup_steps", con.warmup_steps),
                        ("trainer.max_steps", trainer.max_steps), ("trainer.save_every_steps", trainer.save_every_steps),
+                       ("parallel.max_tokens_per_micro_batch", cfg.parallel.max_tokens_per_micro_batch),
                        ("algorithm.kl_loss_coef", algo.kl_loss_coef), ("actor.clip_grad", act.clip_grad)):
         positive(key, value, allow_zero=True)
     if not 0 < roll.top_p <= 1:
@@ -331,7 +332,12 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
     responses = trainer.prompts_per_step * roll.n
     if trainer.prompts_per_step % dp:
         problems.append(f"trainer.prompts_per_step={trainer.prompts_per_step} must divide by the data-parallel size {dp}")
-    elif (responses // dp) % (act.num_mini_batches * cfg.parallel.micro_batch_size):
+    elif cfg.parallel.max_tokens_per_micro_batch > 0 and (responses // dp) % act.num_mini_batches:
+        problems.append(f"responses per DP rank ({responses} / {dp}) must divide into actor.num_mini_batches="
+                        f"{act.num_mini_batches} mini-batches (micro-batches are packed by "
+                        f"parallel.max_tokens_per_micro_batch={cfg.parallel.max_tokens_per_micro_batch})")
+    elif cfg.parallel.max_tokens_per_micro_batch == 0 and (
+            (responses // dp) % (act.num_mini_batches * cfg.parallel.micro_batch_size)):
         problems.append(f"responses per DP rank ({responses} / {dp}) must divide into actor.num_mini_batches="
                         f"{act.num_mini_batches} mini-batches of whole parallel.micro_batch_size="
                         f"{cfg.parallel.micro_batch_size} micro-batches")
