@@ -2,8 +2,10 @@
 
 RMSNorm, SwiGLU MLP without biases, grouped-query attention with optional QKV bias, RoPE (optional
 Llama 3.1 frequency scaling), tied or untied embeddings, and a vocabulary padded so that it splits
-evenly over TP. Transformer Engine layers when TE is importable, megatron's local layers otherwise
-(the only choice on CPU). Call after :func:`clipo_nemo.parallel.state.init_parallel_state`: the
+evenly over TP. Transformer Engine layers when TE is importable and a GPU is present, megatron's
+local layers otherwise (the only choice on CPU). Activation recomputation (``model.recompute``) is
+megatron's own: ``selective`` recomputes core attention, ``full`` whole layers in blocks of
+``model.recompute_num_layers`` ("uniform" method). Call after :func:`clipo_nemo.parallel.state.init_parallel_state`: the
 model holds this rank's TP shard of this rank's PP stage.
 """
 from __future__ import annotations
@@ -33,9 +35,26 @@ def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_s
     return -(-vocab_size // multiple) * multiple
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
 def transformer_engine_available() -> bool:
-    """True when Transformer Engine can be imported (then its layer spec is used)."""
-    return importlib.util.find_spec("transformer_engine") is not None
+    """True when Transformer Engine can be imported and a GPU is present (then its layer spec is used):
+    TE's layers need CUDA, so an importable TE on a CPU-only machine must not pick them."""
+    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def recompute_settings(model: ModelConfig) -> dict:
+    """``TransformerConfig`` keys for ``model.recompute`` (megatron's ``recompute_granularity``,
+    ``recompute_method`` and ``recompute_num_layers``)."""
+    if model.recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"model.recompute={model.recompute!r}: expected one of {list(RECOMPUTE_MODES)}")
+    if model.recompute == "none":
+        return {}
+    if model.recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": "uniform",
+            "recompute_num_layers": model.recompute_num_layers}
 
 
 def build_transformer_config(model: ModelConfig, parallel: ParallelConfig):
@@ -76,6 +95,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig):
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **recompute_settings(model),
     )
 
 

@@ -24,6 +24,10 @@ What is patched, and why:
 5. ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied output weight of the last
    pipeline stage with ``.cuda()`` before all-reducing it with the first stage's embedding; while it
    runs, ``Tensor.cuda`` returns the tensor itself (only then: tied embeddings with PP > 1).
+6. Activation recomputation (``tensor_parallel.checkpoint``) saves and restores "all RNG states"
+   around the recomputed forward: the CPU state (``torch.get_rng_state``, unpatched), the tracker's
+   states (CPU ones, by 3.) and the CUDA generator's. Without CUDA there is no CUDA generator:
+   its getter returns an empty state and its setter does nothing.
 """
 from __future__ import annotations
 
@@ -78,6 +82,15 @@ def _cpu_rng_fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
         torch.set_rng_state(outer_state)
 
 
+def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``_get_cuda_rng_state`` without CUDA: there is no CUDA generator, so its state is empty."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+    """``_set_cuda_rng_state`` without CUDA: nothing to restore."""
+
+
 def _with_cpu_device_mode(schedule: Callable) -> Callable:
     @functools.wraps(schedule)
     def run_schedule(*args: Any, **kwargs: Any) -> Any:
@@ -118,6 +131,8 @@ def apply_cpu_patches() -> bool:
     torch.cuda.synchronize = lambda device=None: None
     mcore_random.CudaRNGStatesTracker.add = _cpu_rng_add
     mcore_random.CudaRNGStatesTracker.fork = _cpu_rng_fork
+    mcore_random._get_cuda_rng_state = _no_cuda_rng_state
+    mcore_random._set_cuda_rng_state = _set_no_cuda_rng_state
     LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(
         LanguageModule.setup_embeddings_and_output_layer
     )

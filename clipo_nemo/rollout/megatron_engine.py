@@ -17,7 +17,13 @@ that ``GPTModel.forward`` fills and reads), the model's TP logit gather
 lengths (prefill up to the shortest prompt, then one token per step, feeding the remaining prompt
 tokens of longer prompts instead of samples) — no padding ever enters attention.
 
-Steps per chunk of prompts: prefill each prompt once, copy its KV cache to its ``n`` responses,
+Memory: responses are generated in chunks of rows whose KV cache fits ``rollout.kv_cache_gb``
+(:func:`kv_cache_bytes_per_row` per response at the call's longest prompt + ``max_new_tokens``),
+capped by ``rollout.max_batch_size``; a chunk may hold part of a prompt's ``n`` responses. The cache
+is reallocated one layer at a time when rows are added or dropped, so the peak stays within the
+budget plus one layer's share.
+
+Steps per chunk: prefill each of its prompts once, copy its KV cache to its responses in the chunk,
 then decode one token per step for all rows; rows that finished are dropped from the cache once
 they are at least half of it.
 
@@ -30,13 +36,15 @@ shapes and reduction orders), which changes a token only when a uniform lands wi
 of a CDF boundary (or on a greedy near-tie). All TP ranks sample identical tokens: they hold the
 same gathered logits and the same uniforms.
 
-Limits: pipeline parallel > 1 is not supported (raises); a stop string is found when it lies within
+Limits: pipeline parallel > 1 and context parallel > 1 are not supported (raise); a stop string is found when it lies within
 the last ``len(stop) + 4`` response tokens.
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator, List, Optional, Sequence
+
+from clipo_nemo.config import ModelConfig
 
 import torch
 
@@ -53,11 +61,32 @@ from clipo_nemo.rollout.sampling import response_uniforms, sample_next_tokens
 _STOP_WINDOW_SLACK = 4  # tokens decoded beyond a stop string's length when looking for it
 
 
+_GIB = 2**30
+
+
+def kv_cache_bytes_per_row(model_cfg: ModelConfig, tp: int, pp: int, seq_len: int, dtype_bytes: int) -> int:
+    """Bytes of KV cache one response row holds on one rank for ``seq_len`` positions.
+
+    Keys and values (2) of this rank's layers (``num_layers / pp``) and key/value heads
+    (``num_query_groups / tp``), each ``kv_channels`` wide (default ``hidden_size /
+    num_attention_heads``), ``dtype_bytes`` per element (the model's compute dtype: 2 for bf16).
+    ``model_cfg`` is a :class:`clipo_nemo.config.ModelConfig` (megatron's ``TransformerConfig`` has
+    the same fields). Uneven splits round up (an upper bound).
+    """
+    if min(tp, pp, seq_len, dtype_bytes) < 1:
+        raise ValueError(f"tp={tp}, pp={pp}, seq_len={seq_len}, dtype_bytes={dtype_bytes} must all be >= 1")
+    kv_channels = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
+    layers = -(-model_cfg.num_layers // pp)
+    kv_heads = -(-model_cfg.num_query_groups // tp)
+    return 2 * layers * kv_heads * kv_channels * seq_len * dtype_bytes
+
+
 @register_rollout_engine("megatron")
 def build_megatron_engine(model: torch.nn.Module, tokenizer, cfg) -> "MegatronRolloutEngine":
     """The registry's factory: the engine for a :class:`clipo_nemo.config.ClipoConfig`."""
     return MegatronRolloutEngine(
-        model, tokenizer, vocab_size=cfg.model.vocab_size, max_batch_size=cfg.rollout.max_batch_size
+        model, tokenizer, vocab_size=cfg.model.vocab_size, max_batch_size=cfg.rollout.max_batch_size,
+        kv_cache_bytes=int(cfg.rollout.kv_cache_gb * _GIB),
     )
 
 
@@ -81,7 +110,9 @@ class MegatronRolloutEngine:
             ``eos_token_id`` as defaults below.
         vocab_size: the real vocabulary size; logits of the padding rows beyond it are never sampled.
         eos_token_ids: ids that end a response (default: the tokenizer's EOS).
-        max_batch_size: most responses decoded together (prompts are chunked); None = all at once.
+        max_batch_size: most responses decoded together (rows are chunked); None = no row cap.
+        kv_cache_bytes: KV-cache budget of one chunk on this rank (rows per chunk =
+            budget // :func:`kv_cache_bytes_per_row`); None = unbounded.
     """
 
     def __init__(
@@ -92,6 +123,7 @@ class MegatronRolloutEngine:
         vocab_size: int,
         eos_token_ids: Optional[Sequence[int]] = None,
         max_batch_size: Optional[int] = None,
+        kv_cache_bytes: Optional[int] = None,
     ) -> None:
         from megatron.core.utils import get_model_config, unwrap_model
 
@@ -103,6 +135,11 @@ class MegatronRolloutEngine:
                 f"the megatron rollout engine needs pipeline_parallel_size=1, got "
                 f"{self.config.pipeline_model_parallel_size}"
             )
+        if self.config.context_parallel_size > 1:
+            raise ValueError(
+                f"the megatron rollout engine needs context_parallel_size=1, got {self.config.context_parallel_size}: "
+                "its KV-cached decoding has no context-parallel split"
+            )
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         ids = [tokenizer.eos_token_id] if eos_token_ids is None else list(eos_token_ids)
@@ -113,6 +150,29 @@ class MegatronRolloutEngine:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.max_batch_size = max_batch_size
+        if kv_cache_bytes is not None and kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} must be > 0 (or None: unbounded)")
+        self.kv_cache_bytes = kv_cache_bytes
+
+    def rows_per_chunk(self, seq_len: int) -> Optional[int]:
+        """Responses decoded together when each holds ``seq_len`` positions of KV cache: what the
+        budget fits, capped by ``max_batch_size``; None = no bound at all."""
+        from megatron.core import parallel_state
+
+        rows = self.max_batch_size
+        if self.kv_cache_bytes is not None:
+            dtype_bytes = torch.empty((), dtype=self.config.params_dtype).element_size()
+            per_row = kv_cache_bytes_per_row(
+                self.config, parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(), seq_len, dtype_bytes)
+            fits = self.kv_cache_bytes // per_row
+            if fits < 1:
+                raise ValueError(
+                    f"the KV-cache budget (rollout.kv_cache_gb = {self.kv_cache_bytes / _GIB:.4g} GiB) holds no "
+                    f"response of {seq_len} tokens (longest prompt + max_new_tokens): one needs "
+                    f"{per_row / _GIB:.4g} GiB on this rank; raise rollout.kv_cache_gb or shorten the sequences")
+            rows = fits if rows is None else min(rows, fits)
+        return rows
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: GenerationParams, seeds: Sequence[int]
@@ -128,17 +188,20 @@ class MegatronRolloutEngine:
         uniforms = torch.stack(
             [response_uniforms(int(s), j, params.max_new_tokens) for s in seeds for j in range(params.n)]
         )
-        per_chunk = len(prompts) if self.max_batch_size is None else max(1, self.max_batch_size // params.n)
+        n, total = params.n, len(prompts) * params.n
+        per_chunk = self.rows_per_chunk(longest) or total
         responses: List[List[int]] = []
         reasons: List[str] = []
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode(), _sequence_parallel_off(self.gpt, self.config):
-                for start in range(0, len(prompts), per_chunk):
-                    chunk = prompts[start : start + per_chunk]
-                    rows = slice(start * params.n, (start + len(chunk)) * params.n)
-                    chunk_responses, chunk_reasons = self._generate_chunk(chunk, params, uniforms[rows])
+                for start in range(0, total, per_chunk):
+                    stop = min(start + per_chunk, total)
+                    first, last = start // n, (stop - 1) // n  # the prompts these rows answer
+                    row_prompt = torch.arange(start, stop) // n - first
+                    chunk_responses, chunk_reasons = self._generate_chunk(
+                        prompts[first : last + 1], row_prompt, params, uniforms[start:stop])
                     responses += chunk_responses
                     reasons += chunk_reasons
         finally:
@@ -159,12 +222,15 @@ class MegatronRolloutEngine:
         return logits[:, -1, : self.vocab_size].float()
 
     def _generate_chunk(
-        self, prompts: Sequence[Sequence[int]], params: GenerationParams, uniforms: torch.Tensor
+        self, prompts: Sequence[Sequence[int]], row_prompt: torch.Tensor, params: GenerationParams,
+        uniforms: torch.Tensor,
     ):
+        """Responses for rows whose prompts are ``prompts[row_prompt]`` (``row_prompt`` [rows] long,
+        non-decreasing); ``uniforms`` [rows, max_new_tokens] are the rows' sampling uniforms."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         device = next(self.gpt.parameters()).device
-        n, max_new = params.n, params.max_new_tokens
+        max_new = params.max_new_tokens
         prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
         shortest, longest = int(prompt_lengths.min()), int(prompt_lengths.max())
         prompt_tokens = torch.full((len(prompts), longest + 1), self.pad_token_id, dtype=torch.long, device=device)
@@ -176,9 +242,9 @@ class MegatronRolloutEngine:
         logits = self._forward_last_logits(prompt_tokens[:, :shortest], 0, context, causal)
         context.enable_decode_mode()
 
-        # Each prompt's cache and last logits serve its n responses; `rows` maps cache rows to outputs.
-        rows = torch.arange(len(prompts) * n, device=device)
-        row_prompt = rows // n
+        # Each prompt's cache and last logits serve its responses; `rows` maps cache rows to outputs.
+        row_prompt = row_prompt.to(device)
+        rows = torch.arange(len(row_prompt), device=device)
         _keep_cache_rows(context, row_prompt)
         logits = logits[row_prompt]
         uniforms = uniforms.to(device)
