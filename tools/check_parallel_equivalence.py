@@ -38,6 +38,7 @@ def load_config(path):
         merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.load(path))
         cfg = OmegaConf.to_object(merged)
         cfg.actor.optimizer, cfg.actor.weight_decay, cfg.actor.ppo_epochs, cfg.actor.num_mini_batches = "sgd", 0.0, 1, 1
+        cfg.actor.use_distributed_optimizer = False  # megatron's distributed optimizer is Adam-only
     return cfg
 
 

@@ -269,6 +269,8 @@ def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents:
     popt = contents["policy_optimizer"]
     if popt is not None:
         if _is_megatron_optimizer(actor.optimizer):
+            if loading:
+                _allocate_megatron_optimizer_state(actor.optimizer)
             sharded["policy_optimizer"] = actor.optimizer.sharded_state_dict(
                 policy, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         else:
@@ -282,6 +284,27 @@ def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents:
             sharded["head_optimizer"] = torch_optimizer_sharded_state_dict(
                 clipo_head.optimizer, head, "head_optimizer", hopt["moments"], main_on_last_stage=True, loading=loading)
     return sharded
+
+
+def _allocate_megatron_optimizer_state(optimizer: Any) -> None:
+    """Give a megatron optimizer that has not stepped yet the per-parameter state a step would create.
+
+    Without Apex/Transformer Engine, megatron's optimizers wrap ``torch.optim.Adam``, and their
+    ``state_dict()`` (called to build the load request) reads each parameter's ``step``, which torch
+    only creates at the first step; megatron's own ``init_state_fn`` allocates the moments but not
+    ``step``. Found on an H100 (resume of a fresh run failed in ``DistributedOptimizer.state_dict``).
+    The zeros are placeholders: ``load_state_dict`` replaces them with the checkpoint's values.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        init_state_fn = getattr(sub, "init_state_fn", None)
+        if init_state_fn is not None:
+            init_state_fn(inner, getattr(sub, "config", None))
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 def _rng_states() -> Dict[str, Any]:

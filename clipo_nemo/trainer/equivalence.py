@@ -73,6 +73,7 @@ def tiny_check_config() -> ClipoConfig:
     cfg.contrastive.temperature = 0.1
     cfg.algorithm.kl_loss_coef = 0.05
     cfg.actor.optimizer, cfg.actor.lr, cfg.actor.weight_decay = "sgd", 0.05, 0.0
+    cfg.actor.use_distributed_optimizer = False  # megatron's distributed optimizer is Adam-only
     cfg.actor.ppo_epochs, cfg.actor.num_mini_batches = 1, 1  # one SGD step: its gradient is readable
     cfg.parallel.micro_batch_size = 2
     cfg.rollout.max_new_tokens = 12
