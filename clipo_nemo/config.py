@@ -321,6 +321,20 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         problems.append(f"algorithm.dual_clip_c={algo.dual_clip_c} must be > 1 (or null)")
     if trainer.keep_last < 1:
         problems.append(f"trainer.keep_last={trainer.keep_last} must be >= 1")
+    choice("model.params_dtype", cfg.model.params_dtype, ("float32", "bfloat16", "float16"))
+    if cfg.model.params_dtype == "float16":
+        problems.append("model.params_dtype='float16' is not supported: fp16 training needs dynamic loss scaling, "
+                        "which is not wired to the policy loss here; use 'bfloat16' (same memory, no loss scaling)")
+    choice("model.recompute", cfg.model.recompute, ("none", "selective", "full"))
+    if cfg.model.recompute == "full" and cfg.model.recompute_num_layers < 1:
+        problems.append(f"model.recompute_num_layers={cfg.model.recompute_num_layers} must be >= 1 with recompute=full")
+    positive("rollout.kv_cache_gb", roll.kv_cache_gb)
+    if roll.max_batch_size is not None and roll.max_batch_size < 1:
+        problems.append(f"rollout.max_batch_size={roll.max_batch_size} must be >= 1 (or null: kv_cache_gb decides)")
+    if cfg.parallel.context_parallel_size > 1 and roll.engine == "megatron":
+        problems.append(f"parallel.context_parallel_size={cfg.parallel.context_parallel_size} cannot be served by "
+                        "rollout.engine=megatron: its KV-cached decoding feeds whole sequences to each rank "
+                        "(megatron's static inference context has no context-parallel split); use CP=1")
     if not cfg.task.enabled and not cfg.data.train_files:
         problems.append("data.train_files is empty and task.enabled=false: there is nothing to train on")
     if trainer.init_from and not Path(trainer.init_from).is_dir():
