@@ -1,0 +1,337 @@
+"""Export a trainer checkpoint (any TP/PP layout) as a Hugging Face model directory, plus the head.
+
+What :func:`export_to_hf` writes into ``out``::
+
+    config.json                        the architecture (Qwen2ForCausalLM / LlamaForCausalLM) and every
+                                       model field; other fields from the original HF config when the
+                                       run started from a converted checkpoint (``trainer.init_from``)
+    generation_config.json             carried over from that checkpoint (when it has one)
+    model-00001-of-0000N.safetensors   HF tensors, shards of at most ``shard_size_bytes`` (one bigger
+                                       tensor gets a shard of its own)
+    model.safetensors.index.json       {"metadata": {"total_size": bytes}, "weight_map": {name: shard}}
+    tokenizer files                    the run's tokenizer (``trainer.tokenizer`` or init_from's)
+    clipo_head.safetensors             the contrastive head's whole weights (``proj.weight``, or
+                                       ``proj.0.weight`` / ``proj.2.weight`` for the MLP head), TP-free
+    clipo_head.json                    what the head is and how to load it (:func:`load_head_file`)
+
+Tensors stream from the checkpoint one layer at a time (:mod:`clipo_nemo.conversion.dist_reader`)
+through the mapping's ``to_hf``; memory holds about one layer plus one output shard. Everything is
+written into a temporary sibling directory that is renamed to ``out`` when complete; problems with
+the input are reported before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipo_nemo.config import ClipoConfig, ModelConfig, load_config
+from clipo_nemo.conversion.dist_reader import DistCheckpointReader, iter_canonical_tensors, single_process_group
+from clipo_nemo.conversion.mapping import (
+    SUPPORTED_ARCHITECTURES, ConversionError, expected_hf_shapes, hf_config_from_model, tensor_groups)
+from clipo_nemo.conversion.weights import TOKENIZER_FILES, has_tokenizer_files, is_weights_checkpoint, read_description
+
+HEAD_WEIGHTS, HEAD_DESCRIPTION = "clipo_head.safetensors", "clipo_head.json"
+HEAD_FORMAT, HEAD_VERSION = "clipo-head", 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size like ``5GB``, ``500MB``, ``2GiB`` or ``1048576``."""
+    match = _SIZE.match(str(text))
+    if match is None:
+        raise ConversionError(f"size {text!r}: expected a number with an optional unit (B, KB, MB, GB, GiB, ...)")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+    if size < 1:
+        raise ConversionError(f"size {text!r} must be at least one byte")
+    return size
+
+
+# ------------------------------------------------------------------------------------------------
+# Output shards
+# ------------------------------------------------------------------------------------------------
+class HFShardWriter:
+    """Buffers HF tensors and writes ``model-XXXXX-of-YYYYY.safetensors`` shards and their index."""
+
+    def __init__(self, directory: Path, shard_size_bytes: int):
+        self.directory, self.shard_size_bytes = directory, shard_size_bytes
+        self._buffer: Dict[str, torch.Tensor] = {}
+        self._buffer_bytes, self._total_bytes = 0, 0
+        self._shards: List[List[str]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous().clone()  # own storage: safetensors refuses shared views
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.shard_size_bytes:
+            self._flush()
+        self._buffer[name] = tensor
+        self._buffer_bytes += nbytes
+
+    def _flush(self) -> None:
+        if self._buffer:
+            save_file(self._buffer, str(self.directory / f".part-{len(self._shards)}.safetensors"),
+                      metadata={"format": "pt"})
+            self._shards.append(list(self._buffer))
+            self._total_bytes += self._buffer_bytes
+            self._buffer, self._buffer_bytes = {}, 0
+
+    def close(self) -> Dict[str, Any]:
+        """Write the last shard, give every shard its final name and write the index (returned)."""
+        self._flush()
+        count, weight_map = len(self._shards), {}
+        for index, names in enumerate(self._shards):
+            filename = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.directory / f".part-{index}.safetensors", self.directory / filename)
+            weight_map.update({name: filename for name in names})
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        return index
+
+
+# ------------------------------------------------------------------------------------------------
+# What to export
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ExportSource:
+    """A trainer checkpoint and everything the HF directory is described from."""
+
+    checkpoint: Path  # run_dir/checkpoints/step_N
+    cfg: ClipoConfig  # the run's config.yaml
+    meta: Dict[str, Any]  # the checkpoint's meta.json
+    architecture: str
+    hf_base: Optional[Dict[str, Any]]  # the original HF config.json (converted init_from), else None
+    generation_config: Optional[Dict[str, Any]]
+    tokenizer: str  # a tokenizer directory, or "tiny"
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path}: not valid JSON ({err})") from None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Tuple[Path, Path]:
+    """(step directory, run directory) of a run directory (its ``latest``) or a ``step_N`` directory."""
+    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"checkpoint {path} is not a directory")
+    if (path / "meta.json").is_file() and (path / "dist").is_dir():
+        return path, path.parent.parent
+    if (path / "checkpoints").is_dir():
+        step = latest_checkpoint(path)
+        if step is None:
+            raise ConversionError(f"run {path} has no complete checkpoint (checkpoints/latest is missing)")
+        return step, path
+    raise ConversionError(f"{path} is neither a trainer run directory (with checkpoints/) nor a checkpoint "
+                          "directory (with meta.json and dist/)")
+
+
+def infer_architecture(model: ModelConfig) -> str:
+    """The HF architecture a model without a recorded one is written as: QKV bias = Qwen2, else Llama."""
+    return "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"
+
+
+def resolve_export_source(path: str | os.PathLike, architecture: Optional[str] = None) -> ExportSource:
+    """Find the checkpoint, its run's config, architecture, HF configs and tokenizer; check them."""
+    step, run_dir = resolve_checkpoint(path)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConversionError(f"{run_dir} has no config.yaml: the model description of {step} is unknown")
+    cfg = load_config(config_path)
+    meta = _read_json(step / "meta.json")
+    init_from = cfg.trainer.init_from
+    converted = bool(init_from) and is_weights_checkpoint(init_from)
+    description = read_description(init_from) if converted else {}
+    if architecture is None:
+        architecture = description.get("architecture") or infer_architecture(cfg.model)
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(f"architecture {architecture!r}: expected one of {sorted(SUPPORTED_ARCHITECTURES)}")
+    hf_base = generation = None
+    if converted:
+        base_dir = Path(init_from)
+        hf_base = _read_json(base_dir / "hf_config.json") if (base_dir / "hf_config.json").is_file() else None
+        if (base_dir / "generation_config.json").is_file():
+            generation = _read_json(base_dir / "generation_config.json")
+    return ExportSource(step, cfg, meta, architecture, hf_base, generation, _tokenizer_source(cfg, converted))
+
+
+def _tokenizer_source(cfg: ClipoConfig, converted: bool) -> str:
+    from clipo_nemo.conversion.weights import tokenizer_dir
+
+    name = cfg.trainer.tokenizer
+    if name == "tiny":
+        return name
+    if name:
+        if not has_tokenizer_files(Path(name)):
+            raise ConversionError(f"trainer.tokenizer={name!r} of the run is not a directory with tokenizer files")
+        return name
+    found = tokenizer_dir(cfg.trainer.init_from) if converted else None
+    if found is None:
+        raise ConversionError("the run names no tokenizer (trainer.tokenizer is empty and trainer.init_from "
+                              "stores none): the HF directory could not carry one")
+    return str(found)
+
+
+def _write_tokenizer(source: ExportSource, directory: Path) -> None:
+    """The tokenizer files into ``directory``; its size is checked against the vocabulary first."""
+    if source.tokenizer == "tiny":
+        from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer(source.cfg.task.max_operand)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+    if len(tokenizer) > source.cfg.model.vocab_size:
+        raise ConversionError(f"the tokenizer ({source.tokenizer}) has {len(tokenizer)} tokens, more than "
+                              f"model.vocab_size={source.cfg.model.vocab_size}")
+    if source.tokenizer == "tiny":
+        tokenizer.save_pretrained(str(directory))
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source.tokenizer) / name).is_file():
+            shutil.copy2(Path(source.tokenizer) / name, directory / name)
+
+
+def _check_shapes(reader: DistCheckpointReader, model: ModelConfig) -> None:
+    """Every stored tensor has the shape the model description implies (before anything is read)."""
+    hf_shapes = expected_hf_shapes(model)
+    for group in tensor_groups(model):
+        expected = group.to_megatron([torch.empty(hf_shapes[n], device="meta") for n in group.hf_names])
+        for name, tensor in zip(group.megatron_names, expected):
+            stored = reader.shape(name)
+            if stored != tuple(tensor.shape):
+                raise ConversionError(f"{reader.checkpoint_dir}: {name!r} is stored with shape {stored}, the "
+                                      f"run's model description implies {tuple(tensor.shape)}")
+
+
+def iter_hf_tensors(reader: DistCheckpointReader, model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of the whole model, converted group by group from the canonical stream."""
+    groups = tensor_groups(model)
+    stream = iter_canonical_tensors(reader, [name for g in groups for name in g.megatron_names])
+    for group in groups:
+        canonical = [next(stream) for _ in group.megatron_names]
+        assert [name for name, _ in canonical] == list(group.megatron_names)
+        yield from zip(group.hf_names, group.to_hf([tensor for _, tensor in canonical]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The contrastive head
+# ------------------------------------------------------------------------------------------------
+def _head_names(head_type: str) -> List[str]:
+    from clipo_nemo.models.head import _layer_names
+
+    return _layer_names(head_type)
+
+
+def _read_head(source: ExportSource) -> Optional[Tuple[Dict[str, Any], Dict[str, torch.Tensor]]]:
+    """(description, whole weights) of the checkpoint's contrastive head, or None without one."""
+    head = source.meta.get("head")
+    if head is None:
+        return None
+    reader = DistCheckpointReader(source.checkpoint / "dist", "head.", vocab_size=0)
+    weights = reader.read(_head_names(head["type"]))
+    first, last = weights[_head_names(head["type"])[0]], weights[_head_names(head["type"])[-1]]
+    con = source.cfg.contrastive
+    description = {
+        "format": HEAD_FORMAT, "version": HEAD_VERSION, "type": head["type"],
+        "hidden_size": int(first.shape[1]), "dim": int(last.shape[0]), "dtype": str(first.dtype).removeprefix("torch."),
+        "tensors": {name: list(t.shape) for name, t in weights.items()},
+        "input": "mean over the response tokens of the policy's final-norm hidden state [B, hidden_size]",
+        "output": "L2-normalised embeddings [B, dim] = normalize(head(pooled))",
+        "module": "clipo_nemo.algorithms.head.ContrastiveHead(hidden_size, dim, type) (nn.Linear layers, no bias)",
+        "load": "clipo_nemo.conversion.hf_writer.load_head_file(dir) -> (this dict, state dict for the module)",
+        "trained_with": {"loss": con.loss, "similarity": con.similarity, "temperature": con.temperature,
+                         "level": con.level, "step": source.meta.get("step")},
+    }
+    if description["hidden_size"] != source.cfg.model.hidden_size:
+        raise ConversionError(f"{source.checkpoint}: head input size {description['hidden_size']} is not the "
+                              f"model's hidden_size={source.cfg.model.hidden_size}")
+    return description, weights
+
+
+def load_head_file(directory: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Read ``clipo_head.json`` and ``clipo_head.safetensors`` from an exported directory.
+
+    Returns (description, state dict); ``ContrastiveHead(d["hidden_size"], d["dim"], d["type"])
+    .load_state_dict(state)`` or ``ParallelContrastiveHead.load_full_state_dict(state)`` puts it back.
+    """
+    directory = Path(directory)
+    for name in (HEAD_DESCRIPTION, HEAD_WEIGHTS):
+        if not (directory / name).is_file():
+            raise ConversionError(f"{directory} has no {name} (not an export with a contrastive head)")
+    description = _read_json(directory / HEAD_DESCRIPTION)
+    if description.get("format") != HEAD_FORMAT or description.get("version") != HEAD_VERSION:
+        raise ConversionError(f"{directory / HEAD_DESCRIPTION}: format {description.get('format')!r} version "
+                              f"{description.get('version')!r}, expected {HEAD_FORMAT!r} version {HEAD_VERSION}")
+    state = load_file(str(directory / HEAD_WEIGHTS))
+    expected = {name: tuple(shape) for name, shape in description["tensors"].items()}
+    if set(state) != set(_head_names(description["type"])) or {k: tuple(v.shape) for k, v in state.items()} != expected:
+        raise ConversionError(f"{directory / HEAD_WEIGHTS}: tensors {sorted((k, tuple(v.shape)) for k, v in state.items())} "
+                              f"do not match the {description['type']!r} head described as {sorted(expected.items())}")
+    return description, state
+
+
+# ------------------------------------------------------------------------------------------------
+# The export
+# ------------------------------------------------------------------------------------------------
+def _hf_config(source: ExportSource, dtype: str) -> Dict[str, Any]:
+    config = hf_config_from_model(source.cfg.model, source.architecture, base=source.hf_base)
+    config["torch_dtype"] = dtype
+    return config
+
+
+def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_size_bytes: int = 5 * 10**9,
+                 architecture: Optional[str] = None, dtype: Optional[str] = None) -> Dict[str, Any]:
+    """Write the HF directory ``out`` for a trainer checkpoint (see the module docstring).
+
+    ``dtype`` (default: the run's ``model.params_dtype``) is the dtype of the written weights.
+    Runs in one process (it starts a 1-rank gloo group if none exists). Returns the shard index.
+    """
+    out = Path(out)
+    if out.exists():
+        raise ConversionError(f"output {out} already exists")
+    source = resolve_export_source(checkpoint, architecture)
+    model = source.cfg.model
+    dtype = dtype or model.params_dtype
+    if dtype not in _DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    config = _hf_config(source, dtype)
+    tmp = out.parent / f".tmp-{out.name}"
+    if tmp.exists():  # left by an export that was killed: ours to remove
+        shutil.rmtree(tmp)
+    with single_process_group():
+        reader = DistCheckpointReader(source.checkpoint / "dist", "policy.", model.vocab_size)
+        _check_shapes(reader, model)
+        head = _read_head(source)
+        tmp.mkdir(parents=True)
+        try:
+            _write_tokenizer(source, tmp)
+            shards = HFShardWriter(tmp, shard_size_bytes)
+            for name, tensor in iter_hf_tensors(reader, model):
+                shards.add(name, tensor.to(_DTYPES[dtype]))
+            index = shards.close()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            if source.generation_config is not None:
+                (tmp / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
+            if head is not None:
+                save_file(head[1], str(tmp / HEAD_WEIGHTS), metadata={"format": "pt"})
+                (tmp / HEAD_DESCRIPTION).write_text(json.dumps(head[0], indent=2))
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return index
