@@ -6,9 +6,10 @@ Semantic checks that span sections live in :func:`validate_config`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +218,10 @@ class TrainerConfig:
 
     output_dir: str = "outputs/run"  # run directory: metrics, TensorBoard, plots, checkpoints; reused = resumed
     tokenizer: str = ""  # Hugging Face tokenizer directory, or "tiny" for the locally built tiny tokenizer
-    init_from: str = ""  # starting weights: a clipo-nemo run or checkpoint directory ("" = random init, tiny only)
+    #   ("" with a converted init_from: the checkpoint's own tokenizer/)
+    init_from: str = ""  # starting weights ("" = random init, tiny only): a clipo-nemo run or one of its
+    #   checkpoints/step_N (weights, reference, head), or a converted checkpoint (tools/convert_hf_to_megatron.py):
+    #   its weights, its model.* description for every key left at its default, and its tokenizer
     max_steps: int = 100  # training steps (each: one batch of prompts x rollout.n responses)
     prompts_per_step: int = 128  # prompts per step over all DP ranks (paper: 512)
     save_every_steps: int = 50  # checkpoint interval (0 = only at the end and on SIGTERM/SIGINT)
@@ -272,6 +276,69 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
 # --------------------------------------------------------------------------------------------------
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
+
+
+# The model.* keys that fix a converted checkpoint's weights: a config may only repeat them.
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "kv_channels", "vocab_size", "rotary_base", "rope_scaling", "rope_scaling_factor",
+                     "add_qkv_bias", "tie_word_embeddings", "norm_epsilon")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def apply_checkpoint_model(cfg: ClipoConfig, description: Dict[str, Any], source: str,
+                           tokenizer_dir: Optional[str] = None) -> List[str]:
+    """Fill ``cfg`` from a converted checkpoint: its model description (every ``model.*`` value) and
+    its tokenizer directory. Pure; call before :func:`validate_config`.
+
+    An architecture key (:data:`ARCHITECTURE_KEYS`) still at its schema default takes the checkpoint's
+    value; set to anything else it must equal the checkpoint's value, or it is a :class:`ConfigError`
+    naming the key and both values (``kv_channels`` is compared as the per-head size it implies;
+    ``rope_scaling_factor`` counts only when the checkpoint scales RoPE). The other keys
+    (params_dtype, max_position_embeddings, dropout, recompute, make_vocab_size_divisible_by,
+    init_method_std) are run choices and stay as configured, defaults included (a bf16 checkpoint
+    trains in fp32 unless ``model.params_dtype`` says otherwise). An empty ``trainer.tokenizer``
+    becomes ``tokenizer_dir``. Returns ``key=value`` for every key filled.
+    """
+    model, defaults = cfg.model, ModelConfig()
+    known = [f.name for f in fields(ModelConfig)]
+    unknown, missing = sorted(set(description) - set(known)), sorted(set(known) - set(description))
+    if unknown or missing:
+        raise ConfigError(f"{source}: the checkpoint's model description does not fit this version's model.* keys "
+                          f"(unknown {unknown}, missing {missing})")
+
+    def head_size(values) -> int:
+        return values["kv_channels"] or values["hidden_size"] // values["num_attention_heads"]
+
+    problems, filled = [], []
+    for key in known:
+        theirs, ours = description[key], getattr(model, key)
+        if isinstance(getattr(defaults, key), float) and isinstance(theirs, int) and not isinstance(theirs, bool):
+            theirs = float(theirs)
+        if _same(ours, theirs):
+            continue
+        if key not in ARCHITECTURE_KEYS or (key == "rope_scaling_factor" and not description["rope_scaling"]):
+            continue  # a run choice
+        if key == "kv_channels" and ours is not None and ours == head_size(description):
+            continue
+        if _same(ours, getattr(defaults, key)):
+            setattr(model, key, theirs)
+            filled.append(f"model.{key}={theirs}")
+        else:
+            implied = f" (head size {head_size(description)})" if key == "kv_channels" and theirs is None else ""
+            problems.append(f"model.{key}={ours} contradicts the checkpoint's {key}={theirs}{implied}")
+    if problems:
+        raise ConfigError(f"trainer.init_from={source} is a converted checkpoint whose architecture the config "
+                          "contradicts (leave these keys out, or set them to the checkpoint's values):\n  - "
+                          + "\n  - ".join(problems))
+    if not cfg.trainer.tokenizer and tokenizer_dir:
+        cfg.trainer.tokenizer = str(tokenizer_dir)
+        filled.append(f"trainer.tokenizer={tokenizer_dir}")
+    return filled
 
 
 def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
@@ -337,10 +404,17 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
                         "(megatron's static inference context has no context-parallel split); use CP=1")
     if not cfg.task.enabled and not cfg.data.train_files:
         problems.append("data.train_files is empty and task.enabled=false: there is nothing to train on")
-    if trainer.init_from and not Path(trainer.init_from).is_dir():
-        problems.append(f"trainer.init_from={trainer.init_from!r} is not a directory (a clipo-nemo run or checkpoint)")
+    if trainer.init_from:
+        from clipo_nemo.conversion.weights import is_weights_checkpoint
+
+        source = Path(trainer.init_from)
+        if not (is_weights_checkpoint(source) or (source / "checkpoints").is_dir() or (source / "meta.json").is_file()):
+            problems.append(f"trainer.init_from={trainer.init_from!r} is not a clipo-nemo run, one of its "
+                            "checkpoints/step_N, or a converted checkpoint (a Hugging Face model directory must be "
+                            "converted first: tools/convert_hf_to_megatron.py --hf DIR --out CKPT)")
     if not trainer.tokenizer:
-        problems.append("trainer.tokenizer is empty: give a Hugging Face tokenizer directory (or 'tiny')")
+        problems.append("trainer.tokenizer is empty: give a Hugging Face tokenizer directory (or 'tiny'), or start "
+                        "from a converted checkpoint that carries one (trainer.init_from)")
     mp = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size * cfg.parallel.context_parallel_size
     dp = max(world_size // max(mp, 1), 1)
     responses = trainer.prompts_per_step * roll.n

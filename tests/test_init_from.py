@@ -138,3 +138,187 @@ def test_guard_on_torch_optim_needs_the_models_own_parameters():
         check_optimizer_matches_model(opt, model)
     with pytest.raises(StaleOptimizerError, match="cannot be matched"):
         check_optimizer_matches_model(torch.optim.AdamW(list(built_before.parameters())[:2]), model)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model description: config keys filled from a converted checkpoint, contradictions refused
+# --------------------------------------------------------------------------------------------------
+def _description(**changes):
+    import dataclasses
+
+    from clipo_nemo.config import ModelConfig
+
+    described = ModelConfig(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
+                            num_query_groups=4, vocab_size=152064, max_position_embeddings=32768,
+                            rotary_base=1000000.0, add_qkv_bias=True, params_dtype="bfloat16")
+    return dataclasses.asdict(dataclasses.replace(described, **changes))
+
+
+def test_defaults_are_filled_from_the_checkpoint_and_run_choices_stay_the_users():
+    from clipo_nemo.config import ClipoConfig, apply_checkpoint_model
+
+    cfg = ClipoConfig()
+    cfg.model.max_position_embeddings, cfg.model.recompute = 8192, "full"  # run choices
+    cfg.model.num_layers = 28  # repeats the checkpoint: fine
+    cfg.model.kv_channels = 128  # = 3584 / 28, the head size the checkpoint implies
+    filled = apply_checkpoint_model(cfg, _description(), "/ckpt", "/ckpt/tokenizer")
+    assert (cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.num_attention_heads) == (3584, 18944, 28)
+    assert (cfg.model.num_query_groups, cfg.model.vocab_size, cfg.model.rotary_base) == (4, 152064, 1e6)
+    assert cfg.model.add_qkv_bias and cfg.model.params_dtype == "float32"  # a run choice, default included
+    assert (cfg.model.max_position_embeddings, cfg.model.recompute, cfg.model.kv_channels) == (8192, "full", 128)
+    assert cfg.trainer.tokenizer == "/ckpt/tokenizer"
+    assert "model.hidden_size=3584" in filled and "trainer.tokenizer=/ckpt/tokenizer" in filled
+    assert not any(key.startswith(("model.num_layers", "model.max_position")) for key in filled)
+
+    cfg = ClipoConfig()
+    cfg.trainer.tokenizer, cfg.model.params_dtype, cfg.model.rope_scaling_factor = "/mine", "bfloat16", 4.0
+    apply_checkpoint_model(cfg, _description(params_dtype="float32"), "/ckpt", "/ckpt/tokenizer")
+    # the factor is unused without RoPE scaling in the checkpoint, so it is not a contradiction
+    assert (cfg.trainer.tokenizer, cfg.model.params_dtype, cfg.model.rope_scaling_factor) == ("/mine", "bfloat16", 4.0)
+
+
+@pytest.mark.parametrize("key, value, theirs", [
+    ("hidden_size", 4096, 3584), ("num_query_groups", 8, 4), ("kv_channels", 64, r"None \(head size 128\)"),
+    ("vocab_size", 151936, 152064), ("add_qkv_bias", True, False), ("norm_epsilon", 1e-5, 1e-6),
+    ("tie_word_embeddings", True, False), ("rope_scaling", True, False),
+])
+def test_a_config_that_contradicts_the_checkpoints_architecture_is_refused(key, value, theirs):
+    from clipo_nemo.config import ClipoConfig, ConfigError, apply_checkpoint_model
+
+    cfg = ClipoConfig()
+    setattr(cfg.model, key, value)
+    with pytest.raises(ConfigError, match=rf"model\.{key}={value} contradicts the checkpoint's {key}={theirs}"):
+        apply_checkpoint_model(cfg, _description(add_qkv_bias=False), "/ckpt")
+
+
+def test_rope_scaling_factor_must_match_when_the_checkpoint_scales_rope():
+    from clipo_nemo.config import ClipoConfig, ConfigError, apply_checkpoint_model
+
+    cfg = ClipoConfig()
+    cfg.model.rope_scaling_factor = 4.0
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor=4.0 contradicts the checkpoint's rope_scaling_factor=8.0"):
+        apply_checkpoint_model(cfg, _description(rope_scaling=True), "/ckpt")
+    with pytest.raises(ConfigError, match=r"unknown \['attention_sinks'\]"):
+        apply_checkpoint_model(ClipoConfig(), {**_description(), "attention_sinks": 4}, "/ckpt")
+
+
+# --------------------------------------------------------------------------------------------------
+# A run started from a converted tiny Llama: weights, description and tokenizer all from the checkpoint
+# --------------------------------------------------------------------------------------------------
+HF_LLAMA = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64, rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny random Llama with the tiny task's tokenizer, saved as HF and converted."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clipo_nemo.conversion.convert import convert_hf
+    from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("init_from")
+    tokenizer = build_tiny_tokenizer(4)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **HF_LLAMA))
+    hf.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    convert_hf(root / "hf", root / "ckpt", log=None)
+    return root, {name: t.detach().clone() for name, t in hf.state_dict().items()}
+
+
+def _megatron_names_from_hf(hf: dict, heads: int, groups: int) -> dict:
+    """The HF Llama tensors under megatron's canonical names (the test's own statement of the layout:
+    fused QKV = per key/value group [its heads/groups query heads; its key head; its value head],
+    fc1 = [gate; up])."""
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"], "output_layer.weight": hf["lm_head.weight"]}
+    layers = {int(name.split(".")[2]) for name in hf if name.startswith("model.layers.")}
+    for i in layers:
+        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
+        d = q.shape[0] // heads
+        q, k, v = q.view(groups, heads // groups * d, -1), k.view(groups, d, -1), v.view(groups, d, -1)
+        out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
+        out[m + "self_attention.linear_qkv.layer_norm_weight"] = hf[p + "input_layernorm.weight"]
+        out[m + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"]
+        out[m + "mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        out[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
+    return out
+
+
+def _tiny_config_without_model(tmp_path, ckpt, *overrides):
+    """tiny.yaml with no model section and no tokenizer, starting from ``ckpt``, a few fast steps."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from clipo_nemo.config import load_config
+
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "examples" / "conf" / "tiny.yaml")
+    yaml.pop("model")
+    yaml.trainer.pop("tokenizer")
+    path = tmp_path / "no_model.yaml"
+    OmegaConf.save(yaml, path)
+    return load_config(path, [f"trainer.output_dir={tmp_path / 'run'}", f"trainer.init_from={ckpt}",
+                              "trainer.max_steps=2", "trainer.prompts_per_step=8", "rollout.n=4",
+                              "parallel.micro_batch_size=8", "actor.num_mini_batches=2", "contrastive.warmup_steps=0",
+                              "evaluation.every_steps=0", "trainer.save_every_steps=0", "trainer.plot_embeddings=false",
+                              *overrides])
+
+
+def _train_recording_start(rank, world_size, cfg):
+    """train(cfg), recording the policy and reference weights as the first step begins."""
+    from clipo_nemo.models.sharding import gather_full_state_dict
+    from clipo_nemo.trainer import loop
+
+    start = {}
+    first_step = loop.Trainer.train_one_step
+
+    def record_then_step(trainer):
+        if not start:
+            vocab = trainer.cfg.model.vocab_size
+            start.update(policy=gather_full_state_dict(trainer.actor.module, vocab),
+                         reference=gather_full_state_dict(trainer.actor.reference, vocab),
+                         guard=trainer.weights_check, step=trainer.step, model=trainer.cfg.model,
+                         tokenizer=trainer.cfg.trainer.tokenizer)
+        return first_step(trainer)
+
+    loop.Trainer.train_one_step = record_then_step
+    result = loop.train(cfg)
+    return start, {k: result[k] for k in ("status", "step")}, len(result["history"])
+
+
+def test_a_run_starts_from_the_converted_weights_with_no_model_keys_given(converted, tmp_path):
+    from clipo_nemo.parallel.launcher import run_distributed
+
+    root, hf = converted
+    cfg = _tiny_config_without_model(tmp_path, root / "ckpt")
+    [(start, result, logged)] = run_distributed(_train_recording_start, 1, args=(cfg,), timeout_s=300)
+    assert result == {"status": "completed", "step": 2} and logged == 2
+    model = start["model"]
+    assert (model.hidden_size, model.ffn_hidden_size, model.num_query_groups, model.vocab_size) == (48, 96, 2, 32)
+    assert (model.rotary_base, model.norm_epsilon, model.max_position_embeddings) == (50000.0, 1e-5, 4096)
+    assert start["tokenizer"] == str(root / "ckpt" / "tokenizer") and start["step"] == 0
+    expected = _megatron_names_from_hf(hf, heads=4, groups=2)
+    for which in ("policy", "reference"):
+        assert set(start[which]) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(start[which][name], tensor), f"{which} {name} is not the HF weight"
+    assert start["guard"] is not None and start["guard"].tensors_checked == len(expected) and not start["guard"].reloaded
+
+
+def test_a_contradicting_model_key_stops_the_run_before_it_starts(converted, tmp_path):
+    from clipo_nemo.config import ConfigError
+    from clipo_nemo.trainer.loop import train
+
+    root, _ = converted
+    cfg = _tiny_config_without_model(tmp_path, root / "ckpt", "model.hidden_size=32")
+    with pytest.raises(ConfigError, match="model.hidden_size=32 contradicts the checkpoint's hidden_size=48"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg = _tiny_config_without_model(tmp_path, root / "hf")  # an HF directory, not converted
+    with pytest.raises(ConfigError, match="must be converted first: tools/convert_hf_to_megatron.py"):
+        train(cfg)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from clipo_nemo.algorithms.advantages import zero_variance_groups
-from clipo_nemo.config import ClipoConfig, validate_config
+from clipo_nemo.config import ClipoConfig, apply_checkpoint_model, validate_config
 from clipo_nemo.data.prompts import Prompt
 from clipo_nemo.parallel.gather import all_reduce_values, broadcast_object
 from clipo_nemo.trainer.step import ClipoHead, Experience, learn_from_experience
@@ -192,6 +192,7 @@ class Trainer:
                                  cfg.verifier.chunk_size)
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.weights_check = None  # the load guard's report (clipo_nemo.trainer.load_guard), set by run()
 
     # ----------------------------------------------------------------------------------------------
     def _my_prompts(self, indices: List[int]):
@@ -322,14 +323,15 @@ class Trainer:
         if state is not None:
             self.step = state["step"]
             self.sampler.load_state_dict(state["sampler"])
-        elif cfg.trainer.init_from:  # a fresh run starting from another run's weights (its step is not kept)
-            source = Path(cfg.trainer.init_from)
-            is_step_dir = source.parent.name == "checkpoints"
-            checkpoint.load_checkpoint(str(source.parent.parent if is_step_dir else source), self.actor, self.clipo,
-                                       path=source if is_step_dir else None)
+        elif cfg.trainer.init_from:
+            self._init_from(Path(cfg.trainer.init_from))
+        weights_note = self._check_optimizer_copies()
         logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger)
         if state is not None:
             logger.note(f"resumed from {checkpoint.latest_checkpoint(str(self.run_dir))} at step {self.step}")
+        elif cfg.trainer.init_from:
+            logger.note(f"initialised from {cfg.trainer.init_from}")
+        logger.note(weights_note)
         stop = StopRequested()
         status = "completed"
         try:
@@ -365,6 +367,34 @@ class Trainer:
             print(f"\n== clipo-nemo run {status} ==\nrun directory: {self.run_dir}\n{summary}", flush=True)
         return {"status": status, "step": self.step, "history": logger.history}
 
+    def _init_from(self, source: Path) -> None:
+        """A fresh run (step 0) from other weights: a converted checkpoint (policy, and the reference
+        made equal to it; the head stays freshly initialised) or another run's checkpoint (its weights,
+        reference, head and optimizer states; its step is not kept)."""
+        from clipo_nemo.conversion.weights import is_weights_checkpoint, load_weights_into_model
+        from clipo_nemo.trainer import checkpoint
+
+        if is_weights_checkpoint(source):
+            load_weights_into_model(self.actor.module, source, self.cfg.model.vocab_size)
+            self.actor.sync_reference()
+            return
+        is_step_dir = source.parent.name == "checkpoints"
+        if checkpoint.load_checkpoint(str(source.parent.parent if is_step_dir else source), self.actor, self.clipo,
+                                      path=source if is_step_dir else None) is None:
+            raise checkpoint.CheckpointError(f"trainer.init_from={source}: the run has no complete checkpoint")
+
+    def _check_optimizer_copies(self) -> str:
+        """After any load: the optimizers' copies of the weights must be the models' (stale megatron main
+        copies are reloaded), or the first step would undo the load. Raises StaleOptimizerError."""
+        from clipo_nemo.trainer.load_guard import sync_optimizer_with_model
+
+        self.weights_check = sync_optimizer_with_model(self.actor.optimizer, self.actor.model)
+        checked = self.weights_check.tensors_checked
+        if self.clipo is not None and self.clipo.optimizer is not None:
+            checked += sync_optimizer_with_model(self.clipo.optimizer, self.clipo.head).tensors_checked
+        reloaded = ", stale main copies reloaded from the model" if self.weights_check.reloaded else ""
+        return f"optimizer copies of the weights equal the model's ({checked} tensors on this rank{reloaded})"
+
     def _save(self) -> None:
         from clipo_nemo.trainer import checkpoint
 
@@ -386,11 +416,27 @@ class Trainer:
 REASON_CODES = ("ok", "wrong", "empty", "no_box", "parse_error", "timeout", "error")
 
 
+def use_converted_checkpoint(cfg: ClipoConfig) -> List[str]:
+    """With a converted checkpoint as ``trainer.init_from``: take its architecture for every
+    ``model.*`` architecture key left at its default (a contradicting one is a ConfigError), and its
+    tokenizer when ``trainer.tokenizer`` is empty (:func:`clipo_nemo.config.apply_checkpoint_model`).
+    Returns the keys it set."""
+    from clipo_nemo.conversion.weights import is_weights_checkpoint, read_description, tokenizer_dir
+
+    source = cfg.trainer.init_from
+    if not source or not is_weights_checkpoint(source):
+        return []
+    return apply_checkpoint_model(cfg, read_description(source)["model"], source, tokenizer_dir(source))
+
+
 def train(cfg: ClipoConfig) -> Dict[str, object]:
     """Validate ``cfg``, set up the process groups, train, tear down. The Hydra entry point calls this."""
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state, validate_layout
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    filled = use_converted_checkpoint(cfg)
+    if filled and int(os.environ.get("RANK", "0")) == 0:
+        print(f"trainer.init_from={cfg.trainer.init_from} sets " + ", ".join(filled), flush=True)
     validate_config(cfg, world_size)
     validate_layout(world_size, cfg.model, cfg.parallel,
                     batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n, group_size=cfg.rollout.n)
