@@ -4,6 +4,9 @@ Data parallel: each DP rank holds its share of the responses. Losses are normali
 over the whole mini-batch on all DP ranks (``LossNormalizer``), then multiplied by the number of
 micro-batches and the DP size to undo megatron's per-micro-batch averaging and DDP's gradient
 averaging: the summed gradient is then exactly that of the mini-batch loss a single process sees.
+Micro-batches are ``parallel.micro_batch_size`` rows or, with ``parallel.max_tokens_per_micro_batch``,
+length-sorted rows packed by token budget (their count then differs between DP ranks: each rank
+undoes its own); ``actor/padding_frac`` reports the padding computed.
 
 Optimizer: on GPU megatron's own (distributed optimizer, fp32 main grads, its grad clipping); on CPU,
 where megatron's optimizers assert CUDA tensors, ``torch.optim`` on the DDP main grads with a grad
@@ -21,7 +24,8 @@ import torch.distributed as dist
 from clipo_nemo.algorithms.policy_losses import (
     POLICY_LOSSES, LossNormalizer, PolicyLossConfig, aggregate_loss, kl_penalty)
 from clipo_nemo.config import ClipoConfig
-from clipo_nemo.models.forward import PolicyBatch, PolicyOutputs, compute_policy_outputs, forward_backward_policy
+from clipo_nemo.models.forward import (
+    MicroBatchPlan, PolicyBatch, PolicyOutputs, compute_policy_outputs, forward_backward_policy)
 from clipo_nemo.models.policy import build_policy_model
 from clipo_nemo.parallel.gather import all_reduce_values, broadcast_object
 
@@ -110,7 +114,8 @@ class Actor:
     def _outputs(self, model, batch: PolicyBatch) -> Optional[PolicyOutputs]:
         with torch.no_grad():
             return compute_policy_outputs(model, batch, micro_batch_size=self.cfg.parallel.micro_batch_size,
-                                          temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size)
+                                          temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
+                                          max_tokens_per_micro_batch=self.cfg.parallel.max_tokens_per_micro_batch)
 
     def old_outputs(self, batch: PolicyBatch) -> Optional[PolicyOutputs]:
         """One forward pass: old log-probs, entropy and pooled hidden states (last PP stage; else None)."""
@@ -160,9 +165,12 @@ class Actor:
         from megatron.core import parallel_state
 
         algo, micro = self.cfg.algorithm, self.cfg.parallel.micro_batch_size
+        max_tokens = self.cfg.parallel.max_tokens_per_micro_batch
         norm = self._normalizer(mini_batch)
-        num_micro = mini_batch.tokens.shape[0] // micro
-        scale = num_micro * parallel_state.get_data_parallel_world_size()
+        plan = mini_batch.micro_batch_plan(micro, max_tokens)
+        # megatron divides each micro-batch loss by this rank's micro-batch count (with a token budget
+        # it differs between DP ranks) and DDP averages over DP: both undone here, per rank.
+        scale = len(plan.rows) * parallel_state.get_data_parallel_world_size()
         loss_cfg = PolicyLossConfig(algo.clip_ratio_low, algo.clip_ratio_high, algo.dual_clip_c, algo.loss_agg_mode)
 
         def loss_func(outputs: PolicyOutputs, mb: PolicyBatch):
@@ -191,9 +199,10 @@ class Actor:
         self.optimizer.zero_grad(set_to_none=True)  # torch's .grad (CPU) / megatron's fp32 copies (GPU)
         infos = forward_backward_policy(self.model, mini_batch, micro_batch_size=micro,
                                         temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
-                                        loss_func=loss_func)
+                                        loss_func=loss_func, max_tokens_per_micro_batch=max_tokens)
         grad_norm, skipped = self._apply_gradients()
-        return {**self._reduce_infos(infos), "grad_norm": grad_norm, "update_skipped": float(skipped)}
+        return {**self._reduce_infos(infos), **_padding_metrics(plan), "grad_norm": grad_norm,
+                "update_skipped": float(skipped)}
 
     def _apply_gradients(self):
         """Clip and step. Returns (grad norm, whether the update was skipped for a non-finite norm)."""
@@ -227,6 +236,16 @@ class Actor:
             values = all_reduce_values(values, parallel_state.get_data_parallel_group())
             values = [v if k in summed else v / dp_size for k, v in zip(keys, values)]
         return broadcast_from_last_stage(dict(zip(keys, values)))
+
+
+def _padding_metrics(plan: MicroBatchPlan) -> Dict[str, float]:
+    """Share of computed token positions that are padding, and rows over the token budget, over
+    the mini-batch on all DP ranks (identical on every rank)."""
+    from megatron.core import parallel_state
+
+    computed, real, over = all_reduce_values([plan.computed_tokens, plan.real_tokens, plan.rows_over_budget],
+                                             parallel_state.get_data_parallel_group())
+    return {"actor/padding_frac": 1.0 - real / max(computed, 1.0), "actor/rows_over_token_budget": over}
 
 
 def broadcast_from_last_stage(obj):
