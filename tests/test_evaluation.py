@@ -136,8 +136,50 @@ def test_responses_file_errors_name_the_line(tmp_path):
 def test_generation_modes_explain_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="config.yaml not found: --checkpoint takes a clipo-nemo run directory"):
         evaluate_tool.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="needs Hugging Face -> megatron-core conversion"):
+    with pytest.raises(SystemExit, match=r"no config.json \(not a Hugging Face model directory\)"):
         evaluate_tool.main(["--hf-model", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_hf_model_is_converted_and_sampled_like_a_checkpoint(tmp_path):
+    """--hf-model on a tiny random Llama (the tiny task's tokenizer): greedy answers through the
+    rollout engine are the answers of transformers' own greedy generate on the same prompts."""
+    import re
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clipo_nemo.data.tiny_task import write_tiny_arith_parquet
+    from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(4)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.5, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    write_tiny_arith_parquet(tmp_path / "data", max_operand=4)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--hf-model", str(tmp_path / "hf"), "--data-dir",
+                           str(tmp_path / "data"), "--benchmarks", "val", "--k", "1", "--temperature", "0",
+                           "--max-new-tokens", "4", "--workers", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ours = {r.index: r.extracted[0] for r in read_per_problem(out / "per_problem.jsonl")}
+
+    problems = load_problems([tmp_path / "data" / "val.parquet"]).problems
+    prompts = build_prompts(problems, tokenizer, max_prompt_length=64).prompts
+    theirs = {}
+    for prompt in prompts:
+        ids = torch.tensor([list(prompt.token_ids)])
+        with torch.no_grad():
+            new = hf.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+        boxes = re.findall(r"\\boxed\{([^{}]*)\}", tokenizer.decode(new, skip_special_tokens=True))
+        theirs[prompt.problem.row] = boxes[-1] if boxes else None
+    assert ours == theirs and len(ours) == len(problems)
+    assert sum(answer is not None for answer in ours.values()) >= len(ours) // 2  # the comparison has content
 
 
 class _WordTokenizer:

@@ -11,20 +11,25 @@ Modes:
   --checkpoint RUN_DIR[/checkpoints/step_N] [--benchmarks ...] [--k K] --out OUT
       Generate k samples per problem with a trained policy (the run's config.yaml rebuilds it; the
       latest checkpoint unless a step directory is given) through the megatron rollout engine at
-      temperature 0.6, top-p 0.95 (track I k=1, track II k=16), then score as above.
-  --hf-model DIR
-      Needs Hugging Face -> megatron-core conversion, which is not in the package yet.
+      temperature 0.6, top-p 0.95 (track I k=1, track II k=16), then score as above. A converted
+      checkpoint (tools/convert_hf_to_megatron.py) works too: its description rebuilds the model.
+  --hf-model DIR [--benchmarks ...] [--k K] --out OUT
+      The same for a Hugging Face model directory (Qwen2/Qwen2.5, Llama 3): converted into a temporary
+      checkpoint first (disk for one copy of the weights; convert once and use --checkpoint to reuse it).
 
 Examples:
   python tools/evaluate.py --responses responses.jsonl --data-dir ../shared/data/clipo/test --out outputs/eval
   python tools/evaluate.py --per-problem outputs/eval/per_problem.jsonl --out outputs/eval2
   python tools/evaluate.py --checkpoint outputs/tiny/run --data-dir outputs/tiny/run/data --benchmarks val --k 4 --out ev
+  python tools/evaluate.py --hf-model /models/Qwen2.5-7B-Instruct --benchmarks math amc --k 16 --out ev_base
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--responses", help="JSONL of {benchmark, index, response} lines to score")
     source.add_argument("--per-problem", help="per_problem.jsonl of an earlier run, to recompute its report")
-    source.add_argument("--checkpoint", help="run directory (or one of its checkpoints/step_N) to generate with")
-    source.add_argument("--hf-model", help="Hugging Face model directory (needs HF conversion, not available yet)")
+    source.add_argument("--checkpoint", help="run directory (or one of its checkpoints/step_N, or a converted "
+                        "checkpoint) to generate with")
+    source.add_argument("--hf-model", help="Hugging Face model directory to generate with (converted on the fly)")
     parser.add_argument("--data-dir", default="../shared/data/clipo/test", help="folder with <benchmark>.parquet")
     parser.add_argument("--benchmarks", nargs="*", help="benchmarks to generate for (generation modes)")
     parser.add_argument("--k", type=int, default=1, help="samples per problem (track I: 1, track II: 16)")
@@ -46,20 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--timeout-s", type=float, default=5.0, help="hard limit per verification")
     parser.add_argument("--workers", type=int, default=0, help="verifier processes (0 = one per CPU)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's evaluation.max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: the run's evaluation.max_new_tokens (2048 for --hf-model)")
     parser.add_argument("--out", required=True, help="output folder for the reports")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.hf_model:
-        raise SystemExit(
-            "evaluate.py: --hf-model needs Hugging Face -> megatron-core conversion, which is not in the package "
-            "yet. Generate with any engine and score with --responses, or evaluate a clipo-nemo run with --checkpoint."
-        )
     try:
-        if args.checkpoint:
+        if args.checkpoint or args.hf_model:
             results = generate_and_score(args)
         elif args.per_problem:
             results = read_per_problem(args.per_problem)
@@ -78,10 +80,40 @@ def main(argv=None) -> int:
 
 
 def generate_and_score(args):
-    """Rebuild the run's policy in this process, load its checkpoint, sample, verify."""
-    from pathlib import Path
+    """Sample with the policy of ``--checkpoint`` (or of ``--hf-model``, converted into a temporary
+    checkpoint first) and verify."""
+    if not args.hf_model:
+        return _generate_and_score(args, Path(args.checkpoint).resolve())
+    from clipo_nemo.conversion.convert import convert_hf
 
-    from clipo_nemo.config import load_config
+    with tempfile.TemporaryDirectory(prefix="clipo_eval_") as tmp:
+        print(f"converting {args.hf_model} into a temporary checkpoint", flush=True)
+        return _generate_and_score(args, convert_hf(args.hf_model, Path(tmp) / "converted", log=None))
+
+
+def _run_config(path: Path):
+    """The config that rebuilds the policy at ``path``: a converted checkpoint's description and
+    tokenizer, or a run's ``config.yaml``. Returns (config, run directory or None)."""
+    from clipo_nemo.config import ClipoConfig, load_config
+    from clipo_nemo.conversion.weights import is_weights_checkpoint, model_config_of, tokenizer_dir
+
+    if is_weights_checkpoint(path):
+        cfg = ClipoConfig(model=model_config_of(path))
+        if tokenizer_dir(path) is None:
+            raise FileNotFoundError(f"{path} has no tokenizer/ (convert with the model's tokenizer)")
+        cfg.trainer.tokenizer = str(tokenizer_dir(path))
+        return cfg, None
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}/config.yaml not found: --checkpoint takes a clipo-nemo run directory "
+                                "or a converted checkpoint")
+    return load_config(run_dir / "config.yaml"), run_dir
+
+
+def _generate_and_score(args, path: Path):
+    """Rebuild the policy at ``path`` in this process, load its weights, sample, verify."""
+    from clipo_nemo.conversion.weights import load_weights_into_model
+    from clipo_nemo.models.policy import build_policy_model
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.rollout import GenerationParams, build_rollout_engine
     from clipo_nemo.trainer.actor import Actor
@@ -89,11 +121,7 @@ def generate_and_score(args):
     from clipo_nemo.trainer.evaluation import evaluate, load_prompt_sets
     from clipo_nemo.trainer.loop import engine_generate_fn, load_tokenizer
 
-    path = Path(args.checkpoint).resolve()
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}/config.yaml not found: --checkpoint takes a clipo-nemo run directory")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg, run_dir = _run_config(path)
     cfg.parallel.tensor_parallel_size = cfg.parallel.pipeline_parallel_size = cfg.parallel.context_parallel_size = 1
     cfg.parallel.sequence_parallel = False
     cfg.evaluation.data_dir = args.data_dir
@@ -101,14 +129,20 @@ def generate_and_score(args):
         cfg.evaluation.benchmarks = list(args.benchmarks)
     init_parallel_state(cfg.parallel)  # a single process
     try:
-        actor = Actor.build(cfg)
-        state = load_checkpoint(str(run_dir), actor, None, path=None if path == run_dir else path)
-        if state is None:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint")
-        print(f"evaluating {run_dir} at step {state['step']}", flush=True)
+        if run_dir is None:  # converted weights: the policy alone
+            model = build_policy_model(cfg.model, cfg.parallel)
+            load_weights_into_model(model, path, cfg.model.vocab_size)
+            print(f"evaluating {args.hf_model or path}", flush=True)
+        else:
+            actor = Actor.build(cfg)
+            state = load_checkpoint(str(run_dir), actor, None, path=None if path == run_dir else path)
+            if state is None:
+                raise FileNotFoundError(f"{run_dir} has no checkpoint")
+            model = actor.module
+            print(f"evaluating {run_dir} at step {state['step']}", flush=True)
         tokenizer = load_tokenizer(cfg)
         prompt_sets = load_prompt_sets(cfg.evaluation, cfg.data, tokenizer)
-        engine = build_rollout_engine(cfg.rollout, model=actor.module, tokenizer=tokenizer, cfg=cfg)
+        engine = build_rollout_engine(cfg.rollout, model=model, tokenizer=tokenizer, cfg=cfg)
         max_new = args.max_new_tokens or cfg.evaluation.max_new_tokens
         prompts = [p for ps in prompt_sets.values() for p in ps]
         generate_fn = engine_generate_fn(engine, tokenizer, prompts, GenerationParams.from_config(cfg.rollout), max_new,
