@@ -16,15 +16,20 @@ Outputs (``PolicyOutputs``), aligned with ``tokens``::
 
 Column 0 can never be a response token (nothing predicts it). Every row needs >= 1 response token.
 
-How the pooled state comes out of the *same* forward pass: a forward hook on the decoder's
-``final_layernorm`` keeps its output (the input of the output layer) while ``GPTModel.forward``
-runs unchanged. Calling the decoder and output layer by hand would duplicate GPTModel's
-pre/post-processing (rotary setup, tied weights, MTP), which changes between megatron releases; the
-hook depends only on the module name, which both layer specs share.
+How log-probs and the pooled state come out of the *same* forward pass without full logits: while
+``GPTModel.forward`` runs unchanged, its ``output_layer`` returns its input, so the model returns
+the final-norm output [b, s, H]. The pooled state is its masked mean; log-probs and entropy are
+computed only at the positions whose next token is a response token, by the output-layer matmul
+fused with the log-softmax, ``logprob_chunk_size`` positions at a time, forward and backward
+(``models/logprobs.py``: peak extra memory about [chunk, V/TP] float32, never [b, s, V]). Calling
+the decoder by hand would duplicate GPTModel's pre/post-processing (rotary setup, tied weights),
+which changes between megatron releases.
 
-Parallelism: logits stay split over TP; log-softmax and entropy use TP all-reduces of [b, S]
-tensors (never the vocabulary). With sequence parallel the final-norm output is split along the
-sequence over TP: each rank sums its positions and the sums are all-reduced over TP. With context
+Parallelism: the output weight stays split over TP; log-softmax and entropy use TP all-reduces of
+[chunk] tensors (never the vocabulary), and the output layer's input is handled as megatron's
+ColumnParallelLinear does (copy to the TP region; with SP, a gather of the sequence). With sequence
+parallel the final-norm output is split along the sequence over TP: each rank sums its positions
+for the pooled state and the sums are all-reduced over TP. With context
 parallel, labels are shifted before megatron's load-balanced sequence split, per-token outputs are
 all-gathered over CP (backward: each rank keeps its slice) and pooled sums all-reduced over CP, so
 every CP rank sees full-sequence outputs and computes the same loss (return ``(loss, info)`` so
@@ -33,13 +38,14 @@ last stage has outputs. SP and CP are GPU-only and not exercised by the CPU test
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from clipo_nemo.models.logprobs import masked_sum_over_sequence, sharded_logprobs_and_entropy
+from clipo_nemo.models.logprobs import VocabShard, fused_logprobs_and_entropy, masked_sum_over_sequence
 
 
 @dataclass
@@ -177,7 +183,7 @@ LossFunc = Callable[[PolicyOutputs, PolicyBatch], Tuple[Any, ...]]
 
 def compute_policy_outputs(
     model: torch.nn.Module, batch: PolicyBatch, *, micro_batch_size: int, temperature: float, vocab_size: int,
-    max_tokens_per_micro_batch: int = 0,
+    max_tokens_per_micro_batch: int = 0, logprob_chunk_size: int = 1024,
 ) -> Optional[PolicyOutputs]:
     """Forward only, without autograd (e.g. old log-probs): the whole batch's outputs on the last
     PP stage, in the batch's row order and at its full width S (zeros past each micro-batch's
@@ -186,6 +192,7 @@ def compute_policy_outputs(
         infos = forward_backward_policy(
             model, batch, micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
             loss_func=_keep_outputs, forward_only=True, max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+            logprob_chunk_size=logprob_chunk_size,
         )
     if not infos:
         return None
@@ -217,6 +224,7 @@ def forward_backward_policy(
     loss_func: LossFunc,
     forward_only: bool = False,
     max_tokens_per_micro_batch: int = 0,
+    logprob_chunk_size: int = 1024,
 ) -> List[Any]:
     """Run ``batch`` in micro-batches through megatron's forward-backward schedule.
 
@@ -228,7 +236,8 @@ def forward_backward_policy(
     ``loss_func(outputs, micro_batch)`` runs on the last PP stage for every micro-batch and returns
     what megatron's schedules accept: ``(loss, info)`` (megatron divides the loss by the number of
     micro-batches and multiplies it by the CP size) or ``(loss, num_tokens, info)``. Gradients are
-    accumulated into the parameters (or the DDP buffers) unless ``forward_only``.
+    accumulated into the parameters (or the DDP buffers) unless ``forward_only``. Log-probs and
+    entropy are computed ``logprob_chunk_size`` response positions at a time (``actor.logprob_chunk_size``).
 
     Returns the ``info`` of each micro-batch in the plan's order on the last PP stage; ``[]`` on the
     others.
@@ -249,7 +258,7 @@ def forward_backward_policy(
     seq_length = max(plan.widths) + _sequence_padding(max(plan.widths), sequence_parallel)
     step = functools.partial(
         _forward_step, temperature=temperature, vocab_size=vocab_size, loss_func=loss_func,
-        sequence_parallel=sequence_parallel,
+        sequence_parallel=sequence_parallel, logprob_chunk_size=logprob_chunk_size,
     )
     return get_forward_backward_func()(
         forward_step_func=step,
@@ -276,34 +285,48 @@ def _sequence_padding(seq_len: int, sequence_parallel: bool) -> int:
 
 
 def _forward_step(data_iterator: Iterator[PolicyBatch], model: torch.nn.Module, *, temperature: float,
-                  vocab_size: int, loss_func: LossFunc, sequence_parallel: bool):
+                  vocab_size: int, loss_func: LossFunc, sequence_parallel: bool, logprob_chunk_size: int):
     from megatron.core.utils import unwrap_model
 
     micro_batch = next(data_iterator)
     gpt = unwrap_model(model)
     device = next(gpt.parameters()).device
     inputs = _prepare_inputs(micro_batch, device, sequence_parallel)
-    captured: Dict[str, torch.Tensor] = {}
-    hook = None
-    if gpt.post_process:
-        hook = gpt.decoder.final_layernorm.register_forward_hook(
-            lambda module, args, output: captured.__setitem__("hidden", output)
-        )
-    try:
-        output = model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"])
-    finally:
-        if hook is not None:
-            hook.remove()
-    if not gpt.post_process:
-        return output, None  # an intermediate PP stage: the schedule sends `output` on
+    if not gpt.post_process:  # an intermediate PP stage: the schedule sends `output` on
+        return model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"]), None
+    with _output_layer_returns_input(gpt):
+        final_norm_output = model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"])
 
-    def loss_on_last_stage(logits: torch.Tensor):
+    def loss_on_last_stage(hidden: torch.Tensor):
         outputs = _policy_outputs(
-            logits, captured["hidden"], inputs, micro_batch, temperature, vocab_size, sequence_parallel
+            hidden, _output_weight(gpt), inputs, micro_batch, temperature, vocab_size, sequence_parallel,
+            logprob_chunk_size,
         )
         return loss_func(outputs, micro_batch)
 
-    return output, loss_on_last_stage
+    return final_norm_output, loss_on_last_stage
+
+
+@contextlib.contextmanager
+def _output_layer_returns_input(gpt: torch.nn.Module) -> Iterator[None]:
+    """While active, ``gpt.output_layer`` returns its input, so ``GPTModel.forward`` (labels=None)
+    returns the final-norm output transposed to [b, s, H] instead of logits. The module is still
+    called, so hooks on it (e.g. megatron DDP's parameter-gather waits) run as usual."""
+    if gpt.config.mtp_num_layers or getattr(gpt.output_layer, "embedding_activation_buffer", None) is not None:
+        raise ValueError("the fused log-prob pass supports GPTModel without multi-token prediction and "
+                         "without defer_embedding_wgrad_compute")
+    gpt.output_layer.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
+    try:
+        yield
+    finally:
+        del gpt.output_layer.forward  # the instance attribute; the class's forward is back
+
+
+def _output_weight(gpt: torch.nn.Module) -> torch.Tensor:
+    """This TP rank's [V_pad/TP, H] output-layer weight, as GPTModel picks it (tied or not)."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
 
 
 def _prepare_inputs(micro_batch: PolicyBatch, device: torch.device, sequence_parallel: bool) -> Dict[str, Any]:
@@ -332,32 +355,46 @@ def _prepare_inputs(micro_batch: PolicyBatch, device: torch.device, sequence_par
     return inputs
 
 
-def _policy_outputs(logits: torch.Tensor, hidden: torch.Tensor, inputs: Dict[str, Any], micro_batch: PolicyBatch,
-                    temperature: float, vocab_size: int, sequence_parallel: bool) -> PolicyOutputs:
-    """Outputs from this rank's logits [b, s_cp, V/TP] and final-norm output [s_cp(/TP with SP), b, H]."""
+def _policy_outputs(hidden: torch.Tensor, weight: torch.Tensor, inputs: Dict[str, Any], micro_batch: PolicyBatch,
+                    temperature: float, vocab_size: int, sequence_parallel: bool,
+                    logprob_chunk_size: int) -> PolicyOutputs:
+    """Outputs from this rank's final-norm output [b, s_cp(/TP with SP), H] and output weight [V/TP, H]."""
     from megatron.core import parallel_state, tensor_parallel
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    shard_size = logits.shape[-1]
-    next_logprobs, next_entropy = sharded_logprobs_and_entropy(
-        logits, inputs["labels"], vocab_start=tp_rank * shard_size, vocab_size=vocab_size, temperature=temperature,
+    # What ColumnParallelLinear does with its input: gather the sequence (SP; backward
+    # reduce-scatter) or copy (backward all-reduce of each rank's vocabulary-shard part; megatron
+    # all-reduces a contiguous copy of the gradient and returns the original, so the gradient
+    # arriving there must be contiguous: it is, as the index backward below makes a [b, s, H] one).
+    if sequence_parallel:
+        full = tensor_parallel.gather_from_sequence_parallel_region(
+            hidden.transpose(0, 1), tensor_parallel_output_grad=True, group=tp_group
+        ).transpose(0, 1)
+    else:
+        full = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    label_mask = inputs["label_mask"]  # [b, s_cp]: positions whose next token is a response token
+    scored = full[label_mask]  # [N, H]
+    shard = VocabShard(vocab_start=tp_rank * weight.shape[0], vocab_size=vocab_size, temperature=temperature)
+    scored_logprobs, scored_entropy = fused_logprobs_and_entropy(
+        scored, weight, inputs["labels"][label_mask], shard, chunk_size=logprob_chunk_size,
         reduce_sum=functools.partial(tensor_parallel.reduce_from_tensor_model_parallel_region, group=tp_group),
         reduce_max=functools.partial(_all_reduce_max, group=tp_group),
     )
-    next_logprobs = _gather_sequence_over_cp(next_logprobs)
-    next_entropy = _gather_sequence_over_cp(next_entropy)
+    zeros = torch.zeros(label_mask.shape, dtype=torch.float32, device=label_mask.device)
+    next_logprobs = _gather_sequence_over_cp(zeros.masked_scatter(label_mask, scored_logprobs))
+    next_entropy = _gather_sequence_over_cp(zeros.masked_scatter(label_mask, scored_entropy))
     # Shifted frame -> token frame: the value at t-1 belongs to token t.
     seq_len = micro_batch.tokens.shape[1]
-    response = micro_batch.response_mask.to(logits.device)
+    response = micro_batch.response_mask.to(hidden.device)
     logprobs = torch.nn.functional.pad(next_logprobs[:, : seq_len - 1], (1, 0)) * response
     entropy = torch.nn.functional.pad(next_entropy[:, : seq_len - 1], (1, 0)) * response
 
     hidden_mask = inputs["hidden_mask"]
     if sequence_parallel:
-        local = hidden.shape[0]
+        local = hidden.shape[1]
         hidden_mask = hidden_mask[:, tp_rank * local : (tp_rank + 1) * local]
-    pooled_sum = masked_sum_over_sequence(hidden.float(), hidden_mask)
+    pooled_sum = masked_sum_over_sequence(hidden.transpose(0, 1).float(), hidden_mask)
     if sequence_parallel:
         pooled_sum = tensor_parallel.reduce_from_tensor_model_parallel_region(pooled_sum, group=tp_group)
     if parallel_state.get_context_parallel_world_size() > 1:
