@@ -191,6 +191,22 @@ def test_a_config_that_contradicts_the_checkpoints_architecture_is_refused(key, 
         apply_checkpoint_model(cfg, _description(add_qkv_bias=False), "/ckpt")
 
 
+@pytest.mark.parametrize("track, shape", [
+    ("track1", dict(num_layers=36, hidden_size=2048, ffn_hidden_size=11008, num_attention_heads=16, num_query_groups=2,
+                    vocab_size=151936, tie_word_embeddings=True)),  # Qwen2.5-3B-Instruct's config.json
+    ("track2", {}),  # Qwen2.5-7B-Instruct's
+])
+def test_the_track_configs_start_from_their_converted_model_with_nothing_else_given(track, shape):
+    from pathlib import Path
+
+    from clipo_nemo.config import apply_checkpoint_model, load_config
+
+    conf = Path(__file__).resolve().parents[1] / "examples" / "conf" / f"{track}.yaml"
+    cfg = load_config(conf, ["trainer.init_from=/ckpt"])
+    filled = apply_checkpoint_model(cfg, _description(**shape), "/ckpt", "/ckpt/tokenizer")
+    assert filled == ["trainer.tokenizer=/ckpt/tokenizer"]  # every model key already agrees
+
+
 def test_rope_scaling_factor_must_match_when_the_checkpoint_scales_rope():
     from clipo_nemo.config import ClipoConfig, ConfigError, apply_checkpoint_model
 
