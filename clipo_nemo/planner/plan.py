@@ -1,0 +1,247 @@
+"""The per-GPU memory plan of a run: every component in each phase of a step, the peak, and the fit.
+
+A step has three phases with different residents (:func:`plan_memory`):
+
+- ``rollout``: generation. Weights, gradient buffer, optimizer state, head, the reference (unless
+  offloaded), the KV cache of one generation chunk (training or validation, whichever is larger) and
+  the generation logits.
+- ``logprobs``: the no-grad old-policy and reference passes. The same static state plus the
+  reference weights (on the GPU during its own pass even when offloaded), one layer's transient
+  activations and the fused log-prob pass's chunk buffers (no full logits).
+- ``update``: the policy update. Static state (reference only if not offloaded), the activations
+  kept for backward (recompute mode, micro-batch token budget, 1F1B in-flight micro-batches) and the
+  fused log-prob pass's buffers (chunks, the output weight's gradient).
+
+Each phase gets a framework overhead: :data:`OVERHEAD_FIXED_GIB` (CUDA context, cuBLAS/cuDNN
+workspaces, NCCL communicators) plus :data:`OVERHEAD_FRACTION` of the phase's tensors (allocator
+fragmentation). Both are estimates (not calibrated on a GPU here). The plan is made for the worst
+pipeline stage (first: most in-flight activations, embedding; last: output layer, logits, head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from clipo_nemo.config import ClipoConfig
+from clipo_nemo.planner import components as c
+
+GIB = 1024 ** 3
+OVERHEAD_FIXED_GIB = 2.5
+OVERHEAD_FRACTION = 0.08
+PHASES = ("rollout", "logprobs", "update")
+COMPONENTS = ("weights", "gradients", "optimizer", "reference", "head", "activations", "logprob_pass",
+              "kv_cache", "generation_logits", "overhead")
+
+
+class MemoryPlanError(ValueError):
+    """The layout does not fit the per-GPU memory budget; the message is the plan's breakdown."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the plan was made for (read from the config)."""
+
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    tokens_per_micro_batch: int  # T: padded tokens of one micro-batch (token budget or rows x longest)
+    recompute: str
+    kv_cache_gib: float
+    generation_rows: int  # rows decoded together (the largest chunk: training or validation)
+    reference_offload: bool
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = TP {self.tp} x PP {self.pp} x CP {self.cp} x DP {self.dp}, "
+                f"{self.tokens_per_micro_batch} tokens/micro-batch, recompute={self.recompute}, "
+                f"{self.generation_rows} generation rows (KV budget {self.kv_cache_gib:g} GiB), "
+                f"reference {'offloaded' if self.reference_offload else 'on GPU'}")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per component and phase for one GPU of the worst pipeline stage."""
+
+    layout: Layout
+    stage: int
+    phases: Dict[str, Dict[str, int]]  # phase -> component -> bytes
+    budget_bytes: int
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def totals(self) -> Dict[str, int]:
+        return {phase: sum(parts.values()) for phase, parts in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        totals = self.totals
+        return max(totals, key=totals.get)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.totals[self.peak_phase]
+
+    @property
+    def components(self) -> Dict[str, int]:
+        """The peak phase's components."""
+        return self.phases[self.peak_phase]
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def verdict(self) -> str:
+        """``fits: yes (<total> GiB of <budget> GiB per GPU)`` or ``fits: no (...)``."""
+        word = "yes" if self.fits else "no"
+        return f"fits: {word} ({self.total_bytes / GIB:.1f} GiB of {self.budget_bytes / GIB:g} GiB per GPU)"
+
+    def table(self) -> str:
+        """The breakdown: components (rows) x phases (columns), GiB per GPU, peak phase marked."""
+        peak = self.peak_phase
+        heads = [f"{p}{' (peak)' if p == peak else ''}" for p in PHASES]
+        lines = [f"memory plan per GPU, pipeline stage {self.stage}: {self.layout.describe()}",
+                 f"{'component':<16}" + "".join(f"{h:>18}" for h in heads)]
+        for name in COMPONENTS:
+            lines.append(f"{name:<16}" + "".join(f"{self.phases[p][name] / GIB:>18.2f}" for p in PHASES))
+        lines.append(f"{'total GiB':<16}" + "".join(f"{self.totals[p] / GIB:>18.2f}" for p in PHASES))
+        lines.append(f"budget: {self.budget_bytes / GIB:g} GiB per GPU")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def micro_batch_tokens(cfg: ClipoConfig) -> int:
+    """Padded tokens of the largest micro-batch: the token budget (at least one longest row) or
+    ``micro_batch_size`` rows of the longest prompt + response."""
+    seq_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    budget = cfg.parallel.max_tokens_per_micro_batch
+    return max(budget, seq_len) if budget > 0 else cfg.parallel.micro_batch_size * seq_len
+
+
+def generation_rows(cfg: ClipoConfig, per_row_bytes: int, rows_needed: Optional[int]) -> int:
+    """Rows the rollout engine decodes together: what ``rollout.kv_cache_gb`` holds at
+    ``per_row_bytes`` each, capped by ``rollout.max_batch_size`` and by ``rows_needed`` (None =
+    unknown, e.g. validation: the cap)."""
+    rows = int(cfg.rollout.kv_cache_gb * GIB // per_row_bytes)
+    if rows < 1:
+        raise ValueError(f"rollout.kv_cache_gb={cfg.rollout.kv_cache_gb:g} holds no response: one row's KV cache "
+                         f"is {per_row_bytes / GIB:.3g} GiB per GPU")
+    if cfg.rollout.max_batch_size is not None:
+        rows = min(rows, cfg.rollout.max_batch_size)
+    return rows if rows_needed is None else min(rows, rows_needed)
+
+
+def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_gpu: bool = True,
+                flash_attention: Optional[bool] = None) -> MemoryPlan:
+    """The per-GPU plan for ``cfg`` on ``world_size`` ranks (worst pipeline stage).
+
+    ``on_gpu`` picks the optimizer accounting (megatron's optimizer with its fp32 master copy and
+    the distributed optimizer, or ``torch.optim`` on CPU); ``flash_attention`` (default: ``on_gpu``)
+    the attention activations (Transformer Engine's fused attention, or megatron's local unfused
+    attention with its [heads, s, s] probabilities).
+    """
+    par, model = cfg.parallel, cfg.model
+    tp, pp, cp = par.tensor_parallel_size, par.pipeline_parallel_size, par.context_parallel_size
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world size {world_size} is not a multiple of TP*PP*CP = {tp * pp * cp}")
+    flash = on_gpu if flash_attention is None else flash_attention
+    dp = world_size // (tp * pp * cp)
+    seq_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    tokens = micro_batch_tokens(cfg)
+    b = c.dtype_bytes(model)
+    notes: List[str] = []
+
+    ev = cfg.evaluation
+    generations = [_generation(cfg, tp, pp, "training", cfg.rollout.max_new_tokens, cfg.rollout.n,
+                               max(cfg.trainer.prompts_per_step // dp, 1) * cfg.rollout.n)]
+    if cfg.data.val_files and ev.every_steps:
+        generations.append(_generation(cfg, tp, pp, "validation", ev.max_new_tokens, ev.k, None))
+    generation = max(generations, key=lambda g: g.kv_bytes + g.logits_bytes)
+    notes.append(f"the largest generation chunk is {generation.label}'s ({generation.rows} rows)")
+    if par.max_tokens_per_micro_batch and par.max_tokens_per_micro_batch < seq_len:
+        notes.append(f"parallel.max_tokens_per_micro_batch={par.max_tokens_per_micro_batch} is below the "
+                     f"longest row ({seq_len} tokens): such a row is a micro-batch of its own")
+    layout = Layout(world_size, tp, pp, cp, dp, tokens, model.recompute, cfg.rollout.kv_cache_gb, generation.rows,
+                    cfg.actor.reference_offload)
+
+    plans = [_stage_plan(cfg, layout, stage, seq_len, generation, on_gpu, flash, gpu_memory_gib, notes)
+             for stage in sorted({0, pp - 1})]
+    return max(plans, key=lambda plan: plan.total_bytes)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation chunk of the rollout engine (training rollouts or validation)."""
+
+    label: str
+    rows: int
+    kv_bytes: int
+    logits_bytes: int  # on the last stage: prefill logits [prompts, prompt length, V] gathered over TP in
+    #   the compute dtype, and per decode step fp32 [rows, V] logits with two sampling copies
+
+
+def _generation(cfg: ClipoConfig, tp: int, pp: int, label: str, max_new_tokens: int, n: int,
+                rows_needed: Optional[int]) -> Generation:
+    model, b = cfg.model, c.dtype_bytes(cfg.model)
+    per_row = c.kv_cache_bytes_per_row(model, tp, pp, cfg.data.max_prompt_length + max_new_tokens, b)
+    rows = generation_rows(cfg, per_row, rows_needed)
+    prompts = -(-rows // n) + 1  # a chunk may start and end inside a prompt's n rows
+    vocab = c.vocab_rows_per_rank(model, 1)
+    logits = prompts * cfg.data.max_prompt_length * vocab * b + 3 * rows * vocab * 4
+    return Generation(label, rows, rows * per_row, logits)
+
+
+def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, generation: Generation, on_gpu: bool,
+                flash: bool, gpu_memory_gib: float, notes: List[str]) -> MemoryPlan:
+    model, tp, pp, tokens = cfg.model, layout.tp, layout.pp, layout.tokens_per_micro_batch
+    b = c.dtype_bytes(model)
+    last = stage == pp - 1
+    params = c.stage_parameters(model, tp, pp, stage)
+    weights = params * b
+    gradients = params * 4  # megatron DDP's fp32 main-grad buffer (grad_reduce_in_fp32)
+    distributed = on_gpu and cfg.actor.use_distributed_optimizer
+    optimizer = params * c.optimizer_bytes_per_parameter(model, cfg.actor.optimizer, on_gpu)
+    if distributed:
+        optimizer = -(-optimizer // layout.dp)
+    reference = weights if cfg.algorithm.kl_loss_coef > 0 else 0
+    head = 0
+    if cfg.contrastive.enabled and last:  # fp32 weights, gradients and AdamW moments
+        head_cfg = cfg.contrastive.head
+        head = 16 * c.head_parameters(model.hidden_size, head_cfg.dim, head_cfg.type, tp, head_cfg.tp_mode)
+    chunk = min(cfg.actor.logprob_chunk_size or tokens, tokens)
+    static = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "head": head}
+    resident_reference = 0 if cfg.actor.reference_offload else reference
+
+    phases = {
+        "rollout": {**static, "reference": resident_reference,
+                    "generation_logits": generation.logits_bytes if last else 0, "kv_cache": generation.kv_bytes},
+        "logprobs": {**static, "reference": reference,
+                     "activations": c.forward_only_activation_bytes(model, tp, tokens, seq_len, flash_attention=flash),
+                     "logprob_pass": c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=False) if last else 0},
+        "update": {**static, "reference": resident_reference,
+                   "activations": c.stage_activation_bytes(
+                       model, tp, pp, stage, tokens, seq_len, recompute=model.recompute,
+                       recompute_num_layers=model.recompute_num_layers, flash_attention=flash,
+                       sequence_parallel=cfg.parallel.sequence_parallel),
+                   "logprob_pass": c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=True) if last else 0},
+    }
+    for parts in phases.values():
+        for name in COMPONENTS:
+            parts.setdefault(name, 0)
+        tensors = sum(parts.values())
+        parts["overhead"] = int(OVERHEAD_FIXED_GIB * GIB + OVERHEAD_FRACTION * tensors) if on_gpu else 0
+    return MemoryPlan(layout, stage, phases, int(gpu_memory_gib * GIB), list(notes))
+
+
+def check_memory_plan(cfg: ClipoConfig, world_size: int, *, on_gpu: bool) -> Optional[MemoryPlan]:
+    """The trainer's start-up check: None when ``trainer.gpu_memory_gib`` is 0 (no check); else the
+    plan, raising :class:`MemoryPlanError` with the breakdown when the layout does not fit."""
+    budget = cfg.trainer.gpu_memory_gib
+    if budget <= 0:
+        return None
+    plan = plan_memory(cfg, world_size, budget, on_gpu=on_gpu)
+    if not plan.fits:
+        raise MemoryPlanError(
+            f"this layout does not fit trainer.gpu_memory_gib={budget:g} per GPU (set it to 0 to skip the "
+            f"check; `python tools/plan_layout.py` recommends layouts):\n{plan.table()}\n{plan.verdict()}")
+    return plan
