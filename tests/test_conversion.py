@@ -8,6 +8,7 @@ is bit-identical; greedy generation with our rollout engine equals ``transformer
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -209,3 +210,274 @@ def test_single_process_logits_match_transformers(tmp_path):
             assert (ours - reference).abs().max().item() < LOGIT_TOL, kind
     finally:
         destroy_parallel_state()
+
+
+# ------------------------------------------------------------------------------------------------
+# HF directories converted with convert_hf
+# ------------------------------------------------------------------------------------------------
+MODELS = {"qwen2": ("qwen2", False), "llama_tied": ("llama", True), "llama": ("llama", False)}
+
+
+def _save_hf_dir(directory: Path, hf, max_shard_size="40KB") -> Path:
+    from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+
+    hf.save_pretrained(directory, max_shard_size=max_shard_size)  # several shards
+    build_tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """name -> (HF directory, converted checkpoint)."""
+    from clipo_nemo.conversion.convert import convert_hf
+
+    root = tmp_path_factory.mktemp("converted")
+    dirs = {}
+    for name, (kind, tied) in MODELS.items():
+        hf_dir = _save_hf_dir(root / f"hf_{name}", tiny_hf_model(kind, tied))
+        dirs[name] = (hf_dir, convert_hf(hf_dir, root / f"ckpt_{name}", log=None))
+    return dirs
+
+
+def test_converted_checkpoint_holds_description_tokenizer_and_exact_weights(converted):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from clipo_nemo.conversion.weights import model_config_of, tokenizer_dir
+
+    for name, (hf_dir, ckpt) in converted.items():
+        hf_state = {}
+        for shard in hf_dir.glob("*.safetensors"):
+            hf_state.update(load_file(shard))
+        model = model_config_of(ckpt)
+        assert model == model_config_from_hf(json_load(hf_dir / "config.json"))
+        assert (ckpt / "hf_config.json").is_file() and (ckpt / "generation_config.json").is_file()
+        assert len(AutoTokenizer.from_pretrained(str(tokenizer_dir(ckpt)))) == 32
+        lazy = LazyWeights(ckpt)
+        for group in tensor_groups(model):
+            for hf_name, back in zip(group.hf_names, group.to_hf([lazy[n] for n in group.megatron_names])):
+                assert torch.equal(back, hf_state[hf_name]), (name, hf_name)
+
+
+def json_load(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _layout_logits(rank: int, world_size: int, layouts, ckpts, tokens):
+    """Every layout in turn on the same ranks (DP fills the rest): logits of every checkpoint on the
+    last PP stage's ranks, None elsewhere."""
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+
+    from clipo_nemo.config import ParallelConfig
+    from clipo_nemo.conversion.verify import full_logits
+    from clipo_nemo.conversion.weights import load_weights_into_model, model_config_of
+    from clipo_nemo.models.policy import build_policy_model
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+
+    results = {}
+    try:
+        for tp, pp in layouts:
+            parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+            init_parallel_state(parallel)
+            for name, ckpt in ckpts.items():
+                model_cfg = model_config_of(ckpt)
+                model = build_policy_model(model_cfg, parallel)
+                load_weights_into_model(model, ckpt, model_cfg.vocab_size)
+                results[(tp, pp, name)] = full_logits(model, tokens, model_cfg.vocab_size)
+            parallel_state.destroy_model_parallel()
+    finally:
+        destroy_parallel_state()
+    return results
+
+
+def test_logits_match_transformers_at_every_layout(converted):
+    """TP=1, TP=2, PP=2, TP=2 x PP=2 on 4 real gloo processes (DP makes up the rest of the world)."""
+    from clipo_nemo.parallel.launcher import run_distributed
+
+    from transformers import AutoModelForCausalLM
+
+    tokens = torch.randint(0, 100, (2, 200), generator=torch.Generator().manual_seed(3))
+    layouts = [(1, 1), (2, 1), (1, 2), (2, 2)]
+    ckpts = {name: ckpt for name, (_, ckpt) in converted.items()}
+    results = run_distributed(_layout_logits, 4, args=(layouts, ckpts, tokens), timeout_s=400)
+    for name, (hf_dir, _) in converted.items():
+        with torch.no_grad():
+            reference = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)(tokens).logits
+        for tp, pp in layouts:
+            got = [r[(tp, pp, name)] for r in results if r[(tp, pp, name)] is not None]
+            assert len(got) == 4 // pp, (tp, pp)  # every rank of the last stage (TP x DP)
+            for logits in got:
+                diff = (logits - reference).abs().max().item()
+                assert diff < LOGIT_TOL, f"{name} at TP={tp} PP={pp}: max |logit diff| {diff}"
+
+
+def test_llama3_rope_scaling_is_exercised(converted):
+    """The comparison above would catch a missing Llama 3 RoPE scaling: without it logits move."""
+    import dataclasses
+
+    from clipo_nemo.config import ParallelConfig
+    from clipo_nemo.conversion.verify import full_logits
+    from clipo_nemo.conversion.weights import load_weights_into_model, model_config_of
+    from clipo_nemo.models.policy import build_policy_model
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, ckpt = converted["llama"]
+    tokens = torch.randint(0, 100, (1, 200), generator=torch.Generator().manual_seed(3))
+    init_parallel_state(ParallelConfig())
+    try:
+        unscaled = dataclasses.replace(model_config_of(ckpt), rope_scaling=False)
+        model = build_policy_model(unscaled, ParallelConfig())
+        load_weights_into_model(model, ckpt, unscaled.vocab_size)
+        logits = full_logits(model, tokens, unscaled.vocab_size)
+    finally:
+        destroy_parallel_state()
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)(tokens).logits
+    assert (logits - reference).abs().max().item() > 100 * LOGIT_TOL
+
+
+def test_greedy_generation_matches_transformers_generate(converted):
+    """Our rollout engine at temperature 0 against transformers generate(do_sample=False): 32 new
+    tokens, prompts of different lengths decoded together (KV cache, megatron's static batching)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from clipo_nemo.config import ParallelConfig
+    from clipo_nemo.conversion.weights import load_weights_into_model, model_config_of
+    from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+    from clipo_nemo.models.policy import build_policy_model
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+    from clipo_nemo.rollout.base import GenerationParams
+    from clipo_nemo.rollout.megatron_engine import MegatronRolloutEngine
+
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 100, (length,), generator=gen).tolist() for length in (5, 9, 14, 3)]
+    eos = 99  # an id the greedy decoding may or may not reach: both sides stop on it
+    tokenizer = build_tiny_tokenizer()
+    for name in ("qwen2", "llama_tied"):
+        hf_dir, ckpt = converted[name]
+        init_parallel_state(ParallelConfig())
+        try:
+            model_cfg = model_config_of(ckpt)
+            model = build_policy_model(model_cfg, ParallelConfig())
+            load_weights_into_model(model, ckpt, model_cfg.vocab_size)
+            engine = MegatronRolloutEngine(model, tokenizer, vocab_size=model_cfg.vocab_size, eos_token_ids=[eos])
+            out = engine.generate(prompts, GenerationParams(n=1, max_new_tokens=32, temperature=0.0), seeds=[0] * 4)
+        finally:
+            destroy_parallel_state()
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+        config = GenerationConfig(do_sample=False, max_new_tokens=32, eos_token_id=eos, pad_token_id=eos)
+        for row, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt])
+            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, len(prompt):]
+            assert out.response(row) == expected.tolist(), (name, row)
+        assert max(int(n) for n in out.lengths) == 32
+        assert len({tuple(out.response(r)) for r in range(4)}) == 4  # not a degenerate constant output
+
+
+def test_tool_verify_prints_the_two_lines_and_catches_a_bad_conversion(converted, tmp_path):
+    import subprocess
+    import sys
+
+    from clipo_nemo.conversion.verify import verify_conversion
+
+    hf_dir, _ = converted["qwen2"]
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_hf_to_megatron.py"
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # left by in-process tests
+    run = subprocess.run([sys.executable, str(tool), "--hf", str(hf_dir), "--out", str(tmp_path / "ck"), "--tp", "2",
+                          "--verify"], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[-2].startswith("max_abs_logit_diff: ") and float(lines[-2].split()[1]) < 1e-4
+    assert lines[-1] == "greedy_match: 4/4"
+    assert "layer 4/4 converted" in run.stdout
+    # the same checkpoint with one MLP weight perturbed: verify must notice
+    lazy = LazyWeights(tmp_path / "ck")
+    bad = tmp_path / "bad"
+    model = read_description(tmp_path / "ck")["model"]
+    with WeightsWriter(bad, ModelConfig(**model), "Qwen2ForCausalLM", {}) as writer:
+        for name in lazy:
+            tensor = lazy[name]
+            writer.add(name, tensor * 1.01 if name == "decoder.layers.2.mlp.linear_fc2.weight" else tensor)
+        writer.add_tokenizer(hf_dir)
+    result = verify_conversion(bad, hf_dir, log=None)
+    assert result.max_abs_logit_diff > 1e-3 and not result.ok
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error before anything is written
+# ------------------------------------------------------------------------------------------------
+def _hf_dir_with(directory: Path, config_change=None, state_change=None, vocab_size=100) -> Path:
+    """A single-file HF directory of the tiny Qwen2, with its config or tensors altered."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf = tiny_hf_model("qwen2")
+    _save_hf_dir(directory, hf, max_shard_size="10MB")
+    config = {**json_load(directory / "config.json"), **(config_change or {})}
+    (directory / "config.json").write_text(json.dumps(config))
+    if state_change:
+        state = {k: v.contiguous() for k, v in _hf_state(hf).items()}
+        state_change(state)
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("case,message", [
+    ("architecture", "architectures"),
+    ("missing", "missing \\['model.layers.1.mlp.up_proj.weight'\\]"),
+    ("extra", "unexpected \\['model.layers.0.self_attn.o_proj.bias'\\]"),
+    ("shape", "'model.layers.3.self_attn.k_proj.weight' has shape \\(16, 64\\), config.json implies \\(32, 64\\)"),
+    ("dtype", "model.norm.weight"),
+    ("tokenizer", "tokenizer .* has 32 tokens, more than the model's vocab_size=20"),
+    ("tp", "num_attention_heads=4 is not divisible by TP=3"),
+    ("no_weights", "no model.safetensors"),
+])
+def test_bad_inputs_fail_before_anything_is_written(tmp_path, case, message):
+    from clipo_nemo.conversion.convert import convert_hf
+
+    changes = {
+        "architecture": dict(config_change={"architectures": ["GPT2LMHeadModel"]}),
+        "missing": dict(state_change=lambda s: s.pop("model.layers.1.mlp.up_proj.weight")),
+        "extra": dict(state_change=lambda s: s.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})),
+        "shape": dict(state_change=lambda s: s.update({"model.layers.3.self_attn.k_proj.weight": torch.zeros(16, 64)})),
+        "dtype": dict(state_change=lambda s: s.update({"model.norm.weight": s["model.norm.weight"].bfloat16()})),
+        "tokenizer": dict(config_change={"vocab_size": 20}, state_change=lambda s: s.update(
+            {k: s[k][:20].clone() for k in ("model.embed_tokens.weight", "lm_head.weight")})),
+    }
+    hf_dir = _hf_dir_with(tmp_path / "hf", **changes.get(case, {}))
+    if case == "no_weights":
+        for shard in hf_dir.glob("model*.safetensors*"):
+            shard.unlink()
+    with pytest.raises(ConversionError, match=message):
+        convert_hf(hf_dir, tmp_path / "out", tensor_parallel_size=3 if case == "tp" else 1, log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
+    from clipo_nemo.conversion import hf_checkpoint
+    from clipo_nemo.conversion.convert import convert_hf
+
+    hf_dir = _save_hf_dir(tmp_path / "hf", tiny_hf_model("llama", tied=True))
+    reads = []
+    real_read = hf_checkpoint.HFCheckpoint.read
+
+    def read_then_fail(self, names):
+        reads.append(names)
+        if len(reads) == 12:  # in layer 1
+            raise KeyboardInterrupt
+        return real_read(self, names)
+
+    monkeypatch.setattr(hf_checkpoint.HFCheckpoint, "read", read_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        convert_hf(hf_dir, tmp_path / "out", log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    monkeypatch.setattr(hf_checkpoint.HFCheckpoint, "read", real_read)
+    convert_hf(hf_dir, tmp_path / "out", log=None)  # a rerun then succeeds
+    assert is_weights_checkpoint(tmp_path / "out")
