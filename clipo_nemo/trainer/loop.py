@@ -432,6 +432,7 @@ def use_converted_checkpoint(cfg: ClipoConfig) -> List[str]:
 def train(cfg: ClipoConfig) -> Dict[str, object]:
     """Validate ``cfg``, set up the process groups, train, tear down. The Hydra entry point calls this."""
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state, validate_layout
+    from clipo_nemo.planner import check_memory_plan
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     filled = use_converted_checkpoint(cfg)
@@ -440,6 +441,10 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     validate_config(cfg, world_size)
     validate_layout(world_size, cfg.model, cfg.parallel,
                     batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n, group_size=cfg.rollout.n)
+    # Before anything is built: refuse a layout whose planned peak exceeds trainer.gpu_memory_gib.
+    plan = check_memory_plan(cfg, world_size, on_gpu=torch.cuda.is_available())
+    if plan is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"memory plan ({plan.peak_phase} phase peak): {plan.verdict()}", flush=True)
     init_parallel_state(cfg.parallel)
     try:
         # Rank 0's choice wins: a ${now:} in the path may resolve differently per rank.
