@@ -375,7 +375,8 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
                        ("actor.lr", act.lr), ("actor.ppo_epochs", act.ppo_epochs),
                        ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),
                        ("rollout.max_new_tokens", roll.max_new_tokens), ("trainer.prompts_per_step", trainer.prompts_per_step),
-                       ("trainer.max_consecutive_nonfinite", trainer.max_consecutive_nonfinite)):
+                       ("trainer.max_consecutive_nonfinite", trainer.max_consecutive_nonfinite),
+                       ("actor.logprob_chunk_size", act.logprob_chunk_size)):
         positive(key, value)
     for key, value in (("rollout.temperature", roll.temperature), ("contrastive.warmup_steps", con.warmup_steps),
                        ("trainer.max_steps", trainer.max_steps), ("trainer.save_every_steps", trainer.save_every_steps),

@@ -115,7 +115,8 @@ class Actor:
         with torch.no_grad():
             return compute_policy_outputs(model, batch, micro_batch_size=self.cfg.parallel.micro_batch_size,
                                           temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
-                                          max_tokens_per_micro_batch=self.cfg.parallel.max_tokens_per_micro_batch)
+                                          max_tokens_per_micro_batch=self.cfg.parallel.max_tokens_per_micro_batch,
+                                          logprob_chunk_size=self.cfg.actor.logprob_chunk_size)
 
     def old_outputs(self, batch: PolicyBatch) -> Optional[PolicyOutputs]:
         """One forward pass: old log-probs, entropy and pooled hidden states (last PP stage; else None)."""
@@ -199,7 +200,8 @@ class Actor:
         self.optimizer.zero_grad(set_to_none=True)  # torch's .grad (CPU) / megatron's fp32 copies (GPU)
         infos = forward_backward_policy(self.model, mini_batch, micro_batch_size=micro,
                                         temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
-                                        loss_func=loss_func, max_tokens_per_micro_batch=max_tokens)
+                                        loss_func=loss_func, max_tokens_per_micro_batch=max_tokens,
+                                        logprob_chunk_size=self.cfg.actor.logprob_chunk_size)
         grad_norm, skipped = self._apply_gradients()
         return {**self._reduce_infos(infos), **_padding_metrics(plan), "grad_norm": grad_norm,
                 "update_skipped": float(skipped)}
