@@ -412,13 +412,13 @@ def test_tool_verify_prints_the_two_lines_and_catches_a_bad_conversion(converted
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error before anything is written
 # ------------------------------------------------------------------------------------------------
-def _hf_dir_with(directory: Path, config_change=None, state_change=None, vocab_size=100) -> Path:
-    """A single-file HF directory of the tiny Qwen2, with its config or tensors altered."""
+def _hf_dir_with(directory: Path, config_change=None, state_change=None, kind="qwen2", tied=False) -> Path:
+    """A single-file HF directory of a tiny model, with its config or tensors altered."""
     import json
 
     from safetensors.torch import save_file
 
-    hf = tiny_hf_model("qwen2")
+    hf = tiny_hf_model(kind, tied)
     _save_hf_dir(directory, hf, max_shard_size="10MB")
     config = {**json_load(directory / "config.json"), **(config_change or {})}
     (directory / "config.json").write_text(json.dumps(config))
@@ -481,3 +481,18 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_checkpoint.HFCheckpoint, "read", real_read)
     convert_hf(hf_dir, tmp_path / "out", log=None)  # a rerun then succeeds
     assert is_weights_checkpoint(tmp_path / "out")
+
+
+def test_tied_model_storing_a_copy_of_the_embedding_as_lm_head(tmp_path):
+    """Some tied checkpoints also store lm_head.weight: accepted as an exact copy, refused otherwise."""
+    from clipo_nemo.conversion.convert import convert_hf
+
+    copy = lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()})  # noqa: E731
+    hf_dir = _hf_dir_with(tmp_path / "hf", state_change=copy, kind="llama", tied=True)
+    convert_hf(hf_dir, tmp_path / "out", log=None)
+    assert "output_layer.weight" not in LazyWeights(tmp_path / "out").weight_map
+    other = lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"] + 1})  # noqa: E731
+    hf_dir = _hf_dir_with(tmp_path / "hf2", state_change=other, kind="llama", tied=True)
+    with pytest.raises(ConversionError, match="stored 'lm_head.weight' differs"):
+        convert_hf(hf_dir, tmp_path / "out2", log=None)
+    assert not (tmp_path / "out2").exists()
