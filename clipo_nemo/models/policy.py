@@ -5,12 +5,14 @@ Llama 3.1 frequency scaling), tied or untied embeddings, and a vocabulary padded
 evenly over TP. Transformer Engine layers when TE is importable and a GPU is present, megatron's
 local layers otherwise (the only choice on CPU). Activation recomputation (``model.recompute``) is
 megatron's own: ``selective`` recomputes core attention, ``full`` whole layers in blocks of
-``model.recompute_num_layers`` ("uniform" method). Call after :func:`clipo_nemo.parallel.state.init_parallel_state`: the
-model holds this rank's TP shard of this rank's PP stage.
+``model.recompute_num_layers`` ("uniform" method). Call after
+:func:`clipo_nemo.parallel.state.init_parallel_state`: the model holds this rank's TP shard of this
+rank's PP stage.
 """
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from typing import Optional
 
 import torch
@@ -144,6 +146,35 @@ def build_policy_model(
         rope_scaling=model.rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
     )
+    if policy.config.bf16:
+        # What megatron's Float16Module does to the model it wraps: every floating parameter in bf16.
+        # The local spec's norms (torch.nn.RMSNorm) are otherwise created in fp32.
+        policy.bfloat16()
     if torch.cuda.is_available():
         policy.cuda(torch.cuda.current_device())
     return policy
+
+
+def compute_device() -> torch.device:
+    """Where models compute: this process's GPU, or the CPU on a machine without one."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def move_module(module: torch.nn.Module, device: torch.device, *, pin: bool = False) -> None:
+    """Move ``module``'s parameters and buffers to ``device`` in place.
+
+    The ``Parameter`` objects stay the same (only their ``.data`` changes), so ``load_state_dict``
+    and sharded state dicts keep pointing at them wherever they live. ``pin``: with ``device`` =
+    CPU, page-locked memory (needs CUDA), so the copy back to the GPU is asynchronous. A tensor
+    already where it should be is left as it is (on a CPU-only machine CPU -> CPU is a no-op).
+    """
+    device = torch.device(device)
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.device == device and (not pin or tensor.is_pinned()):
+            continue
+        if device.type == "cpu":
+            host = torch.empty_like(tensor.data, device="cpu", pin_memory=pin)
+            host.copy_(tensor.data)
+            tensor.data = host
+        else:
+            tensor.data = tensor.data.to(device, non_blocking=True)

@@ -14,9 +14,10 @@ norm computed over the model-parallel group (TP duplicates and shared weights co
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from clipo_nemo.algorithms.policy_losses import (
 from clipo_nemo.config import ClipoConfig
 from clipo_nemo.models.forward import (
     MicroBatchPlan, PolicyBatch, PolicyOutputs, compute_policy_outputs, forward_backward_policy)
-from clipo_nemo.models.policy import build_policy_model
+from clipo_nemo.models.policy import build_policy_model, compute_device, move_module
 from clipo_nemo.parallel.gather import all_reduce_values, broadcast_object
 
 
@@ -97,8 +98,11 @@ class Actor:
         model.config.no_sync_func = model.no_sync
         reference = None
         if cfg.algorithm.kl_loss_coef > 0:
+            # Same builder, same model.params_dtype as the policy: a bf16 policy has a bf16 reference.
             reference = build_policy_model(cfg.model, cfg.parallel)
             reference.requires_grad_(False)
+            if cfg.actor.reference_offload:
+                move_module(reference, torch.device("cpu"), pin=torch.cuda.is_available())
         return cls(cfg, model, build_optimizer(model, cfg), reference)
 
     @property
@@ -126,8 +130,22 @@ class Actor:
         """Log-probs of the frozen reference policy [b, S] (last PP stage), or None without KL."""
         if self.reference is None:
             return None
-        out = self._outputs(self.reference, batch)
+        with self._reference_on_device():
+            out = self._outputs(self.reference, batch)
         return None if out is None else out.logprobs
+
+    @contextlib.contextmanager
+    def _reference_on_device(self) -> Iterator[None]:
+        """With ``actor.reference_offload`` the reference's weights live in CPU memory (pinned on a GPU
+        machine) and are on the compute device only inside this block; otherwise they stay put."""
+        if not self.cfg.actor.reference_offload:
+            yield
+            return
+        move_module(self.reference, compute_device())
+        try:
+            yield
+        finally:
+            move_module(self.reference, torch.device("cpu"), pin=torch.cuda.is_available())
 
     # ----------------------------------------------------------------------------------------------
     def update(self, batch: PolicyBatch) -> Dict[str, float]:

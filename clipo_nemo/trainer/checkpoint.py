@@ -21,8 +21,10 @@ GPTModels' own ``sharded_state_dict``; ``head.proj.weight`` (or ``head.proj.0.we
 ``optimizer.state.<moment>.<parameter key>`` (megatron's own naming) and each optimizer's shared step
 and hyperparameters one ``ShardedObject``. On GPU the policy optimizer is megatron's and contributes its
 own ``sharded_state_dict`` ("fully_reshardable"); that path is written against megatron's API but is
-not exercised on this CPU-only machine. RNG states are restored only at the layout they were saved
-at (they are per rank); at another layout a warning says so and the current RNG streams are kept.
+not exercised on this CPU-only machine. Transformer Engine layers' ``_extra_state`` entries that a
+checkpoint lacks (one written with megatron's local layers) are not requested and stay as built.
+RNG states are restored only at the layout they were saved at (they are per rank); at another
+layout a warning says so and the current RNG streams are kept.
 
 Crash safety: a SIGKILL at any point leaves ``latest`` naming a complete checkpoint (the rename and
 the pointer update are atomic ``os.replace`` calls). ``meta.json`` and ``latest`` are fsynced; the
@@ -49,6 +51,7 @@ from clipo_nemo.trainer.step import ClipoHead
 FORMAT_VERSION = 1
 _STEP_PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
+_EXTRA_STATE = "_extra_state"  # state-dict key suffix of a module's extra state (TE: its FP8 metadata)
 
 
 class CheckpointWarning(UserWarning):
@@ -398,11 +401,12 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{checkpoint}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
     contents = _loadable_contents(meta, actor, clipo_head, checkpoint)
-    loaded = dist_checkpointing.load(_sharded_state_dict(actor, clipo_head, contents, loading=True),
-                                     str(checkpoint / "dist"))
-    actor.module.load_state_dict(_without_prefix(loaded["policy"], "policy."))
+    request = _sharded_state_dict(actor, clipo_head, contents, loading=True)
+    drop_extra_state_missing_from(request, checkpoint / "dist")
+    loaded = dist_checkpointing.load(request, str(checkpoint / "dist"))
+    load_module_state(actor.module, _without_prefix(loaded["policy"], "policy."))
     if "reference" in loaded:
-        actor.reference.load_state_dict(_without_prefix(loaded["reference"], "reference."))
+        load_module_state(actor.reference, _without_prefix(loaded["reference"], "reference."))
     if "policy_optimizer" in loaded:
         if _is_megatron_optimizer(actor.optimizer):
             actor.optimizer.load_state_dict(loaded["policy_optimizer"])
@@ -425,6 +429,42 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
     trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
     dist.barrier()
     return trainer_state
+
+
+def drop_extra_state_missing_from(request: Dict[str, Any], checkpoint_dir: str | os.PathLike) -> List[str]:
+    """Remove (in place, at any depth) the ``_extra_state`` entries of a requested sharded state dict
+    that the checkpoint at ``checkpoint_dir`` does not hold; return their state-dict keys.
+
+    Transformer Engine layers add one ``_extra_state`` ShardedObject per module (their FP8
+    metadata); a checkpoint written with megatron's local layers has none, and requesting them would
+    fail the load. The modules keep their freshly built extra state (see :func:`load_module_state`).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    saved = {entry.key for entry in load_sharded_metadata(str(checkpoint_dir)).values()}
+    dropped: List[str] = []
+
+    def visit(node: Dict[str, Any]) -> None:
+        for key, value in list(node.items()):
+            if isinstance(value, dict):
+                visit(value)
+            elif isinstance(value, ShardedBase) and value.key.endswith(_EXTRA_STATE) and value.key not in saved:
+                dropped.append(key)
+                del node[key]
+
+    visit(request)
+    return dropped
+
+
+def load_module_state(module: torch.nn.Module, state_dict: Dict[str, Any]) -> None:
+    """``module.load_state_dict`` that accepts missing ``_extra_state`` entries (a checkpoint of
+    megatron's local layers loaded into Transformer Engine layers) and nothing else missing or extra."""
+    result = module.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith(_EXTRA_STATE)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{type(module).__name__}: checkpoint lacks {missing[:5]} and has unexpected "
+                              f"{result.unexpected_keys[:5]} (of {len(missing)} / {len(result.unexpected_keys)})")
 
 
 def _without_prefix(state_dict: Dict[str, Any], prefix: str) -> Dict[str, Any]:

@@ -1,0 +1,389 @@
+"""Features that make large models fit: recomputation, bf16, reference offload, TE checkpoints, KV budget.
+
+Oracles: the same model without recomputation (gradients, with dropout on so that the recomputed
+forward must replay the RNG streams), the fp32 model with the same weights (bf16 log-probs), the
+non-offloaded reference (offloaded log-probs), unbounded generation (KV-budgeted chunks) and the
+KV-cache size written out by hand for Qwen2.5-7B. Real gloo processes run the models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from clipo_nemo.config import ClipoConfig, ConfigError, ModelConfig, ParallelConfig, validate_config
+from clipo_nemo.parallel.launcher import run_distributed
+
+TIMEOUT_S = 240
+RECOMPUTE_MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                              num_query_groups=2, vocab_size=64, make_vocab_size_divisible_by=16,
+                              max_position_embeddings=32, attention_dropout=0.2, hidden_dropout=0.2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation recomputation: gradients equal the run without it
+# ------------------------------------------------------------------------------------------------
+def _recompute_rank(rank, world_size):
+    from megatron.core import tensor_parallel
+
+    from clipo_nemo.models.policy import build_policy_model
+    from clipo_nemo.parallel.state import init_parallel_state, seed_parallel_rngs
+
+    warnings.filterwarnings("ignore")
+    parallel = ParallelConfig(tensor_parallel_size=world_size)
+    init_parallel_state(parallel)
+    calls = {"n": 0}
+    real_checkpoint = tensor_parallel.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls["n"] += 1
+        return real_checkpoint(*args, **kwargs)
+
+    tensor_parallel.checkpoint = counting_checkpoint  # attention and transformer block call it by this name
+    tokens = torch.randint(0, RECOMPUTE_MODEL.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12).expand(3, 12)
+    causal = torch.ones(1, 1, 12, 12, dtype=torch.bool).triu(1)
+    result, weights = {}, None
+    for mode in ("none", "selective", "full"):
+        model = build_policy_model(dataclasses.replace(RECOMPUTE_MODEL, recompute=mode), parallel)
+        if weights is None:
+            weights = model.state_dict()
+        model.load_state_dict(weights)
+        model.train()  # dropout on: a recomputed forward must replay the same random masks
+        seed_parallel_rngs(7)
+        calls["n"] = 0
+        logits = model(tokens, positions, causal)  # [b, s, V/TP]
+        (logits.float().log_softmax(-1) * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        result[mode] = {"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                        "checkpoint_calls": calls["n"], "granularity": model.config.recompute_granularity}
+    return result
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_recompute_gradients_equal_no_recompute(world_size):
+    for rank_result in run_distributed(_recompute_rank, world_size, timeout_s=TIMEOUT_S):
+        oracle = rank_result["none"]
+        assert oracle["granularity"] is None and oracle["checkpoint_calls"] == 0
+        assert sum(g.abs().sum() for g in oracle["grads"].values()) > 0
+        for mode in ("selective", "full"):
+            run = rank_result[mode]
+            assert run["granularity"] == mode
+            assert run["checkpoint_calls"] == RECOMPUTE_MODEL.num_layers  # one per layer (full: blocks of 1)
+            for name, grad in oracle["grads"].items():
+                torch.testing.assert_close(run["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=f"{mode}: {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 policy and reference; reference offload
+# ------------------------------------------------------------------------------------------------
+def _actor_cfg(dtype: str, offload: bool = False) -> ClipoConfig:
+    from clipo_nemo.trainer.equivalence import tiny_check_config
+
+    cfg = tiny_check_config()  # KL on: a reference policy exists
+    cfg.model.params_dtype = dtype
+    cfg.actor.optimizer, cfg.actor.lr = "adamw", 1e-2
+    cfg.actor.reference_offload = offload
+    return cfg
+
+
+def _bf16_rank(rank, world_size):
+    from clipo_nemo.models.forward import PolicyBatch, compute_policy_outputs
+    from clipo_nemo.models.sharding import gather_full_state_dict, load_full_state_dict
+    from clipo_nemo.parallel.state import init_parallel_state
+    from clipo_nemo.trainer.actor import Actor
+    from clipo_nemo.trainer.equivalence import make_global_batch
+    from clipo_nemo.trainer.step import ClipoHead, Experience, learn_from_experience
+
+    warnings.filterwarnings("ignore")
+    fp32_cfg, bf16_cfg = _actor_cfg("float32"), _actor_cfg("bfloat16")
+    init_parallel_state(fp32_cfg.parallel)
+    fp32 = Actor.build(fp32_cfg)
+    bf16 = Actor.build(bf16_cfg)
+    load_full_state_dict(bf16.module, gather_full_state_dict(fp32.module, fp32_cfg.model.vocab_size),
+                         fp32_cfg.model.vocab_size)
+    bf16.sync_reference()
+    tokens, mask, scores, groups = make_global_batch(bf16_cfg)
+    batch = PolicyBatch(tokens, mask)
+    kwargs = dict(micro_batch_size=2, temperature=1.0, vocab_size=fp32_cfg.model.vocab_size)
+    with torch.no_grad():
+        fp32_logprobs = compute_policy_outputs(fp32.module, batch, **kwargs).logprobs
+        bf16_logprobs = compute_policy_outputs(bf16.module, batch, **kwargs).logprobs
+    before = {n: p.detach().clone() for n, p in bf16.module.named_parameters()}
+    clipo = ClipoHead.build(bf16_cfg)
+    learn_from_experience(bf16, clipo, Experience(tokens, mask, scores, groups, torch.arange(len(scores))),
+                          bf16_cfg, step=0)
+    return {
+        "mask": mask, "fp32": fp32_logprobs, "bf16": bf16_logprobs,
+        "policy_dtypes": {p.dtype for p in bf16.module.parameters()},
+        "reference_dtypes": {p.dtype for p in bf16.reference.parameters()},
+        "policy_bytes": sum(p.numel() * p.element_size() for p in bf16.module.parameters()),
+        "reference_bytes": sum(p.numel() * p.element_size() for p in bf16.reference.parameters()),
+        "changed": sum(int(not torch.equal(before[n], p)) for n, p in bf16.module.named_parameters()),
+        "finite": all(bool(torch.isfinite(p).all()) for p in bf16.module.parameters()),
+    }
+
+
+def test_bf16_policy_trains_and_matches_fp32_logprobs_reference_is_bf16():
+    res = run_distributed(_bf16_rank, 1, timeout_s=TIMEOUT_S)[0]
+    assert res["policy_dtypes"] == {torch.bfloat16}
+    # The reference is built like the policy: bf16 too, never an fp32 copy.
+    assert res["reference_dtypes"] == {torch.bfloat16} and res["reference_bytes"] == res["policy_bytes"]
+    fp32, bf16 = res["fp32"][res["mask"]], res["bf16"][res["mask"]]
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.002 per op): log-probs of a 4-layer
+    # model with |log p| ~ 5 agree to a few hundredths; a wrong cast or an fp16 overflow would not.
+    err = (bf16.float() - fp32).abs()
+    assert float(err.max()) < 0.1 and float(err.mean()) < 0.03, (float(err.max()), float(err.mean()))
+    assert res["changed"] > 0 and res["finite"]
+
+
+def _offload_rank(rank, world_size):
+    import clipo_nemo.trainer.actor as actor_module
+    from clipo_nemo.models.forward import PolicyBatch
+    from clipo_nemo.parallel.state import init_parallel_state
+    from clipo_nemo.trainer.actor import Actor
+    from clipo_nemo.trainer.equivalence import make_global_batch
+
+    warnings.filterwarnings("ignore")
+    plain_cfg, offload_cfg = _actor_cfg("float32"), _actor_cfg("float32", offload=True)
+    init_parallel_state(plain_cfg.parallel)
+    plain, offloaded = Actor.build(plain_cfg), Actor.build(offload_cfg)
+    offloaded.module.load_state_dict(plain.module.state_dict())
+    plain.sync_reference()
+    offloaded.sync_reference()  # writes into the offloaded (CPU) parameters
+    events = []
+    real_move = actor_module.move_module
+
+    def recording_move(module, device, *, pin=False):
+        assert module is offloaded.reference
+        real_move(module, device, pin=pin)
+        events.append(("move", str(device), pin, {str(p.device) for p in module.parameters()}))
+
+    actor_module.move_module = recording_move
+    offloaded.reference.register_forward_pre_hook(lambda module, args: events.append(("forward",)))
+    tokens, mask, _, _ = make_global_batch(plain_cfg)
+    batch = PolicyBatch(tokens, mask)
+    ref_plain, ref_offloaded = plain.reference_logprobs(batch), offloaded.reference_logprobs(batch)
+
+    def failing_forward(module, args):
+        raise RuntimeError("forward failed")
+
+    handle = offloaded.reference.register_forward_pre_hook(failing_forward)
+    try:
+        offloaded.reference_logprobs(batch)
+    except RuntimeError:
+        events.append(("raised",))
+    handle.remove()
+    return {"plain": ref_plain, "offloaded": ref_offloaded, "events": events,
+            "devices_after": {str(p.device) for p in offloaded.reference.parameters()}}
+
+
+def test_reference_offload_moves_weights_around_the_pass_and_gives_the_same_logprobs():
+    res = run_distributed(_offload_rank, 1, timeout_s=TIMEOUT_S)[0]
+    assert torch.equal(res["plain"], res["offloaded"])
+    events = res["events"]
+    # onload to the compute device, the forward passes (one per micro-batch), offload back to CPU
+    # (pinned only on a GPU machine); then the failing pass: still offloaded afterwards.
+    first_offload = next(i for i, e in enumerate(events) if e[0] == "move" and i > 0)
+    assert events[0][:2] == ("move", "cpu") and all(e == ("forward",) for e in events[1:first_offload])
+    assert first_offload > 1
+    assert events[first_offload] == ("move", "cpu", torch.cuda.is_available(), {"cpu"})
+    assert [e[0] for e in events[first_offload + 1:]] == ["move", "forward", "move", "raised"]
+    assert res["devices_after"] == {"cpu"}
+
+
+def test_move_module_keeps_parameter_objects_and_values():
+    from clipo_nemo.models.policy import move_module
+
+    layer = torch.nn.Linear(3, 2)
+    layer.register_buffer("scale", torch.arange(2.0))
+    params_before, values = list(layer.parameters()), [t.clone() for t in layer.state_dict().values()]
+    move_module(layer, torch.device("cpu"))
+    assert all(a is b for a, b in zip(params_before, layer.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(values, layer.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer Engine checkpoints: _extra_state missing from a local-spec checkpoint
+# ------------------------------------------------------------------------------------------------
+class _ModuleWithExtraState(torch.nn.Linear):
+    """Like a Transformer Engine layer: an ``_extra_state`` entry in its state dict."""
+
+    def get_extra_state(self):
+        return torch.tensor([1.0])
+
+    def set_extra_state(self, state):
+        self.loaded_extra_state = state
+
+
+def _extra_state_rank(rank, world_size, ckpt_dir):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from clipo_nemo.models.policy import build_policy_model
+    from clipo_nemo.parallel.state import init_parallel_state
+    from clipo_nemo.trainer.checkpoint import drop_extra_state_missing_from, load_module_state
+
+    warnings.filterwarnings("ignore")
+    parallel = ParallelConfig()
+    init_parallel_state(parallel)
+    saved_model = build_policy_model(RECOMPUTE_MODEL, parallel)  # megatron's local layers
+    dist_checkpointing.save(saved_model.sharded_state_dict(prefix="policy."), ckpt_dir)
+    torch.manual_seed(99)
+    target = build_policy_model(RECOMPUTE_MODEL, parallel)
+
+    def te_like_request():
+        """The target's request plus what TE's attention adds (the local spec's core attention has
+        none): a ``core_attention._extra_state`` ShardedObject per layer."""
+        request = target.sharded_state_dict(prefix="policy.")
+        key = "policy.decoder.layers.self_attention.core_attention._extra_state"
+        assert not any(k.endswith("core_attention._extra_state") for k in request)
+        for layer in range(RECOMPUTE_MODEL.num_layers):
+            request[f"policy.decoder.layers.{layer}.self_attention.core_attention._extra_state"] = ShardedObject(
+                key, None, (RECOMPUTE_MODEL.num_layers,), (layer,), replica_id=0)
+        return request
+
+    try:
+        dist_checkpointing.load(te_like_request(), ckpt_dir)
+        unpatched_error = None
+    except CheckpointException as error:  # torch_dist's load error (a BaseException)
+        unpatched_error = str(error)
+    request = te_like_request()
+    dropped = drop_extra_state_missing_from(request, ckpt_dir)
+    loaded = dist_checkpointing.load(request, ckpt_dir)
+    load_module_state(target, {k.removeprefix("policy."): v for k, v in loaded.items()})
+    saved, restored = saved_model.state_dict(), target.state_dict()
+    same = saved.keys() == restored.keys() and all(
+        torch.equal(value, restored[key]) for key, value in saved.items() if torch.is_tensor(value))
+    return {"unpatched_error": unpatched_error, "dropped": dropped, "same": same}
+
+
+def test_local_spec_checkpoint_loads_into_a_request_with_extra_state(tmp_path):
+    res = run_distributed(_extra_state_rank, 1, args=(str(tmp_path),), timeout_s=TIMEOUT_S)[0]
+    assert res["unpatched_error"] is not None and "_extra_state" in res["unpatched_error"]
+    assert sorted(res["dropped"]) == [f"policy.decoder.layers.{i}.self_attention.core_attention._extra_state"
+                                      for i in range(RECOMPUTE_MODEL.num_layers)]
+    assert res["same"]
+
+
+def test_load_module_state_accepts_only_missing_extra_state():
+    from clipo_nemo.trainer.checkpoint import CheckpointError, load_module_state
+
+    module = _ModuleWithExtraState(2, 2)
+    assert "_extra_state" in module.state_dict()
+    weights = {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}
+    load_module_state(module, weights)
+    assert torch.equal(module.weight, torch.ones(2, 2))
+    with pytest.raises(CheckpointError, match="lacks \\['bias'\\]"):
+        load_module_state(module, {"weight": torch.ones(2, 2)})
+    with pytest.raises(CheckpointError, match="unexpected \\['extra'\\]"):
+        load_module_state(module, {**weights, "extra": torch.ones(1)})
+
+
+def test_transformer_engine_spec_needs_a_gpu(monkeypatch):
+    import importlib.util
+
+    from clipo_nemo.models import policy
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not policy.transformer_engine_available()  # TE importable, no GPU: megatron's local layers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert policy.transformer_engine_available()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bounded generation memory
+# ------------------------------------------------------------------------------------------------
+def test_kv_cache_bytes_per_row_hand_values():
+    from clipo_nemo.rollout.megatron_engine import kv_cache_bytes_per_row
+
+    qwen7b = ModelConfig(num_layers=28, hidden_size=3584, num_attention_heads=28, num_query_groups=4)
+    # K and V x 28 layers x 4 KV heads x 128 channels x (512 + 4096) positions x 2 bytes (bf16)
+    assert kv_cache_bytes_per_row(qwen7b, 1, 1, 4608, 2) == 2 * 28 * 4 * 128 * 4608 * 2 == 264_241_152
+    assert kv_cache_bytes_per_row(qwen7b, 2, 1, 4608, 2) == 264_241_152 // 2  # KV heads split over TP
+    assert kv_cache_bytes_per_row(qwen7b, 1, 4, 4608, 2) == 264_241_152 // 4  # layers split over PP
+    assert kv_cache_bytes_per_row(dataclasses.replace(qwen7b, kv_channels=64), 1, 1, 10, 4) == 2 * 28 * 4 * 64 * 10 * 4
+
+
+def _chunking_rank(rank, world_size):
+    from test_rollout import MAX_NEW, PROMPTS, SAMPLED, SEEDS, _build  # tests/ is on sys.path under pytest
+
+    from clipo_nemo.rollout.base import GenerationParams, build_rollout_engine
+
+    model, _, tokenizer, engine = _build(1, None)
+    params = GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED)
+    # fp32 tiny model: K,V x 2 layers x 2 KV heads x 8 channels x 4 bytes per position
+    row_bytes = 2 * 2 * 2 * 8 * 4 * (max(len(p) for p in PROMPTS) + MAX_NEW)
+    results = {"unbounded": engine().generate(PROMPTS, params, SEEDS)}
+    for name, kwargs in (("budget4", dict(kv_cache_bytes=4 * row_bytes + row_bytes // 2)),
+                         ("budget4_cap2", dict(kv_cache_bytes=4 * row_bytes, max_batch_size=2))):
+        eng = engine(**kwargs)
+        chunks = []
+        real_chunk = eng._generate_chunk
+
+        def recording_chunk(prompts, row_prompt, params, uniforms, real_chunk=real_chunk, chunks=chunks):
+            chunks.append((len(prompts), len(row_prompt)))
+            return real_chunk(prompts, row_prompt, params, uniforms)
+
+        eng._generate_chunk = recording_chunk
+        results[name] = (eng.generate(PROMPTS, params, SEEDS), chunks)
+    try:
+        engine(kv_cache_bytes=row_bytes - 1).generate(PROMPTS, params, SEEDS)
+        results["too_small"] = None
+    except ValueError as error:
+        results["too_small"] = str(error)
+    cfg = ClipoConfig()
+    cfg.model.vocab_size, cfg.rollout.kv_cache_gb = 32, 0.5
+    results["factory_budget"] = build_rollout_engine(cfg.rollout, model=model, tokenizer=tokenizer, cfg=cfg).kv_cache_bytes
+    return results
+
+
+def test_generation_chunks_follow_the_kv_budget_and_match_unbounded_generation():
+    res = run_distributed(_chunking_rank, 1, timeout_s=TIMEOUT_S)[0]
+    unbounded = res["unbounded"]
+    # 9 rows (3 prompts x 3): 4 rows fit -> chunks of 4, 4, 1 rows; a chunk may split a prompt's group
+    assert res["budget4"][1] == [(2, 4), (2, 4), (1, 1)]
+    assert res["budget4_cap2"][1] == [(1, 2), (2, 2), (1, 2), (1, 2), (1, 1)]
+    for name in ("budget4", "budget4_cap2"):
+        out = res[name][0]
+        assert torch.equal(out.tokens, unbounded.tokens) and torch.equal(out.lengths, unbounded.lengths)
+        assert out.finish_reasons == unbounded.finish_reasons
+    assert "rollout.kv_cache_gb" in res["too_small"] and "holds no response of 20 tokens" in res["too_small"]
+    assert res["factory_budget"] == 2**29
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals at start
+# ------------------------------------------------------------------------------------------------
+def _valid_cfg() -> ClipoConfig:
+    cfg = ClipoConfig()
+    cfg.task.enabled, cfg.trainer.tokenizer = True, "tiny"
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.params_dtype", "float16", "no loss scaling|loss scaling"),
+    ("model.recompute", "sometimes", "model.recompute='sometimes'"),
+    ("rollout.kv_cache_gb", 0.0, "rollout.kv_cache_gb=0.0 must be > 0"),
+    ("parallel.context_parallel_size", 2, "context_parallel_size=2 cannot be served by rollout.engine=megatron"),
+])
+def test_config_refuses_what_cannot_run(key, value, message):
+    cfg = _valid_cfg()
+    validate_config(cfg)
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, world_size=2)
+
+
+def test_layout_refuses_sequence_parallel_on_cpu():
+    from clipo_nemo.parallel.state import LayoutError, validate_layout
+
+    with pytest.raises(LayoutError, match="sequence_parallel=true needs a GPU"):
+        validate_layout(2, ModelConfig(), ParallelConfig(tensor_parallel_size=2, sequence_parallel=True),
+                        cuda_available=False)
