@@ -34,7 +34,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from clipo_nemo.conversion.mapping import ConversionError
+from clipo_nemo.config import ModelConfig
+from clipo_nemo.conversion.mapping import ConversionError, expected_hf_shapes, tensor_groups
 from clipo_nemo.models.sharding import _LOCAL_TO_CANONICAL
 
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -98,11 +99,12 @@ class DistCheckpointReader:
         for candidate in (suffix, _CANONICAL_TO_LOCAL.get(suffix)):
             if candidate is None:
                 continue
-            if f"{_STACKED_PREFIX}{candidate}" in self._model_keys:
-                return [(f"{_STACKED_PREFIX}{candidate}", layer)]
-            halves = [f"{_STACKED_PREFIX}{candidate}_{half}" for half in "wv"]
-            if all(h in self._model_keys for h in halves):
-                return [(h, layer) for h in halves]
+            stacked = f"{_STACKED_PREFIX}{candidate}"
+            halves = [f"{stacked}_{half}" for half in "wv"]
+            if stacked in self._model_keys or all(h in self._model_keys for h in halves):
+                if layer >= self.num_stacked_layers:
+                    return []
+                return [(stacked, layer)] if stacked in self._model_keys else [(h, layer) for h in halves]
             if f"{_STACKED_PREFIX}{layer}.{candidate}" in self._model_keys:
                 return [(f"{_STACKED_PREFIX}{layer}.{candidate}", None)]
         return []
@@ -121,6 +123,13 @@ class DistCheckpointReader:
         if name in PADDED_VOCAB_NAMES and rows >= self.vocab_size:
             rows = self.vocab_size
         return (rows, *shapes[0][1:])
+
+    def dtype(self, name: str) -> str:
+        """Stored dtype of ``name`` ("bfloat16", "float32", ...)."""
+        located = self._locate(name)
+        if not located:
+            raise ConversionError(f"{self.checkpoint_dir}: no tensor for {name!r} under prefix {self.prefix!r}")
+        return str(self._metadata[self.prefix + located[0][0]].dtype).removeprefix("torch.")
 
     def unused_keys(self, names: Sequence[str]) -> List[str]:
         """Stored model keys (with prefix) that none of the canonical ``names`` reads."""
@@ -145,9 +154,6 @@ class DistCheckpointReader:
                     request[request_key] = ShardedTensor.from_rank_offsets(
                         self.prefix + key, torch.empty(meta.global_shape, dtype=meta.dtype), replica_id=0)
                 else:
-                    if not 0 <= layer < meta.global_shape[0]:
-                        raise ConversionError(f"{self.checkpoint_dir}: {self.prefix + key} has "
-                                              f"{meta.global_shape[0]} layers, no layer {layer}")
                     # a [1, ...] buffer at offset ``layer`` of the layer axis (not prepend_axis_num,
                     # whose torch conversion assumes the other layers live on other ranks)
                     request[request_key] = ShardedTensor.from_rank_offsets(
@@ -185,26 +191,41 @@ def layer_batches(names: Sequence[str]) -> List[List[str]]:
     return batches
 
 
-def iter_canonical_tensors(reader: DistCheckpointReader, names: Sequence[str],
-                           allow_unused: Sequence[str] = ()) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield (canonical name, tensor) for ``names`` in order, one layer's tensors loaded at a time.
+def canonical_names(model: ModelConfig) -> List[str]:
+    """Every canonical tensor name of ``model`` in streaming order (the mapping's groups)."""
+    return [name for group in tensor_groups(model) for name in group.megatron_names]
 
-    Before yielding anything, checks that every name is stored and that no other model tensor is
-    (``allow_unused``: stored keys, with prefix, that may be left unread).
-    """
+
+def check_checkpoint_matches(reader: DistCheckpointReader, model: ModelConfig) -> None:
+    """ConversionError unless the checkpoint holds exactly ``model``'s tensors (no missing, no other
+    model tensor, the same layer count) with the shapes its description implies. Reads metadata only."""
+    names = canonical_names(model)
     missing = [name for name in names if not reader.has(name)]
     if missing:
-        raise ConversionError(f"{reader.checkpoint_dir}: missing tensors {missing[:8]}"
-                              f"{' ...' if len(missing) > 8 else ''} (prefix {reader.prefix!r})")
-    extra = [key for key in reader.unused_keys(names) if key not in allow_unused]
+        raise ConversionError(f"{reader.checkpoint_dir}: no tensor for {missing[0]!r}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} under prefix "
+                              f"{reader.prefix!r}: the checkpoint does not match the model description")
+    extra = reader.unused_keys(names)
     if extra:
         raise ConversionError(f"{reader.checkpoint_dir}: unexpected tensors {extra[:8]}"
                               f"{' ...' if len(extra) > 8 else ''}: the checkpoint does not match the model description")
-    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, names) if m}
-    if reader.num_stacked_layers is not None and reader.num_stacked_layers != len(layers):
+    if reader.num_stacked_layers is not None and reader.num_stacked_layers != model.num_layers:
         raise ConversionError(f"{reader.checkpoint_dir}: the checkpoint has {reader.num_stacked_layers} layers, "
-                              f"the model description {len(layers)}")
-    for batch in layer_batches(names):
+                              f"the model description {model.num_layers}")
+    hf_shapes = expected_hf_shapes(model)
+    for group in tensor_groups(model):
+        expected = group.to_megatron([torch.empty(hf_shapes[n], device="meta") for n in group.hf_names])
+        for name, tensor in zip(group.megatron_names, expected):
+            stored = reader.shape(name)
+            if stored != tuple(tensor.shape):
+                raise ConversionError(f"{reader.checkpoint_dir}: {name!r} is stored with shape {stored}, the "
+                                      f"model description implies {tuple(tensor.shape)}")
+
+
+def iter_canonical_tensors(reader: DistCheckpointReader, model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (canonical name, tensor) of ``model`` in streaming order, one layer's tensors loaded at a
+    time. Call :func:`check_checkpoint_matches` first (before writing anything)."""
+    for batch in layer_batches(canonical_names(model)):
         loaded = reader.read(batch)
         for name in batch:
             yield name, loaded.pop(name)

@@ -33,9 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clipo_nemo.config import ClipoConfig, ModelConfig, load_config
-from clipo_nemo.conversion.dist_reader import DistCheckpointReader, iter_canonical_tensors, single_process_group
+from clipo_nemo.conversion.dist_reader import (
+    DistCheckpointReader, check_checkpoint_matches, iter_canonical_tensors, single_process_group)
 from clipo_nemo.conversion.mapping import (
-    SUPPORTED_ARCHITECTURES, ConversionError, expected_hf_shapes, hf_config_from_model, tensor_groups)
+    SUPPORTED_ARCHITECTURES, ConversionError, hf_config_from_model, tensor_groups)
 from clipo_nemo.conversion.weights import TOKENIZER_FILES, has_tokenizer_files, is_weights_checkpoint, read_description
 
 HEAD_WEIGHTS, HEAD_DESCRIPTION = "clipo_head.safetensors", "clipo_head.json"
@@ -206,23 +207,10 @@ def _write_tokenizer(source: ExportSource, directory: Path) -> None:
             shutil.copy2(Path(source.tokenizer) / name, directory / name)
 
 
-def _check_shapes(reader: DistCheckpointReader, model: ModelConfig) -> None:
-    """Every stored tensor has the shape the model description implies (before anything is read)."""
-    hf_shapes = expected_hf_shapes(model)
-    for group in tensor_groups(model):
-        expected = group.to_megatron([torch.empty(hf_shapes[n], device="meta") for n in group.hf_names])
-        for name, tensor in zip(group.megatron_names, expected):
-            stored = reader.shape(name)
-            if stored != tuple(tensor.shape):
-                raise ConversionError(f"{reader.checkpoint_dir}: {name!r} is stored with shape {stored}, the "
-                                      f"run's model description implies {tuple(tensor.shape)}")
-
-
 def iter_hf_tensors(reader: DistCheckpointReader, model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
     """(HF name, tensor) of the whole model, converted group by group from the canonical stream."""
-    groups = tensor_groups(model)
-    stream = iter_canonical_tensors(reader, [name for g in groups for name in g.megatron_names])
-    for group in groups:
+    stream = iter_canonical_tensors(reader, model)
+    for group in tensor_groups(model):
         canonical = [next(stream) for _ in group.megatron_names]
         assert [name for name, _ in canonical] == list(group.megatron_names)
         yield from zip(group.hf_names, group.to_hf([tensor for _, tensor in canonical]))
@@ -288,8 +276,17 @@ def load_head_file(directory: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[s
 # ------------------------------------------------------------------------------------------------
 # The export
 # ------------------------------------------------------------------------------------------------
+# model.* keys that are choices of the run, not properties of the weights: the original HF value stands
+_RUN_CHOICE_KEYS = ("max_position_embeddings", "initializer_range", "attention_dropout")
+
+
 def _hf_config(source: ExportSource, dtype: str) -> Dict[str, Any]:
+    """config.json: the architecture from the run's model description; the run-choice keys and every
+    other field from the original HF config when there is one."""
     config = hf_config_from_model(source.cfg.model, source.architecture, base=source.hf_base)
+    for key in _RUN_CHOICE_KEYS:
+        if source.hf_base is not None and key in source.hf_base:
+            config[key] = source.hf_base[key]
     config["torch_dtype"] = dtype
     return config
 
@@ -315,7 +312,7 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
         shutil.rmtree(tmp)
     with single_process_group():
         reader = DistCheckpointReader(source.checkpoint / "dist", "policy.", model.vocab_size)
-        _check_shapes(reader, model)
+        check_checkpoint_matches(reader, model)
         head = _read_head(source)
         tmp.mkdir(parents=True)
         try:
