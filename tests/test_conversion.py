@@ -185,29 +185,27 @@ def test_interrupted_or_incomplete_write_leaves_nothing(tmp_path):
         WeightsWriter(tmp_path / "taken", model, "LlamaForCausalLM", {})
 
 
-# ------------------------------------------------------------------------------------------------
-# Logits against transformers, one process
-# ------------------------------------------------------------------------------------------------
-def test_single_process_logits_match_transformers(tmp_path):
-    warnings.filterwarnings("ignore")
+def test_loading_into_a_model_of_another_shape_names_the_tensors(tmp_path):
+    import dataclasses
+
     from clipo_nemo.config import ParallelConfig
     from clipo_nemo.conversion.weights import load_weights_into_model
     from clipo_nemo.models.policy import build_policy_model
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
 
-    tokens = torch.randint(0, 100, (2, 300), generator=torch.Generator().manual_seed(0))
-    causal = torch.ones(1, 1, 300, 300, dtype=torch.bool).triu(1)
+    model_cfg, _ = _write(tmp_path / "ckpt", tiny_hf_model("llama"))  # untied, 4 layers
     init_parallel_state(ParallelConfig())
     try:
-        for index, (kind, tied) in enumerate([("qwen2", False), ("llama", True)]):
-            hf = tiny_hf_model(kind, tied)
-            model_cfg, _ = _write(tmp_path / f"ckpt{index}", hf)
-            model = build_policy_model(model_cfg, ParallelConfig())
-            load_weights_into_model(model, tmp_path / f"ckpt{index}", model_cfg.vocab_size)
-            with torch.no_grad():
-                ours = model(tokens, torch.arange(300).expand_as(tokens), causal)[..., : model_cfg.vocab_size]
-                reference = hf(tokens).logits
-            assert (ours - reference).abs().max().item() < LOGIT_TOL, kind
+        for change, message in [
+            (dict(tie_word_embeddings=True), r"unexpected tensors \['output_layer.weight'\]"),
+            (dict(num_layers=3), r"unexpected tensors \['decoder.layers.3"),
+            (dict(num_layers=5), r"missing tensors \['decoder.layers.4"),
+            (dict(add_qkv_bias=True), r"missing tensors \['decoder.layers.0.self_attention.linear_qkv.bias'"),
+            (dict(ffn_hidden_size=128), r"'decoder.layers.0.mlp.linear_fc1.weight'.* shape"),
+        ]:
+            model = build_policy_model(dataclasses.replace(model_cfg, **change), ParallelConfig())
+            with pytest.raises(ConversionError, match=message):
+                load_weights_into_model(model, tmp_path / "ckpt", model_cfg.vocab_size)
     finally:
         destroy_parallel_state()
 
