@@ -18,11 +18,10 @@ from clipo_nemo.models.policy import RECOMPUTE_MODES, padded_vocab_size
 from clipo_nemo.rollout.megatron_engine import kv_cache_bytes_per_row  # noqa: F401  (the engine's own count)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# fp32 [chunk, V/t] buffers alive at the peak of one chunk of the fused log-prob pass: it keeps one
-# (logits exponentiated in place; backward blocks of half a chunk for the logit gradient and the
-# probabilities); the other half covers the temporaries of its element-wise ops and matmuls, as
-# measured on CPU (tests/test_planner.py).
-LOGPROB_CHUNK_FP32_BUFFERS = 1.5
+# fp32 [chunk, V/t] buffers alive at the peak of one chunk of the fused log-prob pass: one (forward:
+# the logits, exponentiated in place; backward: two half-chunk blocks, the logit gradient and the
+# probabilities). Measured on CPU: 1.00 forward, 1.00-1.37 backward (tests/test_planner.py).
+LOGPROB_CHUNK_FP32_BUFFERS = 1
 
 
 def dtype_bytes(model: ModelConfig) -> int:
@@ -125,21 +124,22 @@ def stage_activation_bytes(model: ModelConfig, tp: int, pp: int, stage: int, tok
     ``tokens`` per micro-batch (``T``, padding included), rows of ``seq_len``. In 1F1B the stage holds
     ``pp - stage`` micro-batches in flight. ``recompute="full"`` (megatron's uniform method, blocks of
     ``recompute_num_layers``) keeps each block's input ``h`` per token and rebuilds one block at a
-    time in backward. The last stage adds the final norm (``3h``).
+    time in backward. The last stage adds the final norm (``3h``). Sequence parallel splits the
+    tensors between layers (and the norms') over TP.
     """
     b = DTYPE_BYTES[model.params_dtype]
     layers = model.num_layers // pp
     in_flight = pp - stage
     per_layer = activation_elements_per_token(model, tp, seq_len, recompute="none" if recompute == "full" else recompute,
                                               flash_attention=flash_attention, sequence_parallel=sequence_parallel)
+    hidden = model.hidden_size / (tp if sequence_parallel else 1)  # [s(/t), b, h] tensors between layers
     if recompute == "full":
         block = max(1, min(recompute_num_layers, layers))
-        checkpoints = -(-layers // block) * model.hidden_size
-        elements = in_flight * checkpoints * tokens + block * per_layer * tokens
+        elements = in_flight * -(-layers // block) * hidden * tokens + block * per_layer * tokens
     else:
         elements = in_flight * layers * per_layer * tokens
     if stage == pp - 1:
-        elements += 3 * model.hidden_size * tokens
+        elements += 3 * hidden * tokens
     return int(elements * b)
 
 
@@ -157,21 +157,27 @@ def vocab_rows_per_rank(model: ModelConfig, tp: int) -> int:
 
 
 def logprob_pass_bytes(model: ModelConfig, tp: int, tokens: int, chunk: int, *, with_grad: bool) -> int:
-    """Temporaries of the fused output-layer + log-prob/entropy pass (``models/logprobs.py``) on the
-    last stage, which never materialises [T, V] logits.
+    """Peak temporaries of the fused output-layer + log-prob/entropy pass (``models/logprobs.py``) on
+    the last stage, which never materialises [T, V] logits.
 
-    Forward: per chunk of ``c = min(chunk, T)`` positions, :data:`LOGPROB_CHUNK_FP32_BUFFERS` fp32
-    [c, V_p / t] buffers, plus the matmul's output in the compute dtype when that is not fp32.
-    Backward: blocks of about as many logits, plus the output weight's gradient [V_p / t, h] in the
-    compute dtype, the fp32 gradient of the scored hidden states [T, h] and their gathered copy [T, h].
+    Forward: :data:`LOGPROB_CHUNK_FP32_BUFFERS` fp32 [c, V_p / t] buffers for ``c = min(chunk, T)``
+    positions (plus the matmul's output in the compute dtype before its upcast when that is not
+    fp32) and the gathered scored hidden states [T, h]. Backward (``with_grad``; the forward's
+    buffers are gone by then): as many logits in blocks (plus half a chunk in the compute dtype: the
+    block's matmul output and the cast gradient), the output weight's gradient [V_p / t, h] in the
+    compute dtype, the fp32 gradient of the scored hidden states [T, h] and the saved [T, h].
     """
     vocab = vocab_rows_per_rank(model, tp)
     b = DTYPE_BYTES[model.params_dtype]
-    per_logit = LOGPROB_CHUNK_FP32_BUFFERS * 4 + (b if b != 4 else 0)
-    total = int(per_logit * min(chunk, tokens) * vocab) + tokens * model.hidden_size * b
-    if with_grad:
-        total += vocab * model.hidden_size * b + tokens * model.hidden_size * 4
-    return total
+    low = b if b != 4 else 0
+    logits = min(chunk, tokens) * vocab
+    scored = tokens * model.hidden_size * b
+    forward = logits * (LOGPROB_CHUNK_FP32_BUFFERS * 4 + low) + scored
+    if not with_grad:
+        return forward
+    backward = (logits * (LOGPROB_CHUNK_FP32_BUFFERS * 4 + low / 2) + vocab * model.hidden_size * b
+                + tokens * model.hidden_size * 4 + scored)
+    return int(max(forward, backward))
 
 
 def head_parameters(hidden_size: int, dim: int, head_type: str, tp: int, tp_mode: str) -> int:

@@ -46,17 +46,19 @@ class Layout:
     pp: int
     cp: int
     dp: int
+    sequence_parallel: bool
     tokens_per_micro_batch: int  # T: padded tokens of one micro-batch (token budget or rows x longest)
     recompute: str
     kv_cache_gib: float
     generation_rows: int  # rows decoded together (the largest chunk: training or validation)
-    reference_offload: bool
+    reference: str  # "none" (no KL term), "offloaded" (CPU between its passes) or "on GPU"
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = TP {self.tp} x PP {self.pp} x CP {self.cp} x DP {self.dp}, "
+        return (f"world {self.world_size} = TP {self.tp} x PP {self.pp} x CP {self.cp} x DP {self.dp}"
+                f"{' (sequence parallel)' if self.sequence_parallel else ''}, "
                 f"{self.tokens_per_micro_batch} tokens/micro-batch, recompute={self.recompute}, "
                 f"{self.generation_rows} generation rows (KV budget {self.kv_cache_gib:g} GiB), "
-                f"reference {'offloaded' if self.reference_offload else 'on GPU'}")
+                f"reference {self.reference}")
 
 
 @dataclass
@@ -161,8 +163,9 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
     if par.max_tokens_per_micro_batch and par.max_tokens_per_micro_batch < seq_len:
         notes.append(f"parallel.max_tokens_per_micro_batch={par.max_tokens_per_micro_batch} is below the "
                      f"longest row ({seq_len} tokens): such a row is a micro-batch of its own")
-    layout = Layout(world_size, tp, pp, cp, dp, tokens, model.recompute, cfg.rollout.kv_cache_gb, generation.rows,
-                    cfg.actor.reference_offload)
+    reference = "none" if cfg.algorithm.kl_loss_coef == 0 else "offloaded" if cfg.actor.reference_offload else "on GPU"
+    layout = Layout(world_size, tp, pp, cp, dp, par.sequence_parallel, tokens, model.recompute, cfg.rollout.kv_cache_gb, generation.rows,
+                    reference)
 
     plans = [_stage_plan(cfg, layout, stage, seq_len, generation, on_gpu, flash, gpu_memory_gib, notes)
              for stage in sorted({0, pp - 1})]

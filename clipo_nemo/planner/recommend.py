@@ -4,6 +4,7 @@ Shapes are those of the public Hugging Face ``config.json`` files of each model.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional
 
@@ -61,7 +62,8 @@ def _divisors(n: int) -> List[int]:
 
 def candidate_configs(base: ClipoConfig, model: ModelConfig, world_size: int) -> Iterator[ClipoConfig]:
     """``base``'s run settings with ``model``, over TP (1, 2, 4, 8), PP, recompute, reference
-    offload, micro-batch token budgets and KV budgets (every combination megatron can build)."""
+    offload, sequence parallel, micro-batch token budgets and KV budgets (every combination megatron
+    can build)."""
     seq_len = base.data.max_prompt_length + base.rollout.max_new_tokens
     for tp in (1, 2, 4, 8):
         if tp > min(GPUS_PER_NODE, world_size) or model.num_query_groups % tp or model.num_attention_heads % tp:
@@ -69,16 +71,16 @@ def candidate_configs(base: ClipoConfig, model: ModelConfig, world_size: int) ->
         for pp in _divisors(model.num_layers):
             if world_size % (tp * pp) or (base.trainer.prompts_per_step % (world_size // (tp * pp))):
                 continue
-            for recompute in ("none", "selective", "full"):
-                for offload in (False, True):
-                    for rows in MICRO_BATCH_ROWS:
-                        for kv in KV_BUDGETS_GIB:
-                            yield replace(
-                                base, model=replace(model, recompute=recompute, recompute_num_layers=1),
-                                parallel=replace(base.parallel, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                                                 context_parallel_size=1, max_tokens_per_micro_batch=rows * seq_len),
-                                actor=replace(base.actor, reference_offload=offload),
-                                rollout=replace(base.rollout, kv_cache_gb=kv, max_batch_size=None))
+            for recompute, offload, sequence_parallel, rows, kv in itertools.product(
+                    ("none", "selective", "full"), (False, True), (False, True) if tp > 1 else (False,),
+                    MICRO_BATCH_ROWS, KV_BUDGETS_GIB):
+                yield replace(
+                    base, model=replace(model, recompute=recompute, recompute_num_layers=1),
+                    parallel=replace(base.parallel, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                     context_parallel_size=1, sequence_parallel=sequence_parallel,
+                                     max_tokens_per_micro_batch=rows * seq_len),
+                    actor=replace(base.actor, reference_offload=offload),
+                    rollout=replace(base.rollout, kv_cache_gb=kv, max_batch_size=None))
 
 
 def relative_cost(plan: MemoryPlan, rows_per_micro_batch: int) -> float:
@@ -88,7 +90,7 @@ def relative_cost(plan: MemoryPlan, rows_per_micro_batch: int) -> float:
     layout = plan.layout
     cost = RECOMPUTE_COST[layout.recompute] * (1 + TP_COST_PER_DOUBLING * (layout.tp.bit_length() - 1))
     cost *= 1 + (layout.pp - 1) / 8
-    cost += OFFLOAD_COST if layout.reference_offload else 0.0
+    cost += OFFLOAD_COST if layout.reference == "offloaded" else 0.0
     cost *= 1 + 0.01 * (8 - rows_per_micro_batch) + 2.0 / max(layout.generation_rows, 1)
     return cost
 
