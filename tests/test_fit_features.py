@@ -131,10 +131,10 @@ def test_bf16_policy_trains_and_matches_fp32_logprobs_reference_is_bf16():
     # The reference is built like the policy: bf16 too, never an fp32 copy.
     assert res["reference_dtypes"] == {torch.bfloat16} and res["reference_bytes"] == res["policy_bytes"]
     fp32, bf16 = res["fp32"][res["mask"]], res["bf16"][res["mask"]]
-    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.002 per op): log-probs of a 4-layer
-    # model with |log p| ~ 5 agree to a few hundredths; a wrong cast or an fp16 overflow would not.
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.002): log-probs with |log p| ~ 5 carry
+    # ~0.01 of rounding. Measured here: max 0.0037, mean 0.0009; the bounds leave 5x.
     err = (bf16.float() - fp32).abs()
-    assert float(err.max()) < 0.1 and float(err.mean()) < 0.03, (float(err.max()), float(err.mean()))
+    assert float(err.max()) < 0.02 and float(err.mean()) < 0.005, (float(err.max()), float(err.mean()))
     assert res["changed"] > 0 and res["finite"]
 
 
