@@ -394,8 +394,11 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         problems.append("model.params_dtype='float16' is not supported: fp16 training needs dynamic loss scaling, "
                         "which is not wired to the policy loss here; use 'bfloat16' (same memory, no loss scaling)")
     choice("model.recompute", cfg.model.recompute, ("none", "selective", "full"))
-    if cfg.model.recompute == "full" and cfg.model.recompute_num_layers < 1:
-        problems.append(f"model.recompute_num_layers={cfg.model.recompute_num_layers} must be >= 1 with recompute=full")
+    stage_layers = cfg.model.num_layers // max(cfg.parallel.pipeline_parallel_size, 1)
+    if cfg.model.recompute == "full" and (cfg.model.recompute_num_layers < 1
+                                          or stage_layers % cfg.model.recompute_num_layers):
+        problems.append(f"model.recompute_num_layers={cfg.model.recompute_num_layers} must be >= 1 and divide the "
+                        f"{stage_layers} layers of a pipeline stage (recompute=full recomputes blocks of that many)")
     positive("rollout.kv_cache_gb", roll.kv_cache_gb)
     if roll.max_batch_size is not None and roll.max_batch_size < 1:
         problems.append(f"rollout.max_batch_size={roll.max_batch_size} must be >= 1 (or null: kv_cache_gb decides)")
