@@ -381,6 +381,15 @@ def test_config_refuses_what_cannot_run(key, value, message):
         validate_config(cfg, world_size=2)
 
 
+def test_config_refuses_recompute_blocks_that_do_not_divide_a_stage():
+    cfg = _valid_cfg()
+    cfg.model.recompute, cfg.model.recompute_num_layers = "full", 2  # the default model has 2 layers
+    validate_config(cfg)
+    cfg.parallel.pipeline_parallel_size = 2  # 1 layer per stage
+    with pytest.raises(ConfigError, match="recompute_num_layers=2 must be >= 1 and divide the 1 layers"):
+        validate_config(cfg, world_size=2)
+
+
 def test_layout_refuses_sequence_parallel_on_cpu():
     from clipo_nemo.parallel.state import LayoutError, validate_layout
 
