@@ -158,7 +158,8 @@ def _offload_rank(rank, world_size):
     def recording_move(module, device, *, pin=False):
         assert module is offloaded.reference
         real_move(module, device, pin=pin)
-        events.append(("move", str(device), pin, {str(p.device) for p in module.parameters()}))
+        pinned = torch.cuda.is_available() and all(p.is_pinned() for p in module.parameters())
+        events.append(("move", str(device), pin, {str(p.device) for p in module.parameters()}, pinned))
 
     actor_module.move_module = recording_move
     offloaded.reference.register_forward_pre_hook(lambda module, args: events.append(("forward",)))
@@ -184,11 +185,13 @@ def test_reference_offload_moves_weights_around_the_pass_and_gives_the_same_logp
     assert torch.equal(res["plain"], res["offloaded"])
     events = res["events"]
     # onload to the compute device, the forward passes (one per micro-batch), offload back to CPU
-    # (pinned only on a GPU machine); then the failing pass: still offloaded afterwards.
+    # (pinned on a GPU machine; on CPU both moves are no-ops); then the failing pass: still offloaded.
+    on_gpu = torch.cuda.is_available()
+    compute = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
     first_offload = next(i for i, e in enumerate(events) if e[0] == "move" and i > 0)
-    assert events[0][:2] == ("move", "cpu") and all(e == ("forward",) for e in events[1:first_offload])
-    assert first_offload > 1
-    assert events[first_offload] == ("move", "cpu", torch.cuda.is_available(), {"cpu"})
+    assert events[0] == ("move", compute, False, {compute}, False)
+    assert first_offload > 1 and all(e == ("forward",) for e in events[1:first_offload])
+    assert events[first_offload] == ("move", "cpu", on_gpu, {"cpu"}, on_gpu)
     assert [e[0] for e in events[first_offload + 1:]] == ["move", "forward", "move", "raised"]
     assert res["devices_after"] == {"cpu"}
 
