@@ -258,10 +258,19 @@ def _track(name: str, *overrides: str) -> ClipoConfig:
 
 
 @pytest.mark.parametrize("name", ["track1", "track2"])
-def test_track_configs_fit_on_8_gpus_of_80_gib(name):
-    plan = plan_memory(_track(name), 8, 80)
+@pytest.mark.parametrize("flash_attention", [True, False])  # with / without Transformer Engine
+def test_track_configs_fit_on_8_gpus_of_80_gib(name, flash_attention):
+    plan = plan_memory(_track(name), 8, 80, flash_attention=flash_attention)
     assert plan.fits, plan.table()
     assert plan.total_bytes < 0.9 * 80 * GIB, plan.table()  # headroom for what is not calibrated
+
+
+def test_the_old_track2_layout_does_not_fit():
+    """TP 1 and 16 rows of 4,608 tokens per micro-batch (the layout before the planner)."""
+    plan = plan_memory(_track("track2", "parallel.tensor_parallel_size=1", "parallel.max_tokens_per_micro_batch=0",
+                              "parallel.micro_batch_size=16", "model.recompute=none"), 8, 80)
+    assert not plan.fits and plan.peak_phase == "update"
+    assert plan.components["activations"] > 80 * GIB
 
 
 def test_llama3_70b_config_fits_on_8_nodes_but_not_on_4():

@@ -8,7 +8,8 @@ component and phase (rollout, log-prob passes, update) for the worst pipeline st
 of recommended layouts, each planned with the config's run settings (batch, lengths, group size).
 Last line: ``fits: yes (<total> GiB of <budget> GiB per GPU)`` or ``fits: no (...)``; exit status
 0 or 1. ``--world-size`` defaults to max(8, TP x PP x CP); ``--gpu-mem-gib`` to
-``trainer.gpu_memory_gib`` (80 if that is 0).
+``trainer.gpu_memory_gib`` (80 if that is 0). Attention is planned as Transformer Engine's fused
+attention (the NGC container) unless ``--local-attention``.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-mem-gib", type=float, default=None, help="per-GPU memory budget (GiB)")
     parser.add_argument("--world-size", type=int, default=None, help="GPUs of the run")
     parser.add_argument("--no-recommendations", action="store_true", help="only the config's own plan")
+    parser.add_argument("--local-attention", action="store_true",
+                        help="plan for megatron's local (unfused) attention: GPUs without Transformer Engine")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
 
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     world = args.world_size or max(8, par.tensor_parallel_size * par.pipeline_parallel_size * par.context_parallel_size)
     budget = args.gpu_mem_gib or cfg.trainer.gpu_memory_gib or 80.0
     try:
-        plan = plan_memory(cfg, world, budget)
+        plan = plan_memory(cfg, world, budget, flash_attention=not args.local_attention)
     except ValueError as error:  # a layout that cannot be planned at all (world size, KV budget)
         print(f"fits: no ({error})")
         return 1

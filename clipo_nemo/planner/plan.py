@@ -238,11 +238,20 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
 
 def check_memory_plan(cfg: ClipoConfig, world_size: int, *, on_gpu: bool) -> Optional[MemoryPlan]:
     """The trainer's start-up check: None when ``trainer.gpu_memory_gib`` is 0 (no check); else the
-    plan, raising :class:`MemoryPlanError` with the breakdown when the layout does not fit."""
+    plan, raising :class:`MemoryPlanError` with the breakdown when the layout does not fit.
+
+    It runs on every device: on a CPU-only machine it plans with the CPU accounting (``torch.optim``
+    state, no CUDA overhead, unfused attention) against the same budget, which the small CPU
+    configs meet by orders of magnitude and the real models do not.
+    """
+    from clipo_nemo.models.policy import transformer_engine_available
+
     budget = cfg.trainer.gpu_memory_gib
     if budget <= 0:
         return None
-    plan = plan_memory(cfg, world_size, budget, on_gpu=on_gpu)
+    # The attention the run will use: Transformer Engine's fused attention, else megatron's local one.
+    plan = plan_memory(cfg, world_size, budget, on_gpu=on_gpu,
+                       flash_attention=on_gpu and transformer_engine_available())
     if not plan.fits:
         raise MemoryPlanError(
             f"this layout does not fit trainer.gpu_memory_gib={budget:g} per GPU (set it to 0 to skip the "
