@@ -7,8 +7,9 @@
 Both at TP=1 and TP=2 (two gloo processes, each holding half of the vocabulary; the second half
 holds the padding), for log-probs, entropy and the gradients w.r.t. hidden states and weight, with
 chunk sizes that do and do not divide the number of positions, temperature != 1. Also: what autograd
-keeps between forward and backward is never vocabulary-sized, and the policy forward pass gives the
-same outputs and gradients with tiny and with large chunks under TP=2.
+keeps between forward and backward is never vocabulary-sized, and the whole policy forward pass
+(megatron GPTModel, TP=2, chunks of 3 positions) matches the dense Qwen2 oracle of
+tests/test_policy_forward.py, outputs and gradients.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Callable, Dict, Tuple
 import pytest
 import torch
 
+from clipo_nemo.models.forward import PolicyOutputs
 from clipo_nemo.models.logprobs import VocabShard, fused_logprobs_and_entropy
 from clipo_nemo.parallel.launcher import run_distributed
 
@@ -233,3 +235,27 @@ def test_two_tensor_parallel_shards_match_dense_reference_and_previous_function(
             _assert_close(results[chunk], dense, rows, 1e-5, f"rows {rows}, chunk {chunk} vs dense")
             _assert_close(results[chunk], results["previous"], slice(None), 1e-5,
                           f"rows {rows}, chunk {chunk} vs previous")
+
+
+def _policy_rank_with_small_chunks(rank: int, world_size: int):
+    """tests/test_policy_forward.py's layout runner (random weights, forward, backward, gathered
+    gradients) with the policy passes scoring 3 positions per chunk."""
+    import test_policy_forward as policy_test
+
+    from clipo_nemo.models import forward
+
+    forward.compute_policy_outputs = functools.partial(forward.compute_policy_outputs, logprob_chunk_size=3)
+    forward.forward_backward_policy = functools.partial(forward.forward_backward_policy, logprob_chunk_size=3)
+    return policy_test._run_layout(rank, world_size, policy_test.MODEL, world_size, 1, None)
+
+
+def test_policy_forward_in_small_chunks_matches_dense_model():
+    import test_policy_forward as policy_test
+
+    results = run_distributed(_policy_rank_with_small_chunks, 2, timeout_s=150)
+    state = results[0]["state"]
+    logprobs, entropy, pooled = policy_test._oracle_outputs(state)
+    grads = policy_test._oracle_grads(state)
+    for result in results:
+        policy_test._assert_outputs_close(result["outputs"], PolicyOutputs(logprobs, entropy, pooled))
+        assert policy_test._max_diff(result["grads"], grads) < policy_test.TOL
