@@ -150,7 +150,6 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
     dp = world_size // (tp * pp * cp)
     seq_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     tokens = micro_batch_tokens(cfg)
-    b = c.dtype_bytes(model)
     notes: List[str] = []
 
     ev = cfg.evaluation
@@ -164,8 +163,8 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
         notes.append(f"parallel.max_tokens_per_micro_batch={par.max_tokens_per_micro_batch} is below the "
                      f"longest row ({seq_len} tokens): such a row is a micro-batch of its own")
     reference = "none" if cfg.algorithm.kl_loss_coef == 0 else "offloaded" if cfg.actor.reference_offload else "on GPU"
-    layout = Layout(world_size, tp, pp, cp, dp, par.sequence_parallel, tokens, model.recompute, cfg.rollout.kv_cache_gb, generation.rows,
-                    reference)
+    layout = Layout(world_size, tp, pp, cp, dp, par.sequence_parallel, tokens, model.recompute,
+                    cfg.rollout.kv_cache_gb, generation.rows, reference)
 
     plans = [_stage_plan(cfg, layout, stage, seq_len, generation, on_gpu, flash, gpu_memory_gib, notes)
              for stage in sorted({0, pp - 1})]
@@ -188,7 +187,7 @@ def _generation(cfg: ClipoConfig, tp: int, pp: int, label: str, max_new_tokens: 
     model, b = cfg.model, c.dtype_bytes(cfg.model)
     per_row = c.kv_cache_bytes_per_row(model, tp, pp, cfg.data.max_prompt_length + max_new_tokens, b)
     rows = generation_rows(cfg, per_row, rows_needed)
-    prompts = -(-rows // n) + 1  # a chunk may start and end inside a prompt's n rows
+    prompts = min(-(-rows // n) + 1, rows)  # a chunk may start and end inside a prompt's n rows
     vocab = c.vocab_rows_per_rank(model, 1)
     logits = prompts * cfg.data.max_prompt_length * vocab * b + 3 * rows * vocab * 4
     return Generation(label, rows, rows * per_row, logits)
