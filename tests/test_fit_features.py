@@ -316,9 +316,19 @@ def test_kv_cache_bytes_per_row_hand_values():
 def _chunking_rank(rank, world_size):
     from test_rollout import MAX_NEW, PROMPTS, SAMPLED, SEEDS, _build  # tests/ is on sys.path under pytest
 
+    import clipo_nemo.rollout.megatron_engine as engine_module
     from clipo_nemo.rollout.base import GenerationParams, build_rollout_engine
 
     model, _, tokenizer, engine = _build(1, None)
+    cache_bytes = []  # megatron's KV-cache tensors, measured after each resize of the cache rows
+    real_keep_rows = engine_module._keep_cache_rows
+
+    def measuring_keep_rows(context, rows):
+        real_keep_rows(context, rows)
+        cache_bytes.append(sum(t.numel() * t.element_size()
+                               for kv in context.key_value_memory_dict.values() for t in kv))
+
+    engine_module._keep_cache_rows = measuring_keep_rows
     params = GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED)
     # fp32 tiny model: K,V x 2 layers x 2 KV heads x 8 channels x 4 bytes per position
     row_bytes = 2 * 2 * 2 * 8 * 4 * (max(len(p) for p in PROMPTS) + MAX_NEW)
@@ -334,12 +344,15 @@ def _chunking_rank(rank, world_size):
             return real_chunk(prompts, row_prompt, params, uniforms)
 
         eng._generate_chunk = recording_chunk
-        results[name] = (eng.generate(PROMPTS, params, SEEDS), chunks)
+        cache_bytes.clear()
+        results[name] = (eng.generate(PROMPTS, params, SEEDS), chunks, max(cache_bytes))
     try:
         engine(kv_cache_bytes=row_bytes - 1).generate(PROMPTS, params, SEEDS)
         results["too_small"] = None
     except ValueError as error:
         results["too_small"] = str(error)
+    results["formula_row_bytes"] = engine_module.kv_cache_bytes_per_row(model.config, 1, 1, 20, 4)
+    results["row_bytes"] = row_bytes
     cfg = ClipoConfig()
     cfg.model.vocab_size, cfg.rollout.kv_cache_gb = 32, 0.5
     results["factory_budget"] = build_rollout_engine(cfg.rollout, model=model, tokenizer=tokenizer, cfg=cfg).kv_cache_bytes
@@ -352,6 +365,10 @@ def test_generation_chunks_follow_the_kv_budget_and_match_unbounded_generation()
     # 9 rows (3 prompts x 3): 4 rows fit -> chunks of 4, 4, 1 rows; a chunk may split a prompt's group
     assert res["budget4"][1] == [(2, 4), (2, 4), (1, 1)]
     assert res["budget4_cap2"][1] == [(1, 2), (2, 2), (1, 2), (1, 2), (1, 1)]
+    # The cache megatron really allocated: the first chunk (longest prompt, 12 + 8 = 20 positions)
+    # holds exactly 4 rows of the formula's bytes, and no chunk holds more.
+    assert res["formula_row_bytes"] == res["row_bytes"]
+    assert res["budget4"][2] == 4 * res["row_bytes"] and res["budget4_cap2"][2] == 2 * res["row_bytes"]
     for name in ("budget4", "budget4_cap2"):
         out = res[name][0]
         assert torch.equal(out.tokens, unbounded.tokens) and torch.equal(out.lengths, unbounded.lengths)
