@@ -11,6 +11,13 @@ undoes its own); ``actor/padding_frac`` reports the padding computed.
 Optimizer: on GPU megatron's own (distributed optimizer, fp32 main grads, its grad clipping); on CPU,
 where megatron's optimizers assert CUDA tensors, ``torch.optim`` on the DDP main grads with a grad
 norm computed over the model-parallel group (TP duplicates and shared weights counted once).
+``torch.optim`` steps the parameters themselves: a bf16 model on CPU has no fp32 master copy (updates
+far below bf16's resolution are lost), so CPU bf16 checks that bf16 runs, while real bf16 training
+is the GPU path with megatron's fp32 main parameters.
+
+Reference policy (KL loss on): built like the policy, in ``model.params_dtype`` (a bf16 policy has a
+bf16 reference, never an fp32 copy); with ``actor.reference_offload`` its weights stay in CPU memory
+(pinned on GPU machines) except during :meth:`Actor.reference_logprobs`.
 """
 from __future__ import annotations
 
