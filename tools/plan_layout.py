@@ -27,7 +27,7 @@ from clipo_nemo.planner import GIB, plan_memory, recommendations  # noqa: E402
 def _recommendation_table(cfg, budget_gib: float) -> str:
     lines = [f"recommended layouts (run settings of this config, plans within 90% of {budget_gib:g} GiB):",
              f"{'model':<13}{'GPUs':>5}{'TP':>4}{'SP':>4}{'PP':>4}{'DP':>4}{'tokens/mb':>11}{'recompute':>11}"
-             f"{'KV GiB':>8}{'ref':>9}{'GiB/GPU':>9}  note"]
+             f"{'KV GiB':>8}{'ref':>11}{'GiB/GPU':>9}  note"]
     for rec in recommendations(cfg, budget_gib):
         if rec.plan is None:
             lines.append(f"{rec.model:<13}{rec.world_size:>5}  no layout fits")
@@ -37,7 +37,7 @@ def _recommendation_table(cfg, budget_gib: float) -> str:
         lines.append(f"{rec.model:<13}{rec.world_size:>5}{lay.tp:>4}{'yes' if lay.sequence_parallel else 'no':>4}"
                      f"{lay.pp:>4}{lay.dp:>4}"
                      f"{lay.tokens_per_micro_batch:>11}{lay.recompute:>11}{lay.kv_cache_gib:>8g}"
-                     f"{lay.reference:>9}{rec.plan.total_bytes / GIB:>9.1f}  {note}")
+                     f"{lay.reference:>11}{rec.plan.total_bytes / GIB:>9.1f}  {note}")
     return "\n".join(lines)
 
 
