@@ -387,6 +387,9 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         problems.append(f"rollout.top_p={roll.top_p} must be in (0, 1]")
     if algo.dual_clip_c is not None and algo.dual_clip_c <= 1:
         problems.append(f"algorithm.dual_clip_c={algo.dual_clip_c} must be > 1 (or null)")
+    if act.optimizer == "sgd" and act.use_distributed_optimizer:
+        problems.append("actor.optimizer=sgd needs actor.use_distributed_optimizer=false: megatron's distributed "
+                        "optimizer supports Adam only (GPU runs)")
     if trainer.keep_last < 1:
         problems.append(f"trainer.keep_last={trainer.keep_last} must be >= 1")
     choice("model.params_dtype", cfg.model.params_dtype, ("float32", "bfloat16", "float16"))
