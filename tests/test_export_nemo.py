@@ -69,7 +69,8 @@ def _run_config(ckpt: Path, run_dir: Path):
     from clipo_nemo.trainer.loop import use_converted_checkpoint
 
     cfg = load_config(ROOT / "examples" / "conf" / "tiny.yaml", [
-        f"trainer.init_from={ckpt}", f"trainer.output_dir={run_dir}", "parallel.tensor_parallel_size=2", "contrastive.head.tp_mode=column", "contrastive.head.dim=8"])
+        f"trainer.init_from={ckpt}", f"trainer.output_dir={run_dir}", "parallel.tensor_parallel_size=2",
+        "contrastive.head.tp_mode=column", "contrastive.head.dim=8"])
     cfg.trainer.tokenizer = ""  # the checkpoint's tokenizer
     for field in ("vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "num_layers",
                   "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
@@ -425,7 +426,8 @@ def test_reader_reads_swiglu_halves_local_norm_names_per_layer_keys_and_cuts_voc
         dist_checkpointing.save({k: ShardedTensor.from_rank_offsets(k, v, replica_id=0) for k, v in stored.items()},
                                 str(tmp_path))
         reader = DistCheckpointReader(tmp_path, "p.", vocab_size=5)
-        got = reader.read(["decoder.layers.2.mlp.linear_fc1.weight", "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
+        got = reader.read(["decoder.layers.2.mlp.linear_fc1.weight",
+                           "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
                            "decoder.layers.1.mlp.linear_fc2.weight", "embedding.word_embeddings.weight"])
     assert torch.equal(got["decoder.layers.2.mlp.linear_fc1.weight"], torch.cat([gate[2], up[2]]))
     assert torch.equal(got["decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"], norm[2])

@@ -86,7 +86,8 @@ class DistCheckpointReader:
         stacked = {v.global_shape[0] for k, v in self._model_keys.items()
                    if k.startswith(_STACKED_PREFIX) and not k[len(_STACKED_PREFIX)].isdigit()}
         if len(stacked) > 1:
-            raise ConversionError(f"{checkpoint_dir}: stacked layer tensors disagree on the layer count {sorted(stacked)}")
+            raise ConversionError(f"{checkpoint_dir}: stacked layer tensors disagree on the layer count "
+                                  f"{sorted(stacked)}")
         self.num_stacked_layers: Optional[int] = stacked.pop() if stacked else None
 
     # ----------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class DistCheckpointReader:
                 if tensor.shape[0] < self.vocab_size:
                     raise ConversionError(f"{self.checkpoint_dir}: {name!r} has {tensor.shape[0]} vocabulary rows, "
                                           f"fewer than vocab_size={self.vocab_size}")
-                tensor = tensor[: self.vocab_size].clone()
+                tensor = tensor[: self.vocab_size]  # a view: writers copy what they keep
             out[name] = tensor
         return out
 
@@ -207,8 +208,9 @@ def check_checkpoint_matches(reader: DistCheckpointReader, model: ModelConfig) -
                               f"{reader.prefix!r}: the checkpoint does not match the model description")
     extra = reader.unused_keys(names)
     if extra:
-        raise ConversionError(f"{reader.checkpoint_dir}: unexpected tensors {extra[:8]}"
-                              f"{' ...' if len(extra) > 8 else ''}: the checkpoint does not match the model description")
+        more = " ..." if len(extra) > 8 else ""
+        raise ConversionError(f"{reader.checkpoint_dir}: unexpected tensors {extra[:8]}{more}: the checkpoint does "
+                              "not match the model description")
     if reader.num_stacked_layers is not None and reader.num_stacked_layers != model.num_layers:
         raise ConversionError(f"{reader.checkpoint_dir}: the checkpoint has {reader.num_stacked_layers} layers, "
                               f"the model description {model.num_layers}")

@@ -38,6 +38,7 @@ from clipo_nemo.conversion.dist_reader import (
 from clipo_nemo.conversion.mapping import (
     SUPPORTED_ARCHITECTURES, ConversionError, hf_config_from_model, tensor_groups)
 from clipo_nemo.conversion.weights import TOKENIZER_FILES, has_tokenizer_files, is_weights_checkpoint, read_description
+from clipo_nemo.trainer.checkpoint import FORMAT_VERSION, latest_checkpoint
 
 HEAD_WEIGHTS, HEAD_DESCRIPTION = "clipo_head.safetensors", "clipo_head.json"
 HEAD_FORMAT, HEAD_VERSION = "clipo-head", 1
@@ -71,7 +72,9 @@ class HFShardWriter:
         self._shards: List[List[str]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().contiguous().clone()  # own storage: safetensors refuses shared views
+        tensor = tensor.detach().contiguous()
+        if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a view into a bigger tensor: safetensors refuses shared storage
         nbytes = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.shard_size_bytes:
             self._flush()
@@ -124,8 +127,6 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Tuple[Path, Path]:
     """(step directory, run directory) of a run directory (its ``latest``) or a ``step_N`` directory."""
-    from clipo_nemo.trainer.checkpoint import latest_checkpoint
-
     path = Path(path)
     if not path.is_dir():
         raise ConversionError(f"checkpoint {path} is not a directory")
@@ -153,6 +154,8 @@ def resolve_export_source(path: str | os.PathLike, architecture: Optional[str] =
         raise ConversionError(f"{run_dir} has no config.yaml: the model description of {step} is unknown")
     cfg = load_config(config_path)
     meta = _read_json(step / "meta.json")
+    if meta.get("format") != FORMAT_VERSION:
+        raise ConversionError(f"{step}/meta.json: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
     init_from = cfg.trainer.init_from
     converted = bool(init_from) and is_weights_checkpoint(init_from)
     description = read_description(init_from) if converted else {}
@@ -186,8 +189,8 @@ def _tokenizer_source(cfg: ClipoConfig, converted: bool) -> str:
     return str(found)
 
 
-def _write_tokenizer(source: ExportSource, directory: Path) -> None:
-    """The tokenizer files into ``directory``; its size is checked against the vocabulary first."""
+def _load_tokenizer(source: ExportSource):
+    """The run's tokenizer; ConversionError if it has more tokens than the model's vocabulary."""
     if source.tokenizer == "tiny":
         from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
 
@@ -199,6 +202,11 @@ def _write_tokenizer(source: ExportSource, directory: Path) -> None:
     if len(tokenizer) > source.cfg.model.vocab_size:
         raise ConversionError(f"the tokenizer ({source.tokenizer}) has {len(tokenizer)} tokens, more than "
                               f"model.vocab_size={source.cfg.model.vocab_size}")
+    return tokenizer
+
+
+def _write_tokenizer(source: ExportSource, tokenizer, directory: Path) -> None:
+    """The tokenizer files into ``directory`` (copied as they are; the tiny one saved)."""
     if source.tokenizer == "tiny":
         tokenizer.save_pretrained(str(directory))
         return
@@ -268,7 +276,8 @@ def load_head_file(directory: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[s
     state = load_file(str(directory / HEAD_WEIGHTS))
     expected = {name: tuple(shape) for name, shape in description["tensors"].items()}
     if set(state) != set(_head_names(description["type"])) or {k: tuple(v.shape) for k, v in state.items()} != expected:
-        raise ConversionError(f"{directory / HEAD_WEIGHTS}: tensors {sorted((k, tuple(v.shape)) for k, v in state.items())} "
+        found = sorted((k, tuple(v.shape)) for k, v in state.items())
+        raise ConversionError(f"{directory / HEAD_WEIGHTS}: tensors {found} "
                               f"do not match the {description['type']!r} head described as {sorted(expected.items())}")
     return description, state
 
@@ -314,9 +323,10 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
         reader = DistCheckpointReader(source.checkpoint / "dist", "policy.", model.vocab_size)
         check_checkpoint_matches(reader, model)
         head = _read_head(source)
+        tokenizer = _load_tokenizer(source)
         tmp.mkdir(parents=True)
         try:
-            _write_tokenizer(source, tmp)
+            _write_tokenizer(source, tokenizer, tmp)
             shards = HFShardWriter(tmp, shard_size_bytes)
             for name, tensor in iter_hf_tensors(reader, model):
                 shards.add(name, tensor.to(_DTYPES[dtype]))
