@@ -8,9 +8,10 @@ Pure PyTorch math: no process groups here. The sums and the max over the vocabul
 Memory: the logits are never materialised for all positions. The forward pass computes them for
 ``chunk_size`` positions at a time (one [chunk, V_shard] float32 buffer) and keeps only
 per-position statistics; the backward pass recomputes them for all N positions in blocks of
-vocabulary columns ([N, block] float32, two buffers of half a chunk's size) and forms d(hidden) and
-d(weight) block by block. Autograd saves only the hidden states, the weight (a reference) and three
-[N] vectors. Peak extra memory: about one float32 [chunk, V_shard] buffer (plus the gradients).
+vocabulary columns ([N, block] float32, two buffers of a quarter of a chunk's logits each) and
+forms d(hidden) and d(weight) block by block. Autograd saves only the hidden states, the weight (a
+reference) and three [N] vectors. Peak extra memory: forward about one float32 [chunk, V_shard]
+buffer; backward the weight gradient plus half of that.
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def fused_logprobs_and_entropy(
             are computed in that dtype, as the output layer does, then upcast to float32).
         weight: [V_shard, H] this shard's output-layer rows, ids ``vocab_start .. vocab_start+V_shard-1``.
         labels: [N] global token ids, each < ``vocab_size``.
-        chunk_size: positions per forward chunk; the backward's vocabulary blocks hold half as many
-            logits (``chunk_size * V_shard / 2``).
+        chunk_size: positions per forward chunk; the backward's vocabulary blocks hold a quarter as
+            many logits (``chunk_size * V_shard / 4``).
         reduce_sum: sums an [n] or [k, n] tensor over all shards. Called only in the forward pass
             (under autograd's custom function, so its own backward is irrelevant); the backward pass
             needs no communication: every shard's gradient follows from the reduced statistics, and
@@ -154,8 +155,10 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
         grad_weight = torch.empty_like(weight) if want_weight else None  # every row block is written below
         # d logprob / dz_v = [v = label] - p_v ; d entropy / dz_v = -p_v (log p_v + entropy).
-        # Two float32 [N, block] buffers are live, so a block holds half of a forward chunk's logits.
-        block = max(1, min(shard_size, -(-ctx.chunk_size * shard_size // max(2 * positions, 1))))
+        # Two float32 [N, block] buffers are live next to the [V_shard, H] weight gradient being
+        # written; each holds a quarter of a forward chunk's logits, so together they take half of
+        # the forward's buffer (the matmuls stay large: N rows by thousands of columns).
+        block = max(1, min(shard_size, -(-ctx.chunk_size * shard_size // max(4 * positions, 1))))
         for first in range(0, shard_size, block):
             last = min(first + block, shard_size)
             grad_z = _scaled_logits(hidden, weight[first:last], first, shard)  # [N, v]
