@@ -3,7 +3,7 @@
 Oracles: the original Hugging Face safetensors (export must give them back bit for bit),
 ``transformers`` logits of the exported directory against our megatron model's logits, the head
 weights the trainer checkpoint was saved from, and the HF-path conversion of the same weights (a
-NeMo checkpoint written by megatron's own ``dist_checkpointing.save`` from a GPTModel at TP=2 must
+NeMo checkpoint written by megatron's own ``dist_checkpointing.save`` from a GPTModel at TP=2 x PP=2 must
 convert to exactly those tensors).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ GENERATION = {"bos_token_id": 1, "eos_token_id": 1, "do_sample": True, "temperat
 
 
 # ------------------------------------------------------------------------------------------------
-# Inputs built here: tiny HF models, their conversion, trainer and NeMo checkpoints written at TP=2
+# Inputs built here: tiny HF models, their conversion, trainer and NeMo checkpoints written at TP=2 x PP=2
 # ------------------------------------------------------------------------------------------------
 def _tiny_hf(directory: Path, architecture: str, seed: int) -> Path:
     """A random tiny HF model (every tensor perturbed, biases too), tiny tokenizer, generation config."""
@@ -64,13 +64,13 @@ def _hf_tensors(directory: Path) -> dict:
 
 
 def _run_config(ckpt: Path, run_dir: Path):
-    """The tiny trainer config for a run started from the converted checkpoint ``ckpt`` at TP=2."""
+    """The tiny trainer config for a run started from the converted checkpoint ``ckpt`` at TP=2 x PP=2."""
     from clipo_nemo.config import load_config
     from clipo_nemo.trainer.loop import use_converted_checkpoint
 
     cfg = load_config(ROOT / "examples" / "conf" / "tiny.yaml", [
         f"trainer.init_from={ckpt}", f"trainer.output_dir={run_dir}", "parallel.tensor_parallel_size=2",
-        "contrastive.head.tp_mode=column", "contrastive.head.dim=8"])
+        "parallel.pipeline_parallel_size=2",        "contrastive.head.tp_mode=column", "contrastive.head.dim=8"])
     cfg.trainer.tokenizer = ""  # the checkpoint's tokenizer
     for field in ("vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "num_layers",
                   "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
@@ -79,8 +79,8 @@ def _run_config(ckpt: Path, run_dir: Path):
     return cfg
 
 
-def _save_at_tp2(rank, world_size, jobs):
-    """For each job: build the actor at TP=2, load the converted weights, save a trainer checkpoint
+def _save_at_tp2_pp2(rank, world_size, jobs):
+    """For each job: build the actor at TP=2 x PP=2, load the converted weights, save a trainer checkpoint
     (with the run's config.yaml) and the GPTModel's NeMo-style dist checkpoints."""
     from megatron.core import dist_checkpointing
     from omegaconf import OmegaConf
@@ -141,7 +141,7 @@ def _write_nemo2(root: Path, model, hf_dir: Path) -> None:
 def _nemo1_config(model, hf_dir: Path) -> dict:
     """model_config.yaml of a NeMo 1 megatron_gpt Llama 3.1 model (as NeMo's HF converters write it)."""
     return {
-        "mcore_gpt": True, "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
+        "mcore_gpt": True, "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
         "encoder_seq_length": model.max_position_embeddings, "max_position_embeddings": model.max_position_embeddings,
         "num_layers": model.num_layers, "hidden_size": model.hidden_size, "ffn_hidden_size": model.ffn_hidden_size,
         "num_attention_heads": model.num_attention_heads, "num_query_groups": model.num_query_groups,
@@ -166,7 +166,7 @@ def _tar(source_dir: Path, archive: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Two tiny HF models (Qwen2 untied; Llama 3.1 tied, RoPE scaling), their HF-path conversions,
-    trainer checkpoints saved at TP=2, a NeMo 2 directory (Qwen2) and a NeMo 1 .nemo (Llama)."""
+    trainer checkpoints saved at TP=2 x PP=2, a NeMo 2 directory (Qwen2) and a NeMo 1 .nemo (Llama)."""
     from clipo_nemo.conversion.convert import convert_hf
     from clipo_nemo.conversion.weights import model_config_of
     from clipo_nemo.parallel.launcher import run_distributed
@@ -183,7 +183,7 @@ def built(tmp_path_factory):
         jobs.append({"cfg": cfg, "ckpt": str(ckpt), "run_dir": str(root / f"run_{name}"),
                      "nemo_weights": {prefix: str(nemo_weights)}})
         out[name] = {"hf": hf, "ckpt": ckpt, "cfg": cfg, "run": root / f"run_{name}"}
-    heads = run_distributed(_save_at_tp2, 2, args=(jobs,), timeout_s=TIMEOUT_S)[0]
+    heads = run_distributed(_save_at_tp2_pp2, 4, args=(jobs,), timeout_s=TIMEOUT_S)[0]
     out["qwen2"]["head"], out["llama"]["head"] = heads
     _write_nemo2(root / "nemo2", model_config_of(out["qwen2"]["ckpt"]), out["qwen2"]["hf"])
     nemo1_config = _nemo1_config(model_config_of(out["llama"]["ckpt"]), out["llama"]["hf"])
@@ -193,7 +193,7 @@ def built(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------
-# (a) HF -> converted -> actor at TP=2 -> trainer checkpoint -> export: the original tensors back
+# (a) HF -> converted -> actor at TP=2 x PP=2 -> trainer checkpoint -> export: the original tensors back
 # ------------------------------------------------------------------------------------------------
 def _export_tool(*args):
     return subprocess.run([sys.executable, "tools/export_to_hf.py", *map(str, args)], cwd=ROOT,
