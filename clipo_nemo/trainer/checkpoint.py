@@ -272,8 +272,7 @@ def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents:
     popt = contents["policy_optimizer"]
     if popt is not None:
         if _is_megatron_optimizer(actor.optimizer):
-            if loading:
-                _allocate_megatron_optimizer_state(actor.optimizer)
+            _allocate_megatron_optimizer_state(actor.optimizer)
             sharded["policy_optimizer"] = actor.optimizer.sharded_state_dict(
                 policy, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         else:
@@ -293,10 +292,13 @@ def _allocate_megatron_optimizer_state(optimizer: Any) -> None:
     """Give a megatron optimizer that has not stepped yet the per-parameter state a step would create.
 
     Without Apex/Transformer Engine, megatron's optimizers wrap ``torch.optim.Adam``, and their
-    ``state_dict()`` (called to build the load request) reads each parameter's ``step``, which torch
-    only creates at the first step; megatron's own ``init_state_fn`` allocates the moments but not
-    ``step``. Found on an H100 (resume of a fresh run failed in ``DistributedOptimizer.state_dict``).
-    The zeros are placeholders: ``load_state_dict`` replaces them with the checkpoint's values.
+    ``state_dict()`` (called to build both the save and the load request) reads each parameter's
+    ``step``, which torch only creates at the first step; megatron's own ``init_state_fn`` allocates
+    the moments but not ``step``. Found on an H100: a checkpoint saved after the contrastive warm-up
+    (head-only steps, no policy step yet) and the resume of a fresh run both failed in
+    ``DistributedOptimizer.state_dict``. Zero moments at step 0 are exactly Adam's fresh state (the
+    next step counts as the first), and when loading they are placeholders that ``load_state_dict``
+    replaces. Parameters that already have state are left alone.
     """
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(sub, "optimizer", None)
