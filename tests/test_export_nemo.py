@@ -390,6 +390,8 @@ def test_nemo_import_refuses_bad_inputs_before_writing(built, tmp_path):
         convert_with(num_layers=1)
     with pytest.raises(ConversionError, match="tokenizer .* has 32 tokens, more than the model's vocab_size=16"):
         convert_with(vocab_size=16)
+    with pytest.raises(ConversionError, match="add_qkv_bias=False does not fit Qwen2ForCausalLM"):
+        convert_with(add_qkv_bias=False)
     with pytest.raises(ConversionError, match="not a Qwen2 or Llama GPT config"):
         convert_with(_target_="nemo.collections.llm.gpt.model.mistral.MistralConfig7B")
     with pytest.raises(ConversionError, match="TP=3"):

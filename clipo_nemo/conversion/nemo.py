@@ -175,6 +175,9 @@ def open_nemo2(path: Path) -> NemoSource:
         raise ConversionError(f"{model_yaml} has no 'config:' block with the GPT config")
     model = model_config_from_nemo2(config, f"{model_yaml} config")
     architecture = _nemo2_architecture(str(config.get("_target_", "")), model, f"{model_yaml} config")
+    if model.add_qkv_bias != (architecture == "Qwen2ForCausalLM"):
+        raise ConversionError(f"{model_yaml} config: add_qkv_bias={model.add_qkv_bias} does not fit {architecture} "
+                              f"(_target_ {config.get('_target_')!r})")
     tokenizer = path / "context" / "nemo_tokenizer"
     return NemoSource(NEMO2, model, architecture, path / "weights", "module.",
                       tokenizer if tokenizer.is_dir() else None)
