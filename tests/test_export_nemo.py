@@ -289,6 +289,9 @@ def test_trained_policy_exported_gives_our_logits_in_transformers_and_its_head_l
     assert theirs.shape == ours.shape == (3, 12, cfg.model.vocab_size)
     assert (theirs - ours).abs().max() < 1e-4
     assert json.loads((run / "checkpoints" / "step_2" / "meta.json").read_text())["step"] == 2  # trained 2 steps
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # no original HF config: ids from the tokenizer
+    assert hf.config.eos_token_id == tokenizer.eos_token_id == hf.generation_config.eos_token_id is not None
+    assert hf.config.pad_token_id == tokenizer.pad_token_id is not None
     description, state = load_head_file(out)
     restored = ContrastiveHead(description["hidden_size"], description["dim"], description["type"])
     restored.load_state_dict(state)

@@ -5,7 +5,9 @@ What :func:`export_to_hf` writes into ``out``::
     config.json                        the architecture (Qwen2ForCausalLM / LlamaForCausalLM) and every
                                        model field; other fields from the original HF config when the
                                        run started from a converted checkpoint (``trainer.init_from``)
-    generation_config.json             carried over from that checkpoint (when it has one)
+    generation_config.json             carried over from that checkpoint; without one (a run from
+                                       scratch, a NeMo source) the tokenizer's bos/eos/pad ids, which
+                                       then also go into config.json
     model-00001-of-0000N.safetensors   HF tensors, shards of at most ``shard_size_bytes`` (one bigger
                                        tensor gets a shard of its own)
     model.safetensors.index.json       {"metadata": {"total_size": bytes}, "weight_map": {name: shard}}
@@ -289,6 +291,12 @@ def load_head_file(directory: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[s
 _RUN_CHOICE_KEYS = ("max_position_embeddings", "initializer_range", "attention_dropout")
 
 
+def _token_ids(tokenizer) -> Dict[str, int]:
+    """The tokenizer's special token ids HF configs carry (those it has)."""
+    ids = {f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id", None) for kind in ("bos", "eos", "pad")}
+    return {key: value for key, value in ids.items() if value is not None}
+
+
 def _hf_config(source: ExportSource, dtype: str) -> Dict[str, Any]:
     """config.json: the architecture from the run's model description; the run-choice keys and every
     other field from the original HF config when there is one."""
@@ -316,6 +324,7 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
     if dtype not in _DTYPES:
         raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
     config = _hf_config(source, dtype)
+    generation = source.generation_config
     tmp = out.parent / f".tmp-{out.name}"
     if tmp.exists():  # left by an export that was killed: ours to remove
         shutil.rmtree(tmp)
@@ -324,6 +333,10 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
         check_checkpoint_matches(reader, model)
         head = _read_head(source)
         tokenizer = _load_tokenizer(source)
+        if source.hf_base is None:
+            config.update(_token_ids(tokenizer))
+        if generation is None:
+            generation = _token_ids(tokenizer)
         tmp.mkdir(parents=True)
         try:
             _write_tokenizer(source, tokenizer, tmp)
@@ -332,8 +345,7 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
                 shards.add(name, tensor.to(_DTYPES[dtype]))
             index = shards.close()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-            if source.generation_config is not None:
-                (tmp / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
             if head is not None:
                 save_file(head[1], str(tmp / HEAD_WEIGHTS), metadata={"format": "pt"})
                 (tmp / HEAD_DESCRIPTION).write_text(json.dumps(head[0], indent=2))
