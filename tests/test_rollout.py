@@ -6,6 +6,7 @@ for sampled runs); a single process for TP=2. Real gloo processes run the model.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -109,6 +110,39 @@ def _build(tp: int, full_state):
     return model, full_state, tokenizer, lambda **kw: MegatronRolloutEngine(model, tokenizer, vocab_size=VOCAB, **kw)
 
 
+@contextlib.contextmanager
+def _recording_output_layer_shapes(model):
+    """Yields a list that collects (input shape, output shape) of every ``output_layer`` call."""
+    shapes = []
+    handle = model.output_layer.register_forward_hook(
+        lambda module, inputs, output: shapes.append((tuple(inputs[0].shape), tuple(output[0].shape))))
+    try:
+        yield shapes
+    finally:
+        handle.remove()
+
+
+def _generate_with_full_prefill_logits(engine, params):
+    """The engine's error message when megatron would return logits at every prompt position."""
+    from megatron.core.inference import contexts
+
+    real = contexts.StaticInferenceContext
+
+    class FullLogitsContext(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.materialize_only_last_token_logits = False
+
+    contexts.StaticInferenceContext = FullLogitsContext
+    try:
+        engine.generate(PROMPTS, params, SEEDS)
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        contexts.StaticInferenceContext = real
+    return None
+
+
 @torch.no_grad()
 def _oracle_generate(model, prompt, max_new, pick):
     """Full re-forward per step (no KV cache); ``pick(step, logits [1, V]) -> token``."""
@@ -129,9 +163,12 @@ def _single_process_rank(rank, world_size):
     try:
         res = {"state": state, "eos": tok.eos_token_id}
         greedy = GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0)
-        res["greedy"] = engine().generate(PROMPTS, greedy, SEEDS)
+        with _recording_output_layer_shapes(model) as res["output_layer_shapes"]:
+            res["greedy"] = engine().generate(PROMPTS, greedy, SEEDS)
         model.eval()
         res["greedy_oracle"] = [_oracle_generate(model, p, MAX_NEW, lambda s, lg: lg.argmax(-1)) for p in PROMPTS]
+
+        res["full_prefill_refused"] = _generate_with_full_prefill_logits(engine(), greedy)
 
         sampled = GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED)
         res["sampled"] = engine().generate(PROMPTS, sampled, SEEDS)
@@ -164,12 +201,13 @@ def _single_process_rank(rank, world_size):
 def _tp_rank(rank, world_size, full_state):
     from clipo_nemo.parallel.state import destroy_parallel_state
 
-    _, _, _, engine = _build(world_size, full_state)
+    model, _, _, engine = _build(world_size, full_state)
     try:
-        return {
-            "greedy": engine().generate(PROMPTS, GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0), SEEDS),
-            "sampled": engine().generate(PROMPTS, GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED), SEEDS),
-        }
+        res = {}
+        with _recording_output_layer_shapes(model) as res["output_layer_shapes"]:
+            res["greedy"] = engine().generate(PROMPTS, GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0), SEEDS)
+        res["sampled"] = engine().generate(PROMPTS, GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED), SEEDS)
+        return res
     finally:
         destroy_parallel_state()
 
@@ -236,9 +274,31 @@ def test_seeded_determinism_independent_of_batch_order_and_chunking(single):
     assert len({tuple(r) for r in _rows(base, 0, 9)}) > 3  # samples within a group differ
 
 
+def _assert_logits_only_where_sampled(shapes):
+    """The output layer sees one position per row, never [rows, prompt_len, ...]: prefill (the
+    first call, all prompts up to the shortest one's length) gives [1, prompts, V_pad] gathered
+    over TP, each decode step [1, rows, V_pad]."""
+    vocab_padded = 40  # VOCAB rounded up to make_vocab_size_divisible_by * TP
+    shortest = min(len(p) for p in PROMPTS)
+    assert shortest > 1  # a prefill with full logits would show up as [shortest, prompts, V_pad]
+    assert shapes[0] == ((1, len(PROMPTS), MODEL.hidden_size), (1, len(PROMPTS), vocab_padded))
+    # one call per step: prefill, then one per position up to the longest prompt + MAX_NEW - 1 at most
+    assert 1 < len(shapes) <= 1 + max(len(p) for p in PROMPTS) + MAX_NEW - 1 - shortest
+    for hidden, logits in shapes[1:]:
+        assert hidden[0] == 1 and logits[0] == 1 and logits[2] == vocab_padded and hidden[1] == logits[1] <= 2 * len(PROMPTS)
+
+
+def test_prefill_computes_logits_only_at_the_last_prompt_position(single):
+    _assert_logits_only_where_sampled(single["output_layer_shapes"])
+    # a megatron that returned every prompt position's logits would be refused, not used
+    shortest = min(len(p) for p in PROMPTS)
+    assert f"logits for {shortest} positions of a {shortest}-token forward" in single["full_prefill_refused"]
+
+
 def test_tensor_parallel_2_gives_the_single_process_tokens(single):
     ranks = run_distributed(_tp_rank, 2, args=(single["state"],), timeout_s=240)
     for rank, res in enumerate(ranks):
+        _assert_logits_only_where_sampled(res["output_layer_shapes"])
         for name in ("greedy", "sampled"):
             assert torch.equal(res[name].tokens, single[name].tokens), f"rank {rank} {name}"
             assert res[name].finish_reasons == single[name].finish_reasons

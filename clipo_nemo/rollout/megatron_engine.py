@@ -27,6 +27,15 @@ Steps per chunk: prefill each of its prompts once, copy its KV cache to its resp
 then decode one token per step for all rows; rows that finished are dropped from the cache once
 they are at least half of it.
 
+Logits exist only where a token is sampled: megatron's ``StaticInferenceContext`` sets
+``materialize_only_last_token_logits``, so ``GPTModel.forward`` (in eval mode, with that context)
+feeds only the last position of its input to the output layer. Prefill over ``p`` prompts up to the
+shortest prompt's length therefore makes [p, 1, V] logits (V = the padded vocabulary, gathered over
+TP: every TP rank holds all of it), never [p, prompt_len, V]; each decode step makes [rows, 1, V].
+Per step the engine then holds, on every TP rank: those logits in the model's dtype (fp32 behind
+megatron's Float16Module), one float32 [rows, V] copy of the real vocabulary, and the sampling
+temporaries of :func:`clipo_nemo.rollout.sampling.filtered_probs` (float64 [rows, V] tensors).
+
 Determinism: response ``j`` of a prompt with seed ``s`` consumes its own uniforms
 (:func:`clipo_nemo.rollout.sampling.response_uniforms`), so its tokens depend only on its prompt,
 ``(s, j)``, the parameters and the weights, not on its batch-mates, their order or chunking, as long
@@ -214,12 +223,23 @@ class MegatronRolloutEngine:
         return RolloutOutput(tokens, lengths, reasons, prompt_index, self.pad_token_id)
 
     def _forward_last_logits(self, tokens: torch.Tensor, start: int, context, mask) -> torch.Tensor:
-        """Logits [rows, vocab_size] (float32, gathered over TP) after feeding ``tokens`` [rows, s] at
-        positions ``start .. start+s-1``; the KV cache in ``context`` grows by ``s``."""
+        """Logits [rows, vocab_size] (float32, gathered over TP) at the last of ``tokens`` [rows, s]
+        fed at positions ``start .. start+s-1``; the KV cache in ``context`` grows by ``s``.
+
+        Only that position reaches the output layer: ``GPTModel.forward`` in inference mode with a
+        ``StaticInferenceContext`` (``materialize_only_last_token_logits``) slices the final-norm
+        output to its last position first, so a prefill of ``s`` tokens makes [rows, 1, V] logits,
+        never [rows, s, V]; a megatron that stopped doing so is an error, not a silent memory blow-up.
+        """
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
         logits = self.model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
+        if logits.shape[1] != 1:
+            raise RuntimeError(
+                f"megatron returned logits for {logits.shape[1]} positions of a {tokens.shape[1]}-token forward: "
+                "this engine needs GPTModel to slice to the last position under a StaticInferenceContext "
+                "(materialize_only_last_token_logits), as megatron-core 0.16 does")
         context.sequence_len_offset += tokens.shape[1]
-        return logits[:, -1, : self.vocab_size].float()
+        return logits[:, 0, : self.vocab_size].float()
 
     def _generate_chunk(
         self, prompts: Sequence[Sequence[int]], row_prompt: torch.Tensor, params: GenerationParams,
