@@ -376,7 +376,8 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
                        ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),
                        ("rollout.max_new_tokens", roll.max_new_tokens), ("trainer.prompts_per_step", trainer.prompts_per_step),
                        ("trainer.max_consecutive_nonfinite", trainer.max_consecutive_nonfinite),
-                       ("actor.logprob_chunk_size", act.logprob_chunk_size)):
+                       ("actor.logprob_chunk_size", act.logprob_chunk_size),
+                       ("parallel.micro_batch_size", cfg.parallel.micro_batch_size)):
         positive(key, value)
     for key, value in (("rollout.temperature", roll.temperature), ("contrastive.warmup_steps", con.warmup_steps),
                        ("trainer.max_steps", trainer.max_steps), ("trainer.save_every_steps", trainer.save_every_steps),
@@ -431,7 +432,7 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         problems.append(f"responses per DP rank ({responses} / {dp}) must divide into actor.num_mini_batches="
                         f"{act.num_mini_batches} mini-batches (micro-batches are packed by "
                         f"parallel.max_tokens_per_micro_batch={cfg.parallel.max_tokens_per_micro_batch})")
-    elif cfg.parallel.max_tokens_per_micro_batch == 0 and (
+    elif cfg.parallel.max_tokens_per_micro_batch == 0 and cfg.parallel.micro_batch_size > 0 and (
             (responses // dp) % (act.num_mini_batches * cfg.parallel.micro_batch_size)):
         problems.append(f"responses per DP rank ({responses} / {dp}) must divide into actor.num_mini_batches="
                         f"{act.num_mini_batches} mini-batches of whole parallel.micro_batch_size="

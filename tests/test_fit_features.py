@@ -152,48 +152,79 @@ def _offload_rank(rank, world_size):
     offloaded.module.load_state_dict(plain.module.state_dict())
     plain.sync_reference()
     offloaded.sync_reference()  # writes into the offloaded (CPU) parameters
+    reference = offloaded.reference
+
+    def tensors():
+        return [*reference.parameters(), *reference.buffers()]
+
+    def where():  # devices, pinned (on a GPU machine) and storage addresses of the reference's tensors
+        return ({str(t.device) for t in tensors()}, torch.cuda.is_available() and all(t.is_pinned() for t in tensors()),
+                [t.data_ptr() for t in tensors()])
+
+    host_before = where()
+    host_values = [t.detach().clone() for t in tensors()]
     events = []
-    real_move = actor_module.move_module
-
-    def recording_move(module, device, *, pin=False):
-        assert module is offloaded.reference
-        real_move(module, device, pin=pin)
-        pinned = torch.cuda.is_available() and all(p.is_pinned() for p in module.parameters())
-        events.append(("move", str(device), pin, {str(p.device) for p in module.parameters()}, pinned))
-
-    actor_module.move_module = recording_move
-    offloaded.reference.register_forward_pre_hook(lambda module, args: events.append(("forward",)))
+    # After Actor.build nothing moves the reference with move_module (a copy back to the host) again.
+    actor_module.move_module = lambda *args, **kwargs: events.append(("move_module",))
+    reference.register_forward_pre_hook(lambda module, args: events.append(("forward", where())))
     tokens, mask, _, _ = make_global_batch(plain_cfg)
     batch = PolicyBatch(tokens, mask)
-    ref_plain, ref_offloaded = plain.reference_logprobs(batch), offloaded.reference_logprobs(batch)
+    ref_plain = plain.reference_logprobs(batch)
+    uses = [offloaded.reference_logprobs(batch) for _ in range(2)]
+    after_uses = where()
 
     def failing_forward(module, args):
         raise RuntimeError("forward failed")
 
-    handle = offloaded.reference.register_forward_pre_hook(failing_forward)
+    handle = reference.register_forward_pre_hook(failing_forward)
     try:
         offloaded.reference_logprobs(batch)
     except RuntimeError:
         events.append(("raised",))
     handle.remove()
-    return {"plain": ref_plain, "offloaded": ref_offloaded, "events": events,
-            "devices_after": {str(p.device) for p in offloaded.reference.parameters()}}
+    return {"plain": ref_plain, "uses": uses, "events": events, "host_before": host_before,
+            "after_uses": after_uses, "after_failure": where(),
+            "values_kept": all(torch.equal(a, b) for a, b in zip(host_values, tensors()))}
 
 
-def test_reference_offload_moves_weights_around_the_pass_and_gives_the_same_logprobs():
+def test_reference_offload_copies_weights_in_for_each_pass_never_back_and_gives_the_same_logprobs():
     res = run_distributed(_offload_rank, 1, timeout_s=TIMEOUT_S)[0]
-    assert torch.equal(res["plain"], res["offloaded"])
-    events = res["events"]
-    # onload to the compute device, the forward passes (one per micro-batch), offload back to CPU
-    # (pinned on a GPU machine; on CPU both moves are no-ops); then the failing pass: still offloaded.
+    assert all(torch.equal(res["plain"], logprobs) for logprobs in res["uses"])
     on_gpu = torch.cuda.is_available()
     compute = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
-    first_offload = next(i for i, e in enumerate(events) if e[0] == "move" and i > 0)
-    assert events[0] == ("move", compute, False, {compute}, False)
-    assert first_offload > 1 and all(e == ("forward",) for e in events[1:first_offload])
-    assert events[first_offload] == ("move", "cpu", on_gpu, {"cpu"}, on_gpu)
-    assert [e[0] for e in events[first_offload + 1:]] == ["move", "forward", "move", "raised"]
-    assert res["devices_after"] == {"cpu"}
+    host_devices, host_pinned, host_ptrs = res["host_before"]
+    assert host_devices == {"cpu"} and host_pinned == on_gpu
+    # Between and after uses (a failing one too) the reference holds the very same CPU tensors: no
+    # new host copy was made, so nothing was copied back from the device.
+    assert res["after_uses"] == res["host_before"] and res["after_failure"] == res["host_before"]
+    assert res["values_kept"]
+    # Inside each pass (one forward per micro-batch): fresh tensors on the compute device (on a
+    # CPU-only machine the CPU tensors themselves), then the failing pass.
+    events = res["events"]
+    assert events[-1] == ("raised",) and len(events) > 3
+    assert ("move_module",) not in events
+    for event in events[:-1]:
+        devices, _, ptrs = event[1]
+        assert devices == {compute}
+        assert all((p != h) if on_gpu else (p == h) for p, h in zip(ptrs, host_ptrs))
+
+
+def test_device_copies_of_host_tensors_leave_the_host_tensors_in_place(monkeypatch):
+    from clipo_nemo.trainer.actor import _device_copies_of_host_tensors
+
+    layer = torch.nn.Linear(3, 2)
+    layer.register_buffer("scale", torch.arange(2.0))
+    host = [(t.data_ptr(), t.detach().clone()) for t in (*layer.parameters(), *layer.buffers())]
+    # No second device here: a host-to-device copy is stood in for by a clone (a new tensor).
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: self.clone())
+    with _device_copies_of_host_tensors(layer, torch.device("cpu")):
+        inside = list((*layer.parameters(), *layer.buffers()))
+        assert all(t.data_ptr() != ptr for t, (ptr, _) in zip(inside, host))
+        for t in inside:
+            t.data.add_(1.0)  # were the copies written back, the host tensors would change
+    monkeypatch.undo()
+    after = list((*layer.parameters(), *layer.buffers()))
+    assert all(t.data_ptr() == ptr and torch.equal(t, value) for t, (ptr, value) in zip(after, host))
 
 
 def test_move_module_keeps_parameter_objects_and_values():
@@ -416,3 +447,29 @@ def test_layout_refuses_sequence_parallel_on_cpu():
     with pytest.raises(LayoutError, match="sequence_parallel=true needs a GPU"):
         validate_layout(2, ModelConfig(), ParallelConfig(tensor_parallel_size=2, sequence_parallel=True),
                         cuda_available=False)
+
+
+def test_layout_and_config_need_whole_micro_batches_only_without_a_token_budget():
+    from clipo_nemo.parallel.state import LayoutError, validate_layout
+
+    cfg = _valid_cfg()  # 128 prompts x 16 responses = 2048 per step
+    cfg.parallel.micro_batch_size = 3  # 2048 is not a multiple of 3
+
+    def check(world_size):
+        validate_config(cfg, world_size=world_size)
+        return validate_layout(world_size, cfg.model, cfg.parallel, batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n,
+                               group_size=cfg.rollout.n, cuda_available=False)
+
+    with pytest.raises(ConfigError, match="micro_batch_size=3"):
+        validate_config(cfg, world_size=2)
+    with pytest.raises(LayoutError, match=r"per-rank batch 1024 \(batch 2048 / DP 2\) is not divisible by "
+                                          r"parallel.micro_batch_size=3"):
+        validate_layout(2, cfg.model, cfg.parallel, batch_size=2048, group_size=16, cuda_available=False)
+    cfg.parallel.max_tokens_per_micro_batch = 4096  # token budget: micro_batch_size is unused
+    assert check(2) == 2
+    cfg.parallel.micro_batch_size = 0
+    with pytest.raises(ConfigError, match="parallel.micro_batch_size=0 must be > 0"):
+        validate_config(cfg, world_size=2)
+    cfg.parallel.max_tokens_per_micro_batch = 0
+    with pytest.raises(ConfigError, match="parallel.micro_batch_size=0 must be > 0"):  # not a ZeroDivisionError
+        validate_config(cfg, world_size=2)

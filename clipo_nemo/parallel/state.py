@@ -100,10 +100,12 @@ def validate_layout(
             problems.append(f"batch size {batch_size} is not a whole number of groups of {group_size}")
         if batch_size % dp != 0:
             problems.append(f"batch size {batch_size} is not divisible by data-parallel size {dp}")
-        elif (batch_size // dp) % parallel.micro_batch_size != 0:
+        elif parallel.max_tokens_per_micro_batch == 0 and (batch_size // dp) % parallel.micro_batch_size != 0:
+            # With a token budget (> 0) micro-batches are packed by tokens and micro_batch_size is unused.
             problems.append(
                 f"per-rank batch {batch_size // dp} (batch {batch_size} / DP {dp}) is not divisible by "
-                f"parallel.micro_batch_size={parallel.micro_batch_size}"
+                f"parallel.micro_batch_size={parallel.micro_batch_size} (fixed micro-batches: "
+                "parallel.max_tokens_per_micro_batch=0)"
             )
     if problems:
         raise LayoutError(

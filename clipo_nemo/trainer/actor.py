@@ -17,11 +17,13 @@ is the GPU path with megatron's fp32 main parameters.
 
 Reference policy (KL loss on): built like the policy, in ``model.params_dtype`` (a bf16 policy has a
 bf16 reference, never an fp32 copy); with ``actor.reference_offload`` its weights stay in CPU memory
-(pinned on GPU machines) except during :meth:`Actor.reference_logprobs`.
+(pinned on GPU machines): each :meth:`Actor.reference_logprobs` copies them to the GPU once and drops
+that copy afterwards, never copying back (the CPU tensors are the source of truth).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
@@ -144,15 +146,13 @@ class Actor:
     @contextlib.contextmanager
     def _reference_on_device(self) -> Iterator[None]:
         """With ``actor.reference_offload`` the reference's weights live in CPU memory (pinned on a GPU
-        machine) and are on the compute device only inside this block; otherwise they stay put."""
+        machine, moved there once in :meth:`build`) and are on the compute device only inside this
+        block; otherwise they stay put."""
         if not self.cfg.actor.reference_offload:
             yield
             return
-        move_module(self.reference, compute_device())
-        try:
+        with _device_copies_of_host_tensors(self.reference, compute_device()):
             yield
-        finally:
-            move_module(self.reference, torch.device("cpu"), pin=torch.cuda.is_available())
 
     # ----------------------------------------------------------------------------------------------
     def update(self, batch: PolicyBatch) -> Dict[str, float]:
@@ -263,6 +263,26 @@ class Actor:
             values = all_reduce_values(values, parallel_state.get_data_parallel_group())
             values = [v if k in summed else v / dp_size for k, v in zip(keys, values)]
         return broadcast_from_last_stage(dict(zip(keys, values)))
+
+
+@contextlib.contextmanager
+def _device_copies_of_host_tensors(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Inside the block ``module``'s parameters and buffers hold fresh copies on ``device`` of their
+    CPU tensors; afterwards they hold those same CPU tensors again and the copies are dropped.
+
+    For a frozen module whose CPU tensors are the source of truth (the offloaded reference): each
+    use costs one host-to-device copy and no copy back. The CPU tensors are never replaced, so
+    writes made between uses (``load_state_dict`` of a new reference) land in them. With ``device``
+    = CPU nothing moves.
+    """
+    hosts = [(tensor, tensor.data) for tensor in itertools.chain(module.parameters(), module.buffers())]
+    for tensor, host in hosts:
+        tensor.data = host.to(device, non_blocking=True)
+    try:
+        yield
+    finally:
+        for tensor, host in hosts:
+            tensor.data = host
 
 
 def _padding_metrics(plan: MicroBatchPlan) -> Dict[str, float]:
