@@ -426,7 +426,9 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
     mp = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size * cfg.parallel.context_parallel_size
     dp = max(world_size // max(mp, 1), 1)
     responses = trainer.prompts_per_step * roll.n
-    if trainer.prompts_per_step % dp:
+    if trainer.prompts_per_step < 1 or act.num_mini_batches < 1:
+        pass  # already reported above; the divisibility checks below need both >= 1
+    elif trainer.prompts_per_step % dp:
         problems.append(f"trainer.prompts_per_step={trainer.prompts_per_step} must divide by the data-parallel size {dp}")
     elif cfg.parallel.max_tokens_per_micro_batch > 0 and (responses // dp) % act.num_mini_batches:
         problems.append(f"responses per DP rank ({responses} / {dp}) must divide into actor.num_mini_batches="

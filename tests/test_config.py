@@ -35,6 +35,8 @@ def test_tiny_config_is_valid():
     ("rollout.engine", "vllm", "rollout.engine='vllm'"),
     ("trainer.prompts_per_step", 3, "trainer.prompts_per_step=3 must divide by the data-parallel size 2"),
     ("actor.num_mini_batches", 7, "actor.num_mini_batches=7"),
+    ("actor.num_mini_batches", 0, "actor.num_mini_batches=0 must be > 0"),  # not a ZeroDivisionError
+    ("trainer.prompts_per_step", 0, "trainer.prompts_per_step=0 must be > 0"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     cfg = _tiny()
