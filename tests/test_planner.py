@@ -12,10 +12,17 @@ is built and measured:
 - the fused log-prob/entropy pass (forward + backward; no-grad) at 1,024 positions, hidden 1,024,
   vocabulary 16,384, chunks of 256: peak RSS above the baseline, with the peak reset through
   ``/proc/self/clear_refs``;
-- the KV cache per row: megatron's ``StaticInferenceContext`` tensors after a prefill.
+- the KV cache per row: megatron's ``StaticInferenceContext`` tensors after a prefill;
+- megatron's local (unfused) attention, on a model where it dominates (2 layers, 16 heads, hidden
+  256, one row of 1,024 tokens): in fp32 the backward peak above what the graph keeps (none /
+  selective recompute: one layer's core-attention backward); in bf16 the bytes core attention saves
+  for backward (``saved_tensors_hooks``, fp32 probabilities + their bf16 copy + q, k, v) and the peak
+  of a no-grad forward. (CPU bf16's softmax backward needs less than the CUDA one: that peak is
+  calibrated on the GPU only, see ``clipo_nemo/planner/components.py``.)
 
 Each estimate must be within 20% of the measurement. TP/PP shards of the parameters are checked
-against real 2-rank builds.
+against real 2-rank builds. ``test_h100_probe_prediction`` holds the planner to the peaks measured on
+an H100 by ``tools/gpu_checks.py plan`` and prints its predictions for the next GPU run.
 """
 from __future__ import annotations
 
@@ -42,6 +49,9 @@ TOKENS = ROWS * SEQ
 FULL_BLOCK = 2  # recompute_num_layers for the full-recompute measurement
 LOGPROB_VOCAB, LOGPROB_HIDDEN, LOGPROB_CHUNK = 16384, 1024, 256
 KV_ROWS, KV_SEQ, KV_PROMPT = 3, 300, 20
+ATTN_MODEL = ModelConfig(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=16,
+                         num_query_groups=2, vocab_size=1000, max_position_embeddings=1024)
+ATTN_SEQ = 1024  # one row
 TOLERANCE = 0.20
 
 
@@ -132,6 +142,55 @@ def _kv_measurement() -> int:
     return total // KV_ROWS
 
 
+def _attention_measurement(dtype: str, out: dict) -> None:
+    """ATTN_MODEL in ``dtype``, one row: fp32 kept/peak of a training step (none, selective); bf16
+    bytes saved by core attention and the peak of a no-grad forward."""
+    from clipo_nemo.models.policy import build_policy_model
+
+    tokens = torch.randint(0, ATTN_MODEL.vocab_size, (1, ATTN_SEQ), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(ATTN_SEQ)[None]
+    mask = torch.ones(1, 1, ATTN_SEQ, ATTN_SEQ, dtype=torch.bool).triu(1)
+    modes = ("none", "selective") if dtype == "float32" else ("none",)
+    for mode in modes:
+        model = build_policy_model(dataclasses.replace(ATTN_MODEL, params_dtype=dtype, recompute=mode),
+                                   ParallelConfig())
+        for _ in range(2):  # warm-up: .grad tensors, megatron's score buffer
+            model(tokens, positions, mask).float().sum().backward()
+        if dtype == "float32":
+            kept = {}
+
+            def step():
+                before = _rss()
+                out_ = model(tokens, positions, mask)
+                kept["bytes"] = _rss() - before
+                out_.float().sum().backward()
+
+            peak = _peak_since_reset(step)
+            out[f"attn_backward_extra_{mode}"] = peak - kept["bytes"]
+            continue
+
+        def no_grad_forward():
+            with torch.no_grad():
+                model(tokens, positions, mask)
+
+        out["attn_forward_peak_bf16"] = _peak_since_reset(no_grad_forward)
+        saved = {}
+        core = model.decoder.layers[0].self_attention.core_attention
+        forward = core.forward
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        def counted(*args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return forward(*args, **kwargs)
+
+        core.forward = counted
+        model(tokens, positions, mask)
+        out["attn_core_saved_bf16"] = sum(saved.values())
+
+
 def _measure(rank: int, world_size: int):
     """One fresh process: every measured quantity (bytes)."""
     warnings.filterwarnings("ignore")
@@ -157,6 +216,8 @@ def _measure(rank: int, world_size: int):
         out[f"kept_{mode}"], out[f"peak_{mode}"] = _activation_measurement(mode)
     out["logprob_grad"], out["logprob_no_grad"] = _logprob_measurement()
     out["kv_per_row"] = _kv_measurement()
+    for dtype in ("float32", "bfloat16"):
+        _attention_measurement(dtype, out)
     return out
 
 
@@ -191,17 +252,17 @@ def test_static_state_matches_the_built_model_ddp_buffer_and_optimizer(measured)
 
 @pytest.mark.parametrize("mode", ["none", "selective"])
 def test_activations_kept_for_backward(measured, mode):
-    estimate = c.stage_activation_bytes(MODEL, 1, 1, 0, TOKENS, SEQ, recompute=mode, recompute_num_layers=1,
-                                        flash_attention=False)
+    estimate = c.stage_saved_activation_bytes(MODEL, 1, 1, 0, TOKENS, SEQ, recompute=mode, recompute_num_layers=1,
+                                              flash_attention=False)
     logits = TOKENS * c.vocab_rows_per_rank(MODEL, 1) * 4  # the forward's output, also alive
     _close(estimate + logits, measured[f"kept_{mode}"], f"activations, recompute={mode}")
 
 
 def test_full_recompute_checkpoints_and_rebuilt_block(measured):
     logits = TOKENS * c.vocab_rows_per_rank(MODEL, 1) * 4
-    per_layer = c.activation_elements_per_token(MODEL, 1, SEQ, recompute="none", flash_attention=False) * TOKENS * 4
-    estimate = c.stage_activation_bytes(MODEL, 1, 1, 0, TOKENS, SEQ, recompute="full",
-                                        recompute_num_layers=FULL_BLOCK, flash_attention=False)
+    per_layer = c.activation_bytes_per_token(MODEL, 1, SEQ, recompute="none", flash_attention=False) * TOKENS
+    estimate = c.stage_saved_activation_bytes(MODEL, 1, 1, 0, TOKENS, SEQ, recompute="full",
+                                              recompute_num_layers=FULL_BLOCK, flash_attention=False)
     block = FULL_BLOCK * per_layer
     _close(estimate - block + logits, measured["kept_full"], "activations kept, recompute=full")
     # Backward peak above the kept graph: the rebuilt block plus the gradient temporaries that a
@@ -209,6 +270,47 @@ def test_full_recompute_checkpoints_and_rebuilt_block(measured):
     backward_extra = measured["peak_none"] - measured["kept_none"]
     _close(block + backward_extra, measured["peak_full"] - measured["kept_full"], "rebuilt block, recompute=full")
     assert measured["kept_full"] < 0.5 * measured["kept_none"]
+
+
+@pytest.mark.parametrize("mode", ["none", "selective"])
+def test_local_attention_backward_peak_fp32(measured, mode):
+    """One layer's core-attention backward: the saved fp32 probabilities next to three fp32 score-sized
+    temporaries, less what that layer kept and freed before (none: +12 - freed; selective: +16 - freed)."""
+    estimate = c.attention_backward_extra_bytes(ATTN_MODEL, 1, ATTN_SEQ, ATTN_SEQ, recompute=mode,
+                                                flash_attention=False)
+    _close(estimate, measured[f"attn_backward_extra_{mode}"], f"local attention backward above kept, {mode}")
+
+
+def test_local_attention_bf16_saved_and_forward_peak(measured):
+    model = dataclasses.replace(ATTN_MODEL, params_dtype="bfloat16")
+    parts = c.layer_activation_bytes(model, 1, ATTN_SEQ, recompute="none", flash_attention=False)
+    # 6 bytes per score (fp32 probabilities + bf16 copy), not 2: the upcast of attention_softmax_in_fp32
+    assert c.local_attention_score_bytes(model)["saved"] == 6
+    _close((parts["attention_inputs"] + parts["scores"]) * ATTN_SEQ, measured["attn_core_saved_bf16"],
+           "bf16 core attention saved for backward")
+    _close(c.forward_only_activation_bytes(model, 1, ATTN_SEQ, ATTN_SEQ, flash_attention=False),
+           measured["attn_forward_peak_bf16"], "bf16 no-grad forward peak (one layer)")
+
+
+# ``python tools/gpu_checks.py plan`` on an NVIDIA H100 80GB (torch 2.11, megatron-core 0.16.1, no TE:
+# megatron's local attention): 2 layers at Qwen2.5-7B width, bf16, TP 1, one row of 4,608 tokens,
+# response positions 256..4607, log-prob chunk 1,024; peak torch.cuda.max_memory_allocated() of
+# forward_backward_policy above the memory allocated before it (GiB). Runs in this order: the score
+# buffer is allocated by the first and reused by the later ones (h8 diagnostic run, 3rd: none again).
+H100_PROBE = {"none": (False, 14.652), "selective": (True, 10.225), "none, buffer allocated": (True, 13.479)}
+
+
+@pytest.mark.parametrize("run", list(H100_PROBE))
+def test_h100_probe_prediction(run):
+    model = ModelConfig(num_layers=2, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
+                        num_query_groups=4, vocab_size=152064, add_qkv_bias=True, params_dtype="bfloat16",
+                        max_position_embeddings=4672)
+    buffer_allocated, measured_gib = H100_PROBE[run]
+    predicted = c.train_step_peak_bytes(model, 1, 1, 0, 4608, 4608, recompute=run.split(",")[0],
+                                        recompute_num_layers=1, flash_attention=False, scored_tokens=4352,
+                                        logprob_chunk=1024, score_buffer_allocated=buffer_allocated)
+    print(f"H100 probe, recompute={run}: predicted {predicted / GIB:.3f} GiB, measured {measured_gib} GiB")
+    _close(predicted, measured_gib * GIB, f"H100 probe {run}")
 
 
 def test_fused_logprob_pass_peak(measured):

@@ -9,8 +9,16 @@ A step has three phases with different residents (:func:`plan_memory`):
   reference weights (on the GPU during its own pass even when offloaded), one layer's transient
   activations and the fused log-prob pass's chunk buffers (no full logits).
 - ``update``: the policy update. Static state (reference only if not offloaded), the activations
-  kept for backward (recompute mode, micro-batch token budget, 1F1B in-flight micro-batches) and the
-  fused log-prob pass's buffers (chunks, the output weight's gradient).
+  kept for backward (recompute mode, micro-batch token budget, 1F1B in-flight micro-batches) with
+  the unfused attention's backward transient, and the fused log-prob pass's buffers (chunks, the
+  output weight's gradient). The log-prob pass's buffers are freed before the layers' backward
+  starts, so with megatron's local attention ``logprob_pass`` counts only what exceeds the
+  attention's backward transient (``components.train_step_peak_bytes``).
+
+With megatron's local (unfused) attention every phase also holds ``attention_buffer``: megatron's
+global [b n_h / t, s, s] score buffer, allocated at the first training forward and never freed.
+(Generation prefills use it too, at [prompts n_h / t, p, p]: smaller than a training micro-batch's
+for these configs, and their softmax transients are not modelled.)
 
 Each phase gets a framework overhead: :data:`OVERHEAD_FIXED_GIB` (CUDA context, cuBLAS/cuDNN
 workspaces, NCCL communicators) plus :data:`OVERHEAD_FRACTION` of the phase's tensors (allocator
@@ -29,8 +37,8 @@ GIB = 1024 ** 3
 OVERHEAD_FIXED_GIB = 2.5
 OVERHEAD_FRACTION = 0.08
 PHASES = ("rollout", "logprobs", "update")
-COMPONENTS = ("weights", "gradients", "optimizer", "reference", "head", "activations", "logprob_pass",
-              "kv_cache", "generation_logits", "overhead")
+COMPONENTS = ("weights", "gradients", "optimizer", "reference", "head", "activations", "attention_buffer",
+              "logprob_pass", "kv_cache", "generation_logits", "overhead")
 
 
 class MemoryPlanError(ValueError):
@@ -211,8 +219,16 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
         head_cfg = cfg.contrastive.head
         head = 16 * c.head_parameters(model.hidden_size, head_cfg.dim, head_cfg.type, tp, head_cfg.tp_mode)
     chunk = min(cfg.actor.logprob_chunk_size or tokens, tokens)
-    static = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "head": head}
+    static = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "head": head,
+              "attention_buffer": c.attention_score_buffer_bytes(model, tp, tokens, seq_len, flash_attention=flash)}
     resident_reference = 0 if cfg.actor.reference_offload else reference
+    sequence_parallel = cfg.parallel.sequence_parallel
+    saved = c.stage_saved_activation_bytes(model, tp, pp, stage, tokens, seq_len, recompute=model.recompute,
+                                           recompute_num_layers=model.recompute_num_layers, flash_attention=flash,
+                                           sequence_parallel=sequence_parallel)
+    attention = c.attention_backward_extra_bytes(model, tp, tokens, seq_len, recompute=model.recompute,
+                                                 flash_attention=flash, sequence_parallel=sequence_parallel)
+    logprob = c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=True) if last else 0
 
     phases = {
         "rollout": {**static, "reference": resident_reference,
@@ -220,12 +236,9 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
         "logprobs": {**static, "reference": reference,
                      "activations": c.forward_only_activation_bytes(model, tp, tokens, seq_len, flash_attention=flash),
                      "logprob_pass": c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=False) if last else 0},
-        "update": {**static, "reference": resident_reference,
-                   "activations": c.stage_activation_bytes(
-                       model, tp, pp, stage, tokens, seq_len, recompute=model.recompute,
-                       recompute_num_layers=model.recompute_num_layers, flash_attention=flash,
-                       sequence_parallel=cfg.parallel.sequence_parallel),
-                   "logprob_pass": c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=True) if last else 0},
+        "update": {**static, "reference": resident_reference, "activations": saved + attention,
+                   # freed before the layers' backward: only what exceeds the attention's transient
+                   "logprob_pass": max(0, logprob - attention)},
     }
     for parts in phases.values():
         for name in COMPONENTS:
