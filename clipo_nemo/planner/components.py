@@ -32,7 +32,10 @@ saved fp32 probabilities (2.21 GiB) and bf16 copy (1.11 GiB), megatron's 1.11 Gi
 and at the peak -- the last layer's core-attention backward, also when recomputed (selective) --
 three more fp32 2.21 GiB temporaries beside its saved fp32 probabilities
 (:func:`local_attention_score_bytes`). ``tests/test_planner.py::test_h100_probe_prediction``
-prints these predictions. The flash-attention (Transformer Engine) variant, the framework overhead
+prints these predictions. Re-run after this change on the same H100, ``gpu_checks.py plan`` (its
+estimate sums :func:`stage_activation_bytes` and :func:`logprob_pass_bytes`, so it counts the log-prob
+pass on top and ignores the reused buffer) gave PASS: 15.406 vs 14.652 (1.052) and 11.979 vs 10.225
+(1.171). The flash-attention (Transformer Engine) variant, the framework overhead
 and everything else GPU-specific are estimates.
 """
 from __future__ import annotations
