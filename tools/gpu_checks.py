@@ -201,10 +201,11 @@ def cmd_plan(args) -> None:
                                     vocab_size=model_cfg.vocab_size, logprob_chunk_size=chunk,
                                     loss_func=lambda out, mb: (out.logprobs.sum() / 1e4, {}))
             measured = torch.cuda.max_memory_allocated() - static
-            activations = pc.stage_activation_bytes(model_cfg, 1, 1, 0, tokens, tokens, recompute=recompute,
-                                                    recompute_num_layers=1, flash_attention=False)
-            logprob = pc.logprob_pass_bytes(model_cfg, 1, scored, chunk, with_grad=True)
-            compare(f"train-step-{recompute}", activations + logprob, measured)
+            # The first pass allocates megatron's attention-score buffer; the second reuses it.
+            estimate = pc.train_step_peak_bytes(model_cfg, 1, 1, 0, tokens, tokens, recompute=recompute,
+                                                recompute_num_layers=1, flash_attention=False, scored_tokens=scored,
+                                                logprob_chunk=chunk, score_buffer_allocated=recompute != "none")
+            compare(f"train-step-{recompute}", estimate, measured)
     finally:
         destroy_parallel_state()
 

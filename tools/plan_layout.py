@@ -24,11 +24,11 @@ from clipo_nemo.config import load_config  # noqa: E402
 from clipo_nemo.planner import GIB, plan_memory, recommendations  # noqa: E402
 
 
-def _recommendation_table(cfg, budget_gib: float) -> str:
+def _recommendation_table(cfg, budget_gib: float, flash_attention: bool) -> str:
     lines = [f"recommended layouts (run settings of this config, plans within 90% of {budget_gib:g} GiB):",
              f"{'model':<13}{'GPUs':>5}{'TP':>4}{'SP':>4}{'PP':>4}{'DP':>4}{'tokens/mb':>11}{'recompute':>11}"
              f"{'KV GiB':>8}{'ref':>11}{'GiB/GPU':>9}  note"]
-    for rec in recommendations(cfg, budget_gib):
+    for rec in recommendations(cfg, budget_gib, flash_attention=flash_attention):
         if rec.plan is None:
             lines.append(f"{rec.model:<13}{rec.world_size:>5}  no layout fits")
             continue
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     print(plan.table())
     if not args.no_recommendations:
         print()
-        print(_recommendation_table(cfg, budget))
+        print(_recommendation_table(cfg, budget, flash_attention=not args.local_attention))
     print(plan.verdict())
     return 0 if plan.fits else 1
 

@@ -95,14 +95,16 @@ def relative_cost(plan: MemoryPlan, rows_per_micro_batch: int) -> float:
     return cost
 
 
-def recommend_layout(base: ClipoConfig, model_name: str, world_size: int, gpu_memory_gib: float) -> Recommendation:
+def recommend_layout(base: ClipoConfig, model_name: str, world_size: int, gpu_memory_gib: float, *,
+                     flash_attention: bool = True) -> Recommendation:
     """The cheapest layout (by :func:`relative_cost`) whose plan fits :data:`HEADROOM` of
-    ``gpu_memory_gib``; layouts the native rollout engine can serve (PP = 1) rank first."""
+    ``gpu_memory_gib``; layouts the native rollout engine can serve (PP = 1) rank first.
+    ``flash_attention=False`` plans megatron's local attention (GPUs without Transformer Engine)."""
     model = MODEL_PRESETS[model_name]
     seq_len = base.data.max_prompt_length + base.rollout.max_new_tokens
     best, best_key = Recommendation(model_name, world_size, None), None
     for cfg in candidate_configs(base, model, world_size):
-        plan = plan_memory(cfg, world_size, gpu_memory_gib)
+        plan = plan_memory(cfg, world_size, gpu_memory_gib, flash_attention=flash_attention)
         if plan.total_bytes > HEADROOM * plan.budget_bytes:
             continue
         cost = relative_cost(plan, cfg.parallel.max_tokens_per_micro_batch // seq_len)
@@ -112,7 +114,7 @@ def recommend_layout(base: ClipoConfig, model_name: str, world_size: int, gpu_me
     return best
 
 
-def recommendations(base: ClipoConfig, gpu_memory_gib: float) -> List[Recommendation]:
+def recommendations(base: ClipoConfig, gpu_memory_gib: float, *, flash_attention: bool = True) -> List[Recommendation]:
     """:func:`recommend_layout` for every (model, GPU count) of :data:`RECOMMENDATION_TARGETS`."""
-    return [recommend_layout(base, name, world, gpu_memory_gib) for name, worlds in RECOMMENDATION_TARGETS
-            for world in worlds]
+    return [recommend_layout(base, name, world, gpu_memory_gib, flash_attention=flash_attention)
+            for name, worlds in RECOMMENDATION_TARGETS for world in worlds]
