@@ -83,3 +83,49 @@ def test_existing_state_is_left_alone():
         for key, value in before[id(p)].items():
             assert torch.equal(opt.optimizer.state[p][key], value), key
     assert opt.state_dict()["optimizer"]["param_groups"][0]["step"] == 1
+
+
+def _loading_optimizer(mains, model_params):
+    """A DistributedOptimizer whose parameter-state loader is megatron's own
+    ``_set_main_param_and_optimizer_states`` per parameter (what every ``load_parameter_state_from_*``
+    ends in, with ``step`` left out of the loaded tensors), and whose non-parameter
+    ``load_state_dict`` gives every parameter the checkpoint's ``step`` as megatron's does."""
+    opt = _distributed_optimizer(mains, _megatron_like_init_state)
+    _allocate_megatron_optimizer_state(opt)
+    opt.config = SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False)
+    opt.model_param_group_index_map = {p: (0, i) for i, p in enumerate(model_params)}
+
+    def load_state_dict(state_dict):
+        step = torch.tensor(float(state_dict["optimizer"]["param_groups"][0]["step"]))
+        for state in opt.optimizer.state.values():
+            state["step"] = step
+        if "param_state" in state_dict:  # megatron goes on to the parameter state
+            opt.load_parameter_state_from_fully_reshardable(state_dict["param_state"])
+
+    def load_parameter_state(param_state):
+        for model_param, tensors in zip(model_params, param_state):
+            opt._set_main_param_and_optimizer_states(model_param, tensors)
+
+    opt.load_state_dict = load_state_dict
+    opt.load_parameter_state_from_fully_reshardable = load_parameter_state
+    return opt
+
+
+def test_loading_keeps_step_aside_while_megatron_loads_the_parameter_state():
+    from clipo_nemo.trainer.checkpoint import load_megatron_optimizer
+
+    model_params = [torch.nn.Parameter(torch.zeros(5, 3)), torch.nn.Parameter(torch.zeros(7))]
+    saved = [{"param": torch.full(p.shape, 1.5), "exp_avg": torch.full(p.shape, 0.25),
+              "exp_avg_sq": torch.full(p.shape, 0.5)} for p in model_params]
+    state_dict = {"optimizer": {"param_groups": [{"step": 7}]}, "param_state": saved,
+                  "param_state_sharding_type": "fully_reshardable"}
+    with pytest.raises(KeyError, match="step"):  # megatron's own call on this path
+        _loading_optimizer(_mains(0), model_params).load_state_dict(state_dict)
+    mains = _mains(0)
+    opt = _loading_optimizer(mains, model_params)
+    load_megatron_optimizer(opt, state_dict)
+    for main, tensors in zip(mains, saved):
+        assert torch.equal(main, tensors["param"])
+        state = opt.optimizer.state[main]
+        assert torch.equal(state["exp_avg"], tensors["exp_avg"]) and torch.equal(state["exp_avg_sq"], tensors["exp_avg_sq"])
+        assert float(state["step"]) == 7

@@ -312,6 +312,42 @@ def _allocate_megatron_optimizer_state(optimizer: Any) -> None:
                 inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
+def load_megatron_optimizer(optimizer: Any, state_dict: Dict[str, Any]) -> None:
+    """megatron's own ``load_state_dict``, working around its torch-Adam path (no Apex/TE).
+
+    There, megatron-core 0.16's ``DistributedOptimizer.load_state_dict`` first gives every
+    parameter's state the checkpoint's ``step`` and then loads the sharded parameter state, whose
+    ``_set_main_param_and_optimizer_states`` copies *every* state key from the loaded tensors,
+    which never include ``step`` (it is skipped on purpose): ``KeyError: 'step'`` (seen on an H100
+    resuming the tiny run). So the non-parameter part is loaded by megatron, ``step`` is held aside
+    while megatron loads the parameter state with its own method for the saved sharding type, and
+    then put back. With Apex/TE (NGC containers) megatron's call is used unchanged.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if (distrib_optimizer.HAVE_APEX_OR_TE or len(subs) != 1 or "param_state" not in state_dict
+            or not isinstance(subs[0], distrib_optimizer.DistributedOptimizer)):
+        optimizer.load_state_dict(state_dict)
+        return
+    sub = subs[0]
+    rest = {k: v for k, v in state_dict.items() if k not in ("param_state", "param_state_sharding_type")}
+    sharding = state_dict["param_state_sharding_type"]
+    load_parameter_state = getattr(sub, f"load_parameter_state_from_{_PARAM_STATE_LOADERS[sharding]}")
+    sub.load_state_dict(rest)
+    steps = {param: state.pop("step") for param, state in sub.optimizer.state.items() if "step" in state}
+    try:
+        load_parameter_state(state_dict["param_state"])
+    finally:
+        for param, step in steps.items():
+            sub.optimizer.state[param]["step"] = step
+
+
+# megatron's parameter-state sharding types and the suffix of their ``load_parameter_state_from_*``
+_PARAM_STATE_LOADERS = {"fully_reshardable": "fully_reshardable", "dp_reshardable": "dp_reshardable",
+                        "fully_sharded_model_space": "fs_model_space", "dp_zero_gather_scatter": "dp_zero"}
+
+
 def _rng_states() -> Dict[str, Any]:
     from megatron.core import tensor_parallel
 
@@ -411,7 +447,7 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
         load_module_state(actor.reference, _without_prefix(loaded["reference"], "reference."))
     if "policy_optimizer" in loaded:
         if _is_megatron_optimizer(actor.optimizer):
-            actor.optimizer.load_state_dict(loaded["policy_optimizer"])
+            load_megatron_optimizer(actor.optimizer, loaded["policy_optimizer"])
         else:
             _load_torch_optimizer(actor.optimizer, loaded["policy_optimizer"],
                                   contents["policy_optimizer"]["moments"], "policy_optimizer")
