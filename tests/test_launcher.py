@@ -49,3 +49,21 @@ def test_hanging_ranks_time_out_and_are_killed(tmp_path):
     with pytest.raises(DistributedRunError, match=r"ranks \[0, 1\] did not finish within 8s"):
         run_distributed(_hang, 2, args=(str(tmp_path),), timeout_s=8)
     _assert_all_gone(tmp_path, 2)
+
+
+def test_a_single_process_group_leaves_no_rendezvous_in_the_environment(monkeypatch):
+    """Processes started after an in-process run (the trainer from a test, a tool) must not inherit a
+    RANK/MASTER_PORT that points at this process's port: they would all try to listen on it."""
+    from clipo_nemo.config import ParallelConfig
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    init_parallel_state(ParallelConfig())
+    try:
+        import torch.distributed as dist
+
+        assert dist.get_world_size() == 1 and dist.get_rank() == 0
+        assert not {"RANK", "MASTER_PORT"} & set(os.environ)
+    finally:
+        destroy_parallel_state()

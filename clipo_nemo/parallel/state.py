@@ -129,14 +129,19 @@ def init_parallel_state(parallel: ParallelConfig, *, timeout_s: float = 600.0) -
     if not on_gpu:
         apply_cpu_patches()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            from clipo_nemo.parallel.launcher import free_port
-
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+        backend, timeout = ("nccl" if on_gpu else "gloo"), timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:  # a launcher (torchrun, SLURM script, run_distributed) set the rendezvous
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A single process. The rendezvous goes in init_method, not os.environ: environment
+            # variables would outlive this group and be inherited by every process started later
+            # (they would all try to listen on this one port).
+            from clipo_nemo.parallel.launcher import free_port
+
+            dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{free_port()}")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
