@@ -142,6 +142,19 @@ def _kv_measurement() -> int:
     return total // KV_ROWS
 
 
+SAMPLE_ROWS, SAMPLE_VOCAB = 32, 32768
+
+
+def _sampling_measurement(top_p: float) -> int:
+    """Peak bytes the rollout engine's token sampling takes beyond its fp32 [rows, V] logits."""
+    from clipo_nemo.rollout.sampling import sample_next_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(SAMPLE_ROWS, SAMPLE_VOCAB, generator=gen)
+    uniforms = torch.rand(SAMPLE_ROWS, generator=gen)
+    return _peak_since_reset(lambda: sample_next_tokens(logits, uniforms, 1.0, 0, top_p))
+
+
 def _attention_measurement(dtype: str, out: dict) -> None:
     """ATTN_MODEL in ``dtype``, one row: fp32 kept/peak of a training step (none, selective); bf16
     bytes saved by core attention and the peak of a no-grad forward."""
@@ -216,6 +229,7 @@ def _measure(rank: int, world_size: int):
         out[f"kept_{mode}"], out[f"peak_{mode}"] = _activation_measurement(mode)
     out["logprob_grad"], out["logprob_no_grad"] = _logprob_measurement()
     out["kv_per_row"] = _kv_measurement()
+    out["sampling_top_p"], out["sampling_plain"] = _sampling_measurement(0.95), _sampling_measurement(1.0)
     for dtype in ("float32", "bfloat16"):
         _attention_measurement(dtype, out)
     return out
@@ -323,6 +337,12 @@ def test_fused_logprob_pass_peak(measured):
 
 def test_kv_cache_per_row(measured):
     _close(c.kv_cache_bytes_per_row(MODEL, 1, 1, KV_SEQ, 4), measured["kv_per_row"], "KV cache per row")
+
+
+@pytest.mark.parametrize("kind,per_element", [("top_p", c.SAMPLING_BYTES_TOP_P), ("plain", c.SAMPLING_BYTES_PLAIN)])
+def test_sampling_temporaries_per_logit(measured, kind, per_element):
+    """The generation-logits estimate's sampling term (float64 filtering in the rollout engine)."""
+    _close(per_element * SAMPLE_ROWS * SAMPLE_VOCAB, measured[f"sampling_{kind}"], f"sampling temporaries ({kind})")
 
 
 def _shard_parameters(rank: int, world_size: int):

@@ -329,6 +329,26 @@ def logprob_pass_bytes(model: ModelConfig, tp: int, tokens: int, chunk: int, *, 
     return int(max(forward, backward))
 
 
+# Bytes per [rows, V] element that sampling one token takes beyond the logits (the engine's
+# filtered_probs works in float64): peak memory growth on CPU at 64 rows x V=152,064 and in
+# tests/test_planner.py (32 x 32,768).
+SAMPLING_BYTES_TOP_P = 56  # top_p < 1 (sorting, cumulative sums)
+SAMPLING_BYTES_PLAIN = 22  # temperature > 0 with top_p = 1 (or top-k)
+
+
+def generation_logits_bytes(model: ModelConfig, prompts: int, rows: int, *, temperature: float, top_p: float) -> int:
+    """Peak logits memory of one generation chunk on the last stage (logits gathered over TP).
+
+    megatron's static inference context keeps only the last position's logits, so prefill holds
+    [prompts, V_p] in the compute dtype (the output, its transposed copy and one more). A decode step
+    holds [rows, V_p] twice in the compute dtype, once in fp32, plus the sampling temporaries
+    (:data:`SAMPLING_BYTES_TOP_P` / :data:`SAMPLING_BYTES_PLAIN` per element; greedy: none).
+    """
+    vocab, b = vocab_rows_per_rank(model, 1), DTYPE_BYTES[model.params_dtype]
+    sampling = 0 if temperature == 0 else SAMPLING_BYTES_TOP_P if top_p < 1 else SAMPLING_BYTES_PLAIN
+    return max(3 * prompts * vocab * b, rows * vocab * (2 * b + 4 + sampling))
+
+
 def head_parameters(hidden_size: int, dim: int, head_type: str, tp: int, tp_mode: str) -> int:
     """Parameters of the contrastive head on one rank (``linear``: H x D; ``mlp``: H x H + H x D;
     ``column`` splits the output dimensions over TP)."""

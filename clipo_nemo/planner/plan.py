@@ -161,10 +161,12 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
     notes: List[str] = []
 
     ev = cfg.evaluation
-    generations = [_generation(cfg, tp, pp, "training", cfg.rollout.max_new_tokens, cfg.rollout.n,
-                               max(cfg.trainer.prompts_per_step // dp, 1) * cfg.rollout.n)]
+    roll = cfg.rollout
+    generations = [_generation(cfg, tp, pp, "training", roll.max_new_tokens, roll.n,
+                               max(cfg.trainer.prompts_per_step // dp, 1) * roll.n, roll.temperature, roll.top_p)]
     if cfg.data.val_files and ev.every_steps:
-        generations.append(_generation(cfg, tp, pp, "validation", ev.max_new_tokens, ev.k, None))
+        generations.append(_generation(cfg, tp, pp, "validation", ev.max_new_tokens, ev.k, None, ev.temperature,
+                                       ev.top_p))
     generation = max(generations, key=lambda g: g.kv_bytes + g.logits_bytes)
     notes.append(f"the largest generation chunk is {generation.label}'s ({generation.rows} rows)")
     if par.max_tokens_per_micro_batch and par.max_tokens_per_micro_batch < seq_len:
@@ -186,18 +188,16 @@ class Generation:
     label: str
     rows: int
     kv_bytes: int
-    logits_bytes: int  # on the last stage: prefill logits [prompts, prompt length, V] gathered over TP in
-    #   the compute dtype, and per decode step fp32 [rows, V] logits with two sampling copies
+    logits_bytes: int  # on the last stage: components.generation_logits_bytes
 
 
 def _generation(cfg: ClipoConfig, tp: int, pp: int, label: str, max_new_tokens: int, n: int,
-                rows_needed: Optional[int]) -> Generation:
+                rows_needed: Optional[int], temperature: float, top_p: float) -> Generation:
     model, b = cfg.model, c.dtype_bytes(cfg.model)
     per_row = c.kv_cache_bytes_per_row(model, tp, pp, cfg.data.max_prompt_length + max_new_tokens, b)
     rows = generation_rows(cfg, per_row, rows_needed)
     prompts = min(-(-rows // n) + 1, rows)  # a chunk may start and end inside a prompt's n rows
-    vocab = c.vocab_rows_per_rank(model, 1)
-    logits = prompts * cfg.data.max_prompt_length * vocab * b + 3 * rows * vocab * 4
+    logits = c.generation_logits_bytes(model, prompts, rows, temperature=temperature, top_p=top_p)
     return Generation(label, rows, rows * per_row, logits)
 
 
