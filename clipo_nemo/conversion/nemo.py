@@ -106,6 +106,27 @@ def _dtype_name(config: Dict[str, Any], precision_key: str) -> str:
     return "float32"
 
 
+def _shared_megatron_fields(config: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """ModelConfig fields that NeMo 1 and NeMo 2 configs both spell with megatron's own key names."""
+    heads = int(_need(config, "num_attention_heads", where))
+    return dict(
+        num_layers=int(_need(config, "num_layers", where)),
+        hidden_size=int(_need(config, "hidden_size", where)),
+        ffn_hidden_size=int(_need(config, "ffn_hidden_size", where)),
+        num_attention_heads=heads,
+        num_query_groups=int(config.get("num_query_groups") or heads),
+        kv_channels=config.get("kv_channels"),
+        make_vocab_size_divisible_by=int(config.get("make_vocab_size_divisible_by", 128)),
+        rotary_base=float(config.get("rotary_base", 10000.0)),
+        tie_word_embeddings=bool(config.get("share_embeddings_and_output_weights", True)),
+        norm_epsilon=float(config.get("layernorm_epsilon", 1e-5)),
+        params_dtype=_dtype_name(config, "precision"),
+        init_method_std=float(config.get("init_method_std", ModelConfig.init_method_std)),
+        attention_dropout=float(config.get("attention_dropout", 0.0)),
+        hidden_dropout=float(config.get("hidden_dropout", 0.0)),
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # NeMo 2
 # ------------------------------------------------------------------------------------------------
@@ -130,27 +151,13 @@ def model_config_from_nemo2(config: Dict[str, Any], where: str = "model.yaml con
                 raise ConversionError(f"{where}: Llama 3.1 RoPE scaling with {key}={theirs[key]!r}; megatron-core's "
                                       f"RotaryEmbedding supports only {value}")
         rope_scaling, factor = True, float(config["scale_factor"])
-    heads = int(_need(config, "num_attention_heads", where))
     return ModelConfig(
-        num_layers=int(_need(config, "num_layers", where)),
-        hidden_size=int(_need(config, "hidden_size", where)),
-        ffn_hidden_size=int(_need(config, "ffn_hidden_size", where)),
-        num_attention_heads=heads,
-        num_query_groups=int(config.get("num_query_groups") or heads),
-        kv_channels=config.get("kv_channels"),
+        **_shared_megatron_fields(config, where),
         vocab_size=int(config.get("vocab_size") or 0),  # 0: unknown, filled in from the tokenizer
-        make_vocab_size_divisible_by=int(config.get("make_vocab_size_divisible_by", 128)),
         max_position_embeddings=int(_need(config, "seq_length", where)),
-        rotary_base=float(config.get("rotary_base", 10000.0)),
         rope_scaling=rope_scaling,
         rope_scaling_factor=factor,
         add_qkv_bias=bool(config.get("add_qkv_bias", False)),
-        tie_word_embeddings=bool(config.get("share_embeddings_and_output_weights", True)),
-        norm_epsilon=float(config.get("layernorm_epsilon", 1e-5)),
-        params_dtype=_dtype_name(config, "precision"),
-        init_method_std=float(config.get("init_method_std", ModelConfig.init_method_std)),
-        attention_dropout=float(config.get("attention_dropout", 0.0)),
-        hidden_dropout=float(config.get("hidden_dropout", 0.0)),
     )
 
 
@@ -196,30 +203,16 @@ def model_config_from_nemo1(config: Dict[str, Any], where: str = "model_config.y
     _refuse(where, "rotary_percentage", float(config.get("rotary_percentage", 1.0)), [1.0])
     _refuse(where, "qk_layernorm", bool(config.get("qk_layernorm", False)), [False])
     _refuse(where, "num_moe_experts", config.get("num_moe_experts", 1) or 1, [1])
-    heads = int(_need(config, "num_attention_heads", where))
     seq = config.get("max_position_embeddings") or config.get("encoder_seq_length")
     if seq is None:
         raise ConversionError(f"{where} has neither 'max_position_embeddings' nor 'encoder_seq_length'")
     return ModelConfig(
-        num_layers=int(_need(config, "num_layers", where)),
-        hidden_size=int(_need(config, "hidden_size", where)),
-        ffn_hidden_size=int(_need(config, "ffn_hidden_size", where)),
-        num_attention_heads=heads,
-        num_query_groups=int(config.get("num_query_groups") or heads),
-        kv_channels=config.get("kv_channels"),
+        **_shared_megatron_fields(config, where),
         vocab_size=int(config.get("override_vocab_size") or 0),
-        make_vocab_size_divisible_by=int(config.get("make_vocab_size_divisible_by", 128)),
         max_position_embeddings=int(seq),
-        rotary_base=float(config.get("rotary_base", 10000.0)),
         rope_scaling=bool(config.get("scale_positional_embedding", False)),
         rope_scaling_factor=float(config.get("rope_scaling_factor", ModelConfig.rope_scaling_factor)),
         add_qkv_bias=bool(config.get("qkv_bias", False)),
-        tie_word_embeddings=bool(config.get("share_embeddings_and_output_weights", True)),
-        norm_epsilon=float(config.get("layernorm_epsilon", 1e-5)),
-        params_dtype=_dtype_name(config, "precision"),
-        init_method_std=float(config.get("init_method_std", ModelConfig.init_method_std)),
-        attention_dropout=float(config.get("attention_dropout", 0.0)),
-        hidden_dropout=float(config.get("hidden_dropout", 0.0)),
     )
 
 
