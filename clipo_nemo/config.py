@@ -7,6 +7,7 @@ Semantic checks that span sections live in :func:`validate_config`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -33,9 +34,13 @@ class ContrastiveConfig:
 
     enabled: bool = True  # false = plain GRPO/DAPO/GSPO/GMPO, no head, no contrastive reward
     loss: str = "infonce"  # "infonce" | "supcon_out" | "supcon_in" | "soft_nn"
-    similarity: str = "cosine"  # "cosine" or "l2" (1 - sqrt(max(2 - 2 s, eps)))
+    similarity: str = "cosine"  # "cosine", "l2" (1 - sqrt(max(2 - 2 s, eps))) or "neg_cosine" (-s)
     temperature: float = 0.05  # tau; logits are s / tau (paper's best on track II: 0.02)
     level: str = "group"  # "group" | "cross" | "batch": where positives and candidates come from
+    eps: float = 1e-8  # log(sum exp + eps) on max-shifted logits, as the authors' code; 0 = exact log-sum-exp
+    anchors: str = "correct"  # "correct" | "incorrect" | "all" (reference masked_label 0/1/-1); positives
+    # share the anchor's correctness; only correct responses receive the contrastive reward
+    skip_trivial: bool = True  # false: anchors without a negative count too (without a positive: loss 0)
     reward_scale: float = 0.2  # lambda in rc = c - lambda * L
     reward_offset: float = 0.0  # c, the reward of responses that are not valid anchors
     reward_floor: float = -0.5  # rc is clamped from below at this value
@@ -54,8 +59,13 @@ class AlgorithmConfig:
     policy_loss: str = "grpo"  # registry name: "grpo" | "dapo" | "gspo" | "gmpo"
     clip_ratio_low: float = 0.2  # epsilon_low (gspo: 3e-4; gmpo: clip on the log-ratio, 0.4)
     clip_ratio_high: float = 0.2  # epsilon_high (dapo: 0.28; gspo: 4e-4)
-    dual_clip_c: Optional[float] = None  # dual-clip constant (> 1) for negative advantages; None = off
-    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    # Dual clip (grpo/dapo): the loss of a negative-advantage token is capped at -A * c (> 1); it only
+    # matters where the ratio exceeds c. 3.0 = the authors' vanilla loss; null = off. gspo/gmpo: unused.
+    dual_clip_c: Optional[float] = 3.0
+    # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm (the mini-batch's
+    # total over sequences / rollout.max_new_tokens). gspo's policy term is always seq-mean-token-mean
+    # (gmpo's a mean over sequences) whatever this says; it still aggregates the KL and entropy terms.
+    loss_agg_mode: str = "token-mean"
     kl_loss_type: str = "low_var_kl"  # k1 | k2 | k3 | low_var_kl
     kl_loss_coef: float = 0.001  # 0 disables the KL loss and the reference policy
     adv_estimator: str = "grpo"  # "grpo" (group mean/std), "grpo_no_std" (Dr. GRPO), "loo" (leave-one-out)
@@ -344,9 +354,9 @@ def apply_checkpoint_model(cfg: ClipoConfig, description: Dict[str, Any], source
 def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` listing every key whose value cannot work."""
     from clipo_nemo.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from clipo_nemo.algorithms.contrastive import CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES
+    from clipo_nemo.algorithms.contrastive import ANCHORS, CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES
     from clipo_nemo.algorithms.head import HEAD_TYPES
-    from clipo_nemo.algorithms.policy_losses import AGG_MODES, POLICY_LOSSES
+    from clipo_nemo.algorithms.policy_losses import AGG_MODES, OWN_AGG_MODES, POLICY_LOSSES
     from clipo_nemo.rollout import ROLLOUT_ENGINES
 
     problems = []
@@ -367,6 +377,9 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
     choice("contrastive.loss", con.loss, CONTRASTIVE_LOSSES)
     choice("contrastive.level", con.level, LEVELS)
     choice("contrastive.similarity", con.similarity, SIMILARITIES)
+    choice("contrastive.anchors", con.anchors, ANCHORS)
+    if not con.eps >= 0:
+        problems.append(f"contrastive.eps={con.eps} must be >= 0")
     choice("contrastive.head.type", con.head.type, HEAD_TYPES)
     choice("contrastive.head.tp_mode", con.head.tp_mode, ("replicated", "column"))
     choice("actor.optimizer", act.optimizer, ("adamw", "sgd"))
@@ -388,6 +401,11 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         problems.append(f"rollout.top_p={roll.top_p} must be in (0, 1]")
     if algo.dual_clip_c is not None and algo.dual_clip_c <= 1:
         problems.append(f"algorithm.dual_clip_c={algo.dual_clip_c} must be > 1 (or null)")
+    own_mode = OWN_AGG_MODES.get(algo.policy_loss)
+    if own_mode is not None and algo.loss_agg_mode != own_mode:
+        warnings.warn(f"algorithm.policy_loss={algo.policy_loss} aggregates its policy loss with {own_mode} (SPEC); "
+                      f"algorithm.loss_agg_mode={algo.loss_agg_mode} applies to the KL and entropy terms only",
+                      stacklevel=2)
     if act.optimizer == "sgd" and act.use_distributed_optimizer:
         problems.append("actor.optimizer=sgd needs actor.use_distributed_optimizer=false: megatron's distributed "
                         "optimizer supports Adam only (GPU runs)")

@@ -20,6 +20,9 @@ from clipo_nemo.algorithms.checks import check_finite
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0  # |logp - old_logp| cap before exp, against overflow on wildly off-policy tokens
 GSPO_LOG_RATIO_CAP = 10.0  # SPEC: GSPO's token log-ratio is clamped at 10
+# Losses whose aggregation is part of the loss (SPEC policy-loss table): ``loss_agg_mode`` does not
+# apply to their policy term (it still aggregates the KL and entropy terms).
+OWN_AGG_MODES = {"gspo": "seq-mean-token-mean"}
 
 
 @dataclass
@@ -27,8 +30,9 @@ class LossNormalizer:
     """Counts to divide by, taken from the whole mini-batch; ``None`` = use the tensor's own.
 
     num_tokens: response tokens (token-mean).
-    num_seqs: sequences with >= 1 response token (seq-mean-* modes, gmpo).
-    max_response_length: divisor of seq-mean-token-sum-norm (default: T of the tensor).
+    num_seqs: sequences with >= 1 response token (seq-mean-token-sum, seq-mean-token-mean, gmpo).
+    max_response_length: divisor of seq-mean-token-sum-norm (default: T of the tensor; give the same
+        constant to every micro-batch, e.g. ``rollout.max_new_tokens``, so their losses add up).
     """
 
     num_tokens: Optional[float] = None
@@ -42,7 +46,7 @@ class PolicyLossConfig:
 
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
-    dual_clip_c: Optional[float] = None
+    dual_clip_c: Optional[float] = 3.0  # grpo/dapo only (the authors' vanilla loss); None = off
     loss_agg_mode: str = "token-mean"
 
 
@@ -59,8 +63,9 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str,
     token-mean:              sum(L m) / #tokens
     seq-mean-token-sum:      mean over sequences of sum_t L m
     seq-mean-token-mean:     mean over sequences of (sum_t L m / #tokens of the sequence)
-    seq-mean-token-sum-norm: mean over sequences of (sum_t L m / max_response_length)  (Dr. GRPO)
-    Sequences without response tokens do not count in the seq-mean modes.
+    seq-mean-token-sum-norm: sum over sequences of (sum_t L m) / max_response_length  (Dr. GRPO, as verl:
+                             a total over the mini-batch, not a mean over sequences)
+    Sequences without response tokens do not count in the seq-mean-token-sum/-mean modes.
     """
     norm = norm or LossNormalizer()
     mask = mask.to(loss_mat.dtype)
@@ -74,7 +79,7 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str,
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / _num_seqs(mask, norm)
     if mode == "seq-mean-token-sum-norm":
         max_len = norm.max_response_length if norm.max_response_length is not None else loss_mat.shape[-1]
-        return (masked.sum(-1) / max_len).sum() / _num_seqs(mask, norm)
+        return masked.sum() / max_len
     raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {AGG_MODES}")
 
 
@@ -119,16 +124,17 @@ def register_policy_loss(*names: str):
     return decorator
 
 
-def _clipped_surrogate(ratio, advantages, mask, cfg: PolicyLossConfig):
-    """PPO clipped per-token loss ``max(-A r, -A clip(r, 1-el, 1+eh))`` with optional dual clip."""
+def _clipped_surrogate(ratio, advantages, mask, cfg: PolicyLossConfig, dual_clip_c: Optional[float]):
+    """PPO clipped per-token loss ``max(-A r, -A clip(r, 1-el, 1+eh))`` [B, T]; with ``dual_clip_c = c``
+    the loss of negative-advantage tokens is capped at ``-A c`` (``min(that, -A c)`` where A < 0)."""
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
     loss = torch.maximum(unclipped, clipped)
     metrics = {"pg_clipfrac": _masked_mean((clipped > unclipped).to(ratio.dtype), mask)}
-    if cfg.dual_clip_c is not None:
-        if cfg.dual_clip_c <= 1.0:
-            raise ValueError(f"dual_clip_c must be > 1, got {cfg.dual_clip_c}")
-        lower_cap = -advantages * cfg.dual_clip_c
+    if dual_clip_c is not None:
+        if dual_clip_c <= 1.0:
+            raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+        lower_cap = -advantages * dual_clip_c
         dual = (advantages < 0) & (loss > lower_cap)
         loss = torch.where(dual, lower_cap, loss)
         metrics["pg_clipfrac_lower"] = _masked_mean(dual.to(ratio.dtype), mask)
@@ -138,9 +144,10 @@ def _clipped_surrogate(ratio, advantages, mask, cfg: PolicyLossConfig):
 @register_policy_loss("grpo", "dapo")
 def vanilla_ppo_loss(logprobs, old_logprobs, advantages, response_mask, cfg: PolicyLossConfig,
                      norm: Optional[LossNormalizer] = None):
-    """GRPO / DAPO: token ratio ``exp(logp - old)``, clip ``[1 - el, 1 + eh]`` (DAPO: el != eh)."""
+    """GRPO / DAPO: token ratio ``exp(logp - old)``, clip ``[1 - el, 1 + eh]`` (DAPO: el != eh),
+    dual clip at ``cfg.dual_clip_c`` for negative advantages (the authors' default: 3)."""
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    loss_mat, metrics = _clipped_surrogate(log_ratio.exp(), advantages, response_mask, cfg)
+    loss_mat, metrics = _clipped_surrogate(log_ratio.exp(), advantages, response_mask, cfg, cfg.dual_clip_c)
     metrics["ppo_kl"] = _masked_mean(-log_ratio, response_mask)
     return aggregate_loss(loss_mat, response_mask, cfg.loss_agg_mode, norm), metrics
 
@@ -149,15 +156,18 @@ def vanilla_ppo_loss(logprobs, old_logprobs, advantages, response_mask, cfg: Pol
 def gspo_loss(logprobs, old_logprobs, advantages, response_mask, cfg: PolicyLossConfig,
               norm: Optional[LossNormalizer] = None):
     """GSPO: sequence ratio ``s_i = exp(mean_t(logp - old))`` carried by every token as
-    ``sg(s_i) * exp(logp_t - sg(logp_t))`` so each token's gradient is scaled by ``s_i``."""
+    ``sg(s_i) * exp(logp_t - sg(logp_t))`` so each token's gradient is scaled by ``s_i``.
+
+    As in the reference: no dual clip, and always aggregated with ``seq-mean-token-mean``
+    (``OWN_AGG_MODES``) whatever ``cfg.loss_agg_mode`` says."""
     mask = response_mask.to(logprobs.dtype)
     log_ratio = logprobs - old_logprobs
     seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
     token_log_ratio = seq_log_ratio.detach().unsqueeze(-1) + logprobs - logprobs.detach()
     ratio = token_log_ratio.clamp(max=GSPO_LOG_RATIO_CAP).exp()
-    loss_mat, metrics = _clipped_surrogate(ratio, advantages, response_mask, cfg)
+    loss_mat, metrics = _clipped_surrogate(ratio, advantages, response_mask, cfg, dual_clip_c=None)
     metrics["ppo_kl"] = _masked_mean(-log_ratio, response_mask)
-    return aggregate_loss(loss_mat, response_mask, cfg.loss_agg_mode, norm), metrics
+    return aggregate_loss(loss_mat, response_mask, OWN_AGG_MODES["gspo"], norm), metrics
 
 
 @register_policy_loss("gmpo")
