@@ -6,39 +6,56 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipo_nemo.algorithms.contrastive import CONTRASTIVE_LOSSES, LEVELS, contrastive_loss
+from clipo_nemo.algorithms.contrastive import ANCHORS, CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES, contrastive_loss
 
 LOSSES = sorted(CONTRASTIVE_LOSSES)
+AUTHORS_EPS = 1e-8
 
 
-def reference_losses(z, correct, groups, loss_type, similarity, tau, level, uniform):
-    """Per-anchor losses by the definition, one anchor at a time over the whole batch (B x B)."""
+def reference_losses(z, correct, groups, loss_type, similarity, tau, level, uniform, eps=AUTHORS_EPS,
+                     anchors="correct", skip_trivial=True):
+    """Per-anchor losses by the definition, one anchor at a time over the whole batch (B x B).
+
+    The authors' numerics: each anchor's logits are shifted by the maximum over the anchor itself and
+    its candidates, and every log of a sum of exponentials is log(sum + eps) (eps = 0: exact).
+    """
     z = torch.nn.functional.normalize(z.double(), dim=-1)
     B = len(z)
     out, valid = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.bool)
     for i in range(B):
         def sim(j):
             s = float(z[i] @ z[j])
-            return s if similarity == "cosine" else 1 - math.sqrt(max(2 - 2 * s, 1e-8))
+            return {"cosine": s, "neg_cosine": -s, "l2": 1 - math.sqrt(max(2 - 2 * s, 1e-8))}[similarity]
 
         others = [j for j in range(B) if j != i]
         same = [j for j in others if groups[j] == groups[i]]
         cands = same if level == "group" else others
-        pos = [j for j in (others if level == "batch" else same) if correct[j]]
+        pos = [j for j in (others if level == "batch" else same) if correct[j] == correct[i]]
         negs = [j for j in cands if j not in pos]
-        if not (correct[i] and pos and negs):
+        selected = {"correct": correct[i], "incorrect": not correct[i], "all": True}[anchors]
+        if not (selected and ((pos and negs) if skip_trivial else cands)):
             continue
         valid[i] = True
-        lse = math.log(sum(math.exp(sim(a) / tau) for a in cands))
+        if not pos:
+            continue  # a kept trivial anchor without positives: loss 0
+        shift = max(sim(j) / tau for j in [i] + cands)
+
+        def logit(j):
+            return sim(j) / tau - shift
+
+        def log_sum_exp(js):
+            return math.log(sum(math.exp(logit(j)) for j in js) + eps)
+
+        lse = log_sum_exp(cands)
         if loss_type == "infonce":
             p = pos[min(int(uniform[i] * len(pos)), len(pos) - 1)]
-            out[i] = -(sim(p) / tau - lse)
+            out[i] = -(logit(p) - lse)
         elif loss_type == "supcon_out":
-            out[i] = -sum(sim(p) / tau - lse for p in pos) / len(pos)
+            out[i] = -sum(logit(p) - lse for p in pos) / len(pos)
         elif loss_type == "supcon_in":
-            out[i] = -(math.log(sum(math.exp(sim(p) / tau) for p in pos) / len(pos)) - lse)
+            out[i] = -(log_sum_exp(pos) - math.log(len(pos)) - lse)
         else:
-            out[i] = -(math.log(sum(math.exp(sim(p) / tau) for p in pos)) - lse)
+            out[i] = -(log_sum_exp(pos) - lse)
     return out, valid
 
 
@@ -58,29 +75,115 @@ BATCHES = {
 }
 
 
+def _check_against_reference(z, correct, groups, tau, level, loss_type, similarity, dtype, eps, atol, **options):
+    out = contrastive_loss(z.to(dtype), correct, groups, loss_type=loss_type, similarity=similarity, temperature=tau,
+                           level=level, generator=torch.Generator().manual_seed(5), eps=eps, **options)
+    uniform = torch.rand(len(z), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref, ref_valid = reference_losses(z.to(dtype), correct.tolist(), groups.tolist(), loss_type, similarity, tau, level,
+                                      uniform, eps, **options)
+    assert out.per_anchor_loss.dtype == dtype
+    assert out.valid_anchor_mask.tolist() == ref_valid.tolist()
+    torch.testing.assert_close(out.per_anchor_loss.double(), ref, atol=atol, rtol=0)
+    expected_mean = ref.sum() / max(int(ref_valid.sum()), 1)
+    assert abs(float(out.loss) - float(expected_mean)) < atol
+    if level == "group":  # the O(B n D) path against the dense one too
+        dense = contrastive_loss(z.to(dtype), correct, groups, loss_type=loss_type, similarity=similarity,
+                                 temperature=tau, level=level, generator=torch.Generator().manual_seed(5), eps=eps,
+                                 dense=True, **options)
+        torch.testing.assert_close(out.per_anchor_loss, dense.per_anchor_loss, atol=atol, rtol=0)
+    return out, ref_valid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [AUTHORS_EPS, 0.0])
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loss_type", LOSSES)
-@pytest.mark.parametrize("similarity", ["cosine", "l2"])
-def test_matches_dense_reference(batch, level, loss_type, similarity):
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_matches_dense_reference(batch, level, loss_type, similarity, eps, dtype):
     sizes, p = BATCHES[batch]
     z, correct, groups = random_batch(11, sizes, p_correct=p)
     if batch == "mixed":
         correct[:2] = True  # make sure the first group has a valid anchor
         correct[2] = False
-    tau = 0.1
-    out = contrastive_loss(z, correct, groups, loss_type=loss_type, similarity=similarity, temperature=tau,
-                           level=level, generator=torch.Generator().manual_seed(5))
-    uniform = torch.rand(len(z), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    ref, ref_valid = reference_losses(z, correct.tolist(), groups.tolist(), loss_type, similarity, tau, level, uniform)
-    assert out.valid_anchor_mask.tolist() == ref_valid.tolist()
-    torch.testing.assert_close(out.per_anchor_loss.double(), ref, atol=1e-5, rtol=0)
-    expected_mean = ref.sum() / max(int(ref_valid.sum()), 1)
-    assert abs(float(out.loss) - float(expected_mean)) < 1e-5
+    atol = 1e-5 if dtype == torch.float32 else 1e-10
+    out, ref_valid = _check_against_reference(z, correct, groups, 0.1, level, loss_type, similarity, dtype, eps, atol)
     if batch == "mixed":
         assert ref_valid.any()
     if batch == "all_wrong" or (batch == "all_correct" and level == "group"):
         assert not out.valid_anchor_mask.any() and float(out.loss) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [AUTHORS_EPS, 0.0])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSSES)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_matches_dense_reference_where_eps_dominates(level, loss_type, similarity, eps, dtype):
+    # 64-dimensional random embeddings at tau = 0.02: every cosine is far below 1 - 18.4 tau, so the
+    # authors' eps dominates the candidate sums (the issue's differences of up to 26.6 per anchor).
+    z, correct, groups = random_batch(12, [8, 8, 6], dim=64)
+    correct[[0, 1, 8, 9]] = True
+    correct[[2, 10]] = False
+    atol = 2e-4 if dtype == torch.float32 else 1e-9
+    out, _ = _check_against_reference(z, correct, groups, 0.02, level, loss_type, similarity, dtype, eps, atol)
+    if eps and similarity != "neg_cosine" and loss_type in ("infonce", "supcon_out"):
+        assert float(out.loss) > 15  # the eps-dominated regime, not the exact log-sum-exp's moderate loss
+
+
+@pytest.mark.parametrize("skip_trivial", [True, False])
+@pytest.mark.parametrize("anchors", ANCHORS)
+@pytest.mark.parametrize("batch", ["mixed", "single_member", "all_correct"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSSES)
+def test_anchor_options_match_dense_reference(batch, level, loss_type, anchors, skip_trivial):
+    sizes, p = BATCHES[batch]
+    z, correct, groups = random_batch(13, sizes, p_correct=p)
+    if batch == "mixed":
+        correct[[0, 1, 4]] = True
+        correct[[2, 3, 5, 6]] = False  # group 0: 2 correct + 2 wrong; group 1: a lone correct response
+    for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        out, valid = _check_against_reference(z, correct, groups, 0.1, level, loss_type, "cosine", dtype, AUTHORS_EPS,
+                                              atol, anchors=anchors, skip_trivial=skip_trivial)
+    if batch == "mixed":
+        anchor_of = {"correct": correct, "incorrect": ~correct, "all": torch.ones_like(correct)}[anchors]
+        assert valid[:4].tolist() == anchor_of[:4].tolist()  # group 0: each anchor has a positive and a negative
+        if level == "group":  # the lone correct member of group 1 has no positive there
+            assert bool(valid[4]) == (anchors != "incorrect" and not skip_trivial)
+    if batch == "all_correct" and level == "group" and anchors != "incorrect":
+        assert bool(valid.all()) != skip_trivial  # no negatives anywhere: kept only without skip_trivial
+
+
+@pytest.mark.parametrize("loss_type", LOSSES)
+def test_authors_numerics_on_orthogonal_embeddings(loss_type):
+    # The issue's example: z = eye(3), correct = [T, T, F], one group, cosine; anchors 0 and 1 each
+    # have one positive (cos 0) and one negative (cos 0); the self-similarity 1/tau sets the shift.
+    z, correct, groups = torch.eye(3), torch.tensor([True, True, False]), torch.zeros(3, dtype=torch.long)
+    for tau in (0.02, 0.05):
+        lse = math.log(2 * math.exp(-1 / tau) + AUTHORS_EPS)
+        pos = math.log(math.exp(-1 / tau) + AUTHORS_EPS)
+        expected = {"infonce": lse + 1 / tau, "supcon_out": lse + 1 / tau, "supcon_in": lse - pos,
+                    "soft_nn": lse - pos}[loss_type]
+        for dense in (False, True):
+            for dtype in (torch.float32, torch.float64):
+                out = contrastive_loss(z.to(dtype), correct, groups, loss_type=loss_type, temperature=tau, dense=dense)
+                assert float(out.per_anchor_loss[0]) == pytest.approx(expected, abs=1e-4)
+                exact = contrastive_loss(z.to(dtype), correct, groups, loss_type=loss_type, temperature=tau,
+                                         dense=dense, eps=0.0)
+                assert float(exact.per_anchor_loss[0]) == pytest.approx(math.log(2), abs=1e-5)
+    if loss_type == "infonce":  # the issue's numbers
+        assert contrastive_loss(z, correct, groups, temperature=0.02).per_anchor_loss[0].item() == pytest.approx(31.58, abs=5e-3)
+        assert contrastive_loss(z, correct, groups, temperature=0.05).per_anchor_loss[0].item() == pytest.approx(1.92, abs=5e-3)
+    if loss_type == "soft_nn":
+        assert abs(contrastive_loss(z, correct, groups, loss_type="soft_nn", temperature=0.02).loss.item()) < 1e-6
+
+
+def test_neg_cosine_is_minus_the_cosine():
+    # Two members, anchor 0 correct with positive 1 and negative 2: s01 = 0, s02 = -1 -> -s = 0, 1.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    out = contrastive_loss(z, torch.tensor([True, True, False]), torch.zeros(3, dtype=torch.long), temperature=1.0,
+                           similarity="neg_cosine", eps=0.0)
+    assert float(out.per_anchor_loss[0]) == pytest.approx(-(0 - math.log(math.exp(0) + math.exp(1))), abs=1e-12)
 
 
 def test_hand_computed_four_samples():
@@ -163,13 +266,14 @@ def test_degenerate_groups_finite_loss_and_gradients(level, loss_type):
         assert not out.valid_anchor_mask.any() and float(out.loss.detach()) == 0.0
 
 
-def test_gradients_match_reference_autograd():
+@pytest.mark.parametrize("eps", [AUTHORS_EPS, 1e-3, 0.0])
+def test_gradients_match_reference_autograd(eps):
     z, correct, groups = random_batch(2, [4, 4, 4])
     correct[[0, 1, 4, 5, 8]] = True
     correct[[2, 6, 9]] = False
     for level in LEVELS:
         zz = z.clone().double().requires_grad_(True)
-        contrastive_loss(zz, correct, groups, loss_type="supcon_out", level=level).loss.backward()
+        contrastive_loss(zz, correct, groups, loss_type="supcon_out", level=level, eps=eps).loss.backward()
         zd = z.clone().double().requires_grad_(True)
         zn = torch.nn.functional.normalize(zd, dim=-1)
         logits = zn @ zn.T / 0.05
@@ -179,8 +283,10 @@ def test_gradients_match_reference_autograd():
         cand = ~eye & (same if level == "group" else torch.ones_like(same))
         pos = cand & correct[None, :] & (torch.ones_like(same) if level == "batch" else same)
         valid = correct & pos.any(1) & (cand & ~pos).any(1)
-        lse = torch.logsumexp(logits.masked_fill(~cand, -1e30), 1)
-        per = -((logits * pos).sum(1) / pos.sum(1).clamp(min=1) - lse)
+        # The authors' shift is a constant (no gradient through the row maximum).
+        shifted = logits - logits.masked_fill(~(cand | eye), -1e30).amax(1, keepdim=True).detach()
+        lse = torch.log((shifted.exp() * cand).sum(1) + eps)
+        per = -((shifted * pos).sum(1) / pos.sum(1).clamp(min=1) - lse)
         (per[valid].sum() / valid.sum()).backward()
         torch.testing.assert_close(zz.grad, zd.grad, atol=1e-8, rtol=1e-6)
 
@@ -213,3 +319,9 @@ def test_non_finite_and_bad_arguments_raise_clear_errors():
         contrastive_loss(z, correct[:2], groups)
     with pytest.raises(ValueError, match="temperature"):
         contrastive_loss(z, correct, groups, temperature=0.0)
+    with pytest.raises(ValueError, match="unknown contrastive anchors"):
+        contrastive_loss(z, correct, groups, anchors="wrong")
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        contrastive_loss(z, correct, groups, eps=-1e-8)
+    with pytest.raises(ValueError, match="unknown similarity"):
+        contrastive_loss(z, correct, groups, similarity="dot")

@@ -8,8 +8,18 @@ log-sum-exp denominator) depend on the level:
 - ``cross``: P as in ``group``, A = every other response of the batch.
 - ``batch``: P = every other correct response of the batch, A = every other response.
 
-An anchor is valid when it is correct, has >= 1 positive and >= 1 negative (a candidate that is
-not a positive); invalid anchors get loss 0. The group level is computed per group on a padded
+``anchors`` picks which responses act as anchors (the reference's ``masked_label``): ``correct``
+(default), ``incorrect`` or ``all``; an anchor's positives are the candidates (of its group, or of
+the batch at ``batch`` level) with the same correctness as the anchor, so a correct anchor's are the
+correct ones above. With ``skip_trivial`` (default) an anchor is valid when it has >= 1 positive and
+>= 1 negative (a candidate that is not a positive); without it every selected anchor that has a
+candidate is valid and counts in the mean, an anchor without positives with loss 0.
+Invalid anchors get loss 0.
+
+Numerics (SPEC step 7): the logits of anchor ``i``'s row (itself and its candidates) are shifted by
+their maximum, which includes the self-similarity (``1/tau`` for cosine), and every log of a sum of
+exponentials is ``log(sum + eps)``, as in the authors' code (``eps = 1e-8``); ``eps = 0`` gives the
+exact log-sum-exp. The group level is computed per group on a padded
 ``[G, n, n]`` similarity tensor: O(B * n * D) work instead of a dense ``B x B`` matrix (the paper's
 batch is 512 prompts x 16 rollouts). ``cross``/``batch`` need every pair by definition.
 
@@ -27,7 +37,9 @@ import torch
 from clipo_nemo.algorithms.checks import check_finite, check_shape
 
 LEVELS = ("group", "cross", "batch")
-SIMILARITIES = ("cosine", "l2")
+SIMILARITIES = ("cosine", "l2", "neg_cosine")
+ANCHORS = ("correct", "incorrect", "all")  # which responses are anchors (the reference's masked_label 0 / 1 / -1)
+AUTHORS_EPS = 1e-8  # the authors' eps inside every log of a sum of exponentials
 L2_EPS = 1e-8  # floor under 2 - 2s before the square root of the l2 similarity
 
 
@@ -47,10 +59,10 @@ class ContrastiveLossOutput:
 
 # --------------------------------------------------------------------------------------------------
 # Per-anchor losses: a registry, one function per loss type.
-# Each takes logits [..., M], pos_mask [..., M], the index of the drawn positive [...] and the
-# candidate log-sum-exp [...] and returns the per-anchor loss [...] (garbage where invalid).
+# Each takes the row-shifted logits [..., M], pos_mask [..., M], the index of the drawn positive [...],
+# the candidate log-sum-exp [...] and eps, and returns the per-anchor loss [...] (garbage where invalid).
 # --------------------------------------------------------------------------------------------------
-AnchorLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AnchorLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 CONTRASTIVE_LOSSES: Dict[str, AnchorLossFn] = {}
 
 
@@ -62,60 +74,89 @@ def register_contrastive_loss(name: str) -> Callable[[AnchorLossFn], AnchorLossF
     return decorator
 
 
-def _masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last dim restricted to ``mask``; finite (meaningless) for empty rows."""
-    # The dtype's most negative finite number instead of -inf keeps gradients of empty rows finite.
-    return torch.logsumexp(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1)
+def log_sum_exp(logits: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """``log(sum_{mask} exp(logits) + eps)`` over the last dim: [..., M] -> [...].
+
+    ``eps = 0``: the exact log-sum-exp (finite, meaningless, for empty rows). ``eps > 0``: the
+    authors' form; the logits must already be shifted so that none is positive (no overflow).
+    """
+    if eps == 0:
+        # The dtype's most negative finite number instead of -inf keeps gradients of empty rows finite.
+        return torch.logsumexp(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1)
+    return torch.log(logits.masked_fill(~mask, float("-inf")).exp().sum(-1) + eps)
 
 
 @register_contrastive_loss("infonce")
-def _infonce(logits, pos_mask, drawn_positive, candidate_lse):
+def _infonce(logits, pos_mask, drawn_positive, candidate_lse, eps):
     drawn = logits.gather(-1, drawn_positive.unsqueeze(-1)).squeeze(-1)
     return -(drawn - candidate_lse)
 
 
 @register_contrastive_loss("supcon_out")
-def _supcon_out(logits, pos_mask, drawn_positive, candidate_lse):
+def _supcon_out(logits, pos_mask, drawn_positive, candidate_lse, eps):
     num_pos = pos_mask.sum(-1).clamp(min=1)
     pos_logit_mean = (logits * pos_mask).sum(-1) / num_pos
     return -(pos_logit_mean - candidate_lse)
 
 
 @register_contrastive_loss("supcon_in")
-def _supcon_in(logits, pos_mask, drawn_positive, candidate_lse):
+def _supcon_in(logits, pos_mask, drawn_positive, candidate_lse, eps):
     num_pos = pos_mask.sum(-1).clamp(min=1)
-    log_mean_exp_pos = _masked_logsumexp(logits, pos_mask) - num_pos.to(logits.dtype).log()
+    log_mean_exp_pos = log_sum_exp(logits, pos_mask, eps) - num_pos.to(logits.dtype).log()
     return -(log_mean_exp_pos - candidate_lse)
 
 
 @register_contrastive_loss("soft_nn")
-def _soft_nn(logits, pos_mask, drawn_positive, candidate_lse):
-    return -(_masked_logsumexp(logits, pos_mask) - candidate_lse)
+def _soft_nn(logits, pos_mask, drawn_positive, candidate_lse, eps):
+    return -(log_sum_exp(logits, pos_mask, eps) - candidate_lse)
+
+
+@dataclass(frozen=True)
+class AnchorRule:
+    """Which anchors count and how their losses are computed (see module doc).
+
+    loss_type: a CONTRASTIVE_LOSSES name; anchors: one of ANCHORS; skip_trivial: drop anchors
+    without a positive or without a negative; eps: inside every log of a sum of exponentials.
+    """
+
+    loss_type: str = "infonce"
+    anchors: str = "correct"
+    skip_trivial: bool = True
+    eps: float = AUTHORS_EPS
 
 
 def _anchor_losses(
     logits: torch.Tensor,
     candidate_mask: torch.Tensor,
     pos_mask: torch.Tensor,
-    anchor_correct: torch.Tensor,
+    anchor_selected: torch.Tensor,
     uniform: torch.Tensor,
-    loss_type: str,
+    rule: AnchorRule,
 ):
     """Per-anchor losses for anchors laid out along ``[...]`` against candidates ``[..., M]``.
 
-    logits, candidate_mask, pos_mask: [..., M]; anchor_correct, uniform: [...].
+    logits [..., M] with the anchor's own (self-similarity) logit on the diagonal of the last two
+    dims; candidate_mask, pos_mask: [..., M]; anchor_selected, uniform: [...].
     Returns (loss [...], valid [...]).
     """
     num_pos = pos_mask.sum(-1)
     num_neg = (candidate_mask & ~pos_mask).sum(-1)
-    valid = anchor_correct & (num_pos > 0) & (num_neg > 0)
+    if rule.skip_trivial:
+        valid = anchor_selected & (num_pos > 0) & (num_neg > 0)
+    else:
+        valid = anchor_selected & candidate_mask.any(-1)
+    # Shift each row by its maximum over the anchor itself and its candidates (a constant per row:
+    # it cancels exactly when eps = 0, and places eps relative to it otherwise).
+    self_logit = torch.diagonal(logits, dim1=-2, dim2=-1)
+    row_max = logits.masked_fill(~candidate_mask, float("-inf")).amax(-1)
+    shifted = logits - torch.maximum(row_max, self_logit).detach().unsqueeze(-1)
     # The k-th positive in batch order, k = floor(u * |P|).
     k = (uniform * num_pos.to(uniform.dtype)).floor().long().clamp(max=(num_pos - 1).clamp(min=0))
     pos_rank = pos_mask.long().cumsum(-1) - 1
     drawn_positive = (pos_mask & (pos_rank == k.unsqueeze(-1))).long().argmax(-1)
-    candidate_lse = _masked_logsumexp(logits, candidate_mask)
-    loss = CONTRASTIVE_LOSSES[loss_type](logits, pos_mask, drawn_positive, candidate_lse)
-    return torch.where(valid, loss, torch.zeros_like(loss)), valid
+    candidate_lse = log_sum_exp(shifted, candidate_mask, rule.eps)
+    loss = CONTRASTIVE_LOSSES[rule.loss_type](shifted, pos_mask, drawn_positive, candidate_lse, rule.eps)
+    return torch.where(valid & (num_pos > 0), loss, torch.zeros_like(loss)), valid
 
 
 PartialSum = Callable[[torch.Tensor], torch.Tensor]
@@ -134,8 +175,12 @@ def similarity_matrix(x: torch.Tensor, similarity: str, partial_sum: Optional[Pa
         gram = partial_sum(gram)
     norm = torch.diagonal(gram, dim1=-2, dim2=-1).clamp(min=1e-24).sqrt()
     cos = gram / (norm.unsqueeze(-1) * norm.unsqueeze(-2))
+    # Self-similarity exactly 1 (it sets the authors' row shift; rounded, l2's sqrt would amplify the error).
+    cos = torch.where(torch.eye(cos.shape[-1], dtype=torch.bool, device=cos.device), torch.ones_like(cos), cos)
     if similarity == "cosine":
         return cos
+    if similarity == "neg_cosine":
+        return -cos
     return 1.0 - torch.sqrt(torch.clamp(2.0 - 2.0 * cos, min=L2_EPS))
 
 
@@ -187,14 +232,18 @@ def draw_positive_uniforms(batch_size: int, generator: Optional[torch.Generator]
     return torch.rand(batch_size, generator=generator, dtype=torch.float64, device=gen_device).to(device)
 
 
-def _validate(embeddings, correct, group_ids, loss_type, similarity, temperature, level):
+def _validate(embeddings, correct, group_ids, rule, similarity, temperature, level):
     check_shape("embeddings", embeddings, (None, None))
     batch = embeddings.shape[0]
     check_shape("correct", correct, (batch,))
     check_shape("group_ids", group_ids, (batch,))
     check_finite("embeddings", embeddings)
-    if loss_type not in CONTRASTIVE_LOSSES:
-        raise ValueError(f"unknown contrastive loss {loss_type!r}; choose one of {sorted(CONTRASTIVE_LOSSES)}")
+    if rule.loss_type not in CONTRASTIVE_LOSSES:
+        raise ValueError(f"unknown contrastive loss {rule.loss_type!r}; choose one of {sorted(CONTRASTIVE_LOSSES)}")
+    if rule.anchors not in ANCHORS:
+        raise ValueError(f"unknown contrastive anchors {rule.anchors!r}; choose one of {ANCHORS}")
+    if not rule.eps >= 0:
+        raise ValueError(f"contrastive eps must be >= 0, got {rule.eps}")
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}")
     if level not in LEVELS:
@@ -203,7 +252,14 @@ def _validate(embeddings, correct, group_ids, loss_type, similarity, temperature
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature, partial_sum):
+def _selected_anchors(correct: torch.Tensor, anchors: str) -> torch.Tensor:
+    """[...] bool: the responses that act as anchors under ``anchors``."""
+    if anchors == "correct":
+        return correct
+    return ~correct if anchors == "incorrect" else torch.ones_like(correct)
+
+
+def _group_level(z, correct, group_ids, uniform, rule, similarity, temperature, partial_sum):
     """Group level on padded per-group blocks: z [B, D] -> (loss [B], valid [B])."""
     layout = GroupLayout.from_group_ids(group_ids)
     member = layout.member
@@ -211,22 +267,23 @@ def _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperat
     not_self = ~torch.eye(member.shape[1], dtype=torch.bool, device=z.device)
     candidate_mask = member.unsqueeze(-1) & member.unsqueeze(-2) & not_self
     block_correct = layout.to_blocks(correct)
-    pos_mask = candidate_mask & block_correct.unsqueeze(-2)
-    loss, valid = _anchor_losses(logits, candidate_mask, pos_mask, block_correct, layout.to_blocks(uniform), loss_type)
+    pos_mask = candidate_mask & (block_correct.unsqueeze(-2) == block_correct.unsqueeze(-1))
+    loss, valid = _anchor_losses(logits, candidate_mask, pos_mask, _selected_anchors(block_correct, rule.anchors) & member,
+                                 layout.to_blocks(uniform), rule)
     return layout.from_blocks(loss), layout.from_blocks(valid)
 
 
-def _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level, partial_sum):
+def _dense(z, correct, group_ids, uniform, rule, similarity, temperature, level, partial_sum):
     """Any level over the dense [B, B] similarity matrix: z [B, D] -> (loss [B], valid [B])."""
     batch = z.shape[0]
     logits = similarity_matrix(z, similarity, partial_sum) / temperature
     not_self = ~torch.eye(batch, dtype=torch.bool, device=z.device)
     same_group = group_ids.unsqueeze(0) == group_ids.unsqueeze(1)
     candidate_mask = not_self & same_group if level == "group" else not_self
-    pos_mask = candidate_mask & correct.unsqueeze(0)
+    pos_mask = candidate_mask & (correct.unsqueeze(0) == correct.unsqueeze(1))
     if level != "batch":
         pos_mask = pos_mask & same_group
-    return _anchor_losses(logits, candidate_mask, pos_mask, correct, uniform, loss_type)
+    return _anchor_losses(logits, candidate_mask, pos_mask, _selected_anchors(correct, rule.anchors), uniform, rule)
 
 
 def contrastive_loss(
@@ -241,6 +298,9 @@ def contrastive_loss(
     generator: Optional[torch.Generator] = None,
     dense: bool = False,
     partial_sum: Optional[PartialSum] = None,
+    eps: float = AUTHORS_EPS,
+    anchors: str = "correct",
+    skip_trivial: bool = True,
 ) -> ContrastiveLossOutput:
     """Contrastive loss of one batch.
 
@@ -249,24 +309,27 @@ def contrastive_loss(
         correct:    [B] bool, the verifier's verdict per response.
         group_ids:  [B] int, the prompt (group) each response belongs to; any integers.
         loss_type:  "infonce" | "supcon_out" | "supcon_in" | "soft_nn".
-        similarity: "cosine" or "l2".
+        similarity: "cosine", "l2" or "neg_cosine" (minus the cosine).
         temperature: tau > 0; logits are similarity / tau.
         level:      "group" | "cross" | "batch".
         generator:  draws the InfoNCE positives (see module doc); ``None`` uses the global RNG.
         dense:      compute the group level on the dense [B, B] matrix (the reference formulation;
                     the padded per-group one is the default because it is O(B n D)).
+        eps:        inside every log of a sum of exponentials (authors: 1e-8; 0 = exact log-sum-exp).
+        anchors:    "correct" | "incorrect" | "all", the responses that act as anchors.
+        skip_trivial: drop anchors without a positive or without a negative (see module doc).
     """
-    _validate(embeddings, correct, group_ids, loss_type, similarity, temperature, level)
+    rule = AnchorRule(loss_type, anchors, skip_trivial, eps)
+    _validate(embeddings, correct, group_ids, rule, similarity, temperature, level)
     correct = correct.bool()
     z = embeddings
     uniform = draw_positive_uniforms(z.shape[0], generator, z.device)
     if z.shape[0] == 0:
         return ContrastiveLossOutput(z.new_zeros(0), correct.clone(), embeddings.sum() * 0.0)
     if level == "group" and not dense:
-        per_anchor, valid = _group_level(z, correct, group_ids, uniform, loss_type, similarity, temperature, partial_sum)
+        per_anchor, valid = _group_level(z, correct, group_ids, uniform, rule, similarity, temperature, partial_sum)
     else:
-        per_anchor, valid = _dense(z, correct, group_ids, uniform, loss_type, similarity, temperature, level,
-                                   partial_sum)
+        per_anchor, valid = _dense(z, correct, group_ids, uniform, rule, similarity, temperature, level, partial_sum)
     loss = per_anchor.sum() / valid.sum().clamp(min=1)
     return ContrastiveLossOutput(per_anchor, valid, loss)
 
