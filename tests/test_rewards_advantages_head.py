@@ -113,3 +113,79 @@ def test_head_does_not_backpropagate_into_the_policy():
 def test_unknown_head_type():
     with pytest.raises(ValueError, match="unknown contrastive head type"):
         ContrastiveHead(4, 2, "transformer")
+
+
+def _no_valid_anchor_batch():
+    """Two groups, every response correct: no negatives at the group level, so no valid anchor."""
+    return torch.randn(8, 10, generator=torch.Generator().manual_seed(1)), torch.ones(8, dtype=torch.bool), \
+        torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def test_no_valid_anchor_takes_no_optimizer_step():
+    torch.manual_seed(0)
+    head = ContrastiveHead(10, 6)
+    cfg = _cfg()
+    optimizer = build_head_optimizer(head, cfg)
+    before = copy.deepcopy(head.state_dict())
+    pooled, correct, groups = _no_valid_anchor_batch()
+    out = contrastive_head_step(head, optimizer, pooled, correct, groups, cfg)
+    assert not out.valid_anchor_mask.any() and out.rewards.tolist() == [0.0] * 8
+    # AdamW's decoupled weight decay alone would move every weight by lr * wd * w (up to ~3e-6 here).
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+    assert len(optimizer.state) == 0  # no step counted either
+    # Control: one wrong answer per group makes valid anchors, and the same call moves the head.
+    correct[[3, 7]] = False
+    contrastive_head_step(head, optimizer, pooled, correct, groups, cfg)
+    assert not all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+
+
+def _parallel_no_valid_anchor_rank(rank, world):
+    from megatron.core import parallel_state
+
+    from clipo_nemo.config import ParallelConfig
+    from clipo_nemo.models.head import ParallelContrastiveHead, parallel_contrastive_step
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+
+    try:
+        init_parallel_state(ParallelConfig())
+        pooled, correct, groups = _no_valid_anchor_batch()
+        mine = torch.arange(8).chunk(world)[parallel_state.get_data_parallel_rank()]
+        cfg = _cfg()
+        moved = []
+        for all_correct in (True, False):
+            if not all_correct:
+                correct[[3, 7]] = False
+            head = ParallelContrastiveHead(10, 6, seed=5)
+            optimizer = build_head_optimizer(head, cfg)
+            before = head.full_state_dict()
+            parallel_contrastive_step(head, optimizer, pooled[mine], correct[mine], groups[mine], mine, cfg,
+                                      torch.Generator().manual_seed(0))
+            moved.append(any(not torch.equal(before[k], v) for k, v in head.full_state_dict().items()))
+        return moved
+    finally:
+        destroy_parallel_state()
+
+
+def test_parallel_head_no_valid_anchor_takes_no_step_on_any_rank():
+    from clipo_nemo.parallel.launcher import run_distributed
+
+    # Each DP rank holds half of every group; the global batch decides, so both ranks skip alike.
+    assert run_distributed(_parallel_no_valid_anchor_rank, 2) == [[False, True], [False, True]]
+
+
+def test_only_correct_anchors_are_rewarded_whatever_the_anchors():
+    torch.manual_seed(0)
+    head = ContrastiveHead(10, 6)
+    pooled = torch.randn(8, 10)
+    correct = torch.tensor([True, True, False, False, True, False, False, False])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    from clipo_nemo.algorithms.contrastive import contrastive_loss
+    ref = contrastive_loss(head(pooled), correct, groups, temperature=0.1, anchors="all",
+                           generator=torch.Generator().manual_seed(3))
+    assert ref.valid_anchor_mask.tolist() == [True, True, True, True, False, True, True, True]
+    cfg = ContrastiveConfig(temperature=0.1, anchors="all", reward_offset=0.05, head=HeadConfig(dim=6))
+    out = contrastive_head_step(head, None, pooled, correct, groups, cfg, torch.Generator().manual_seed(3))
+    loss = ref.per_anchor_loss.detach()
+    expected = [max(0.05 - 0.2 * float(loss[i]), -0.5) if i in (0, 1) else 0.05 for i in range(8)]
+    assert out.rewards.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out.metrics["contrastive_loss"] == pytest.approx(float(loss.sum() / 7), abs=1e-6)

@@ -8,7 +8,7 @@ The tensor-parallel variant lives in ``clipo_nemo.models.head``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,17 @@ def build_head_optimizer(head: nn.Module, cfg: ContrastiveConfig) -> Optional[to
     return torch.optim.AdamW(head.parameters(), lr=cfg.head.lr, weight_decay=cfg.head.weight_decay)
 
 
+def contrastive_loss_options(cfg: ContrastiveConfig) -> Dict[str, Any]:
+    """The ``contrastive_loss`` keyword arguments ``cfg`` sets (everything but the batch and generator)."""
+    return dict(loss_type=cfg.loss, similarity=cfg.similarity, temperature=cfg.temperature, level=cfg.level,
+                eps=cfg.eps, anchors=cfg.anchors, skip_trivial=cfg.skip_trivial)
+
+
+def rewarded_anchors(valid_anchor_mask: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the valid anchors that receive ``c - lambda * L`` (correct responses only, SPEC step 8)."""
+    return valid_anchor_mask & correct.bool()
+
+
 @dataclass
 class HeadStepOutput:
     """rewards [B]: contrastive reward per response; per_anchor_loss [B]; valid_anchor_mask [B];
@@ -75,14 +86,14 @@ def contrastive_head_step(
     """One CLIPO head step: loss -> rewards (from the loss before the update) -> one AdamW step.
 
     pooled_hidden [B, H] (detached from the policy here), correct [B] bool, group_ids [B].
-    With ``optimizer=None`` (``head.fixed``) the head is evaluated but never updated.
+    With ``optimizer=None`` (``head.fixed``) the head is evaluated but never updated; with no valid
+    anchor in the batch it takes no step either (weight decay would still move it).
     """
     embeddings = head(pooled_hidden.detach())
-    out = contrastive_loss(embeddings, correct, group_ids, loss_type=cfg.loss, similarity=cfg.similarity,
-                           temperature=cfg.temperature, level=cfg.level, generator=generator)
-    rewards = contrastive_rewards(out.per_anchor_loss, out.valid_anchor_mask, scale=cfg.reward_scale,
-                                  offset=cfg.reward_offset, floor=cfg.reward_floor)
-    if optimizer is not None:
+    out = contrastive_loss(embeddings, correct, group_ids, generator=generator, **contrastive_loss_options(cfg))
+    rewards = contrastive_rewards(out.per_anchor_loss, rewarded_anchors(out.valid_anchor_mask, correct),
+                                  scale=cfg.reward_scale, offset=cfg.reward_offset, floor=cfg.reward_floor)
+    if optimizer is not None and bool(out.valid_anchor_mask.any()):
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from clipo_nemo.algorithms.contrastive import contrastive_loss, positive_pair_cosine
-from clipo_nemo.algorithms.head import HEAD_TYPES, ContrastiveHead, HeadStepOutput
+from clipo_nemo.algorithms.head import (HEAD_TYPES, ContrastiveHead, HeadStepOutput, contrastive_loss_options,
+                                       rewarded_anchors)
 from clipo_nemo.algorithms.rewards import contrastive_rewards
 from clipo_nemo.config import ContrastiveConfig
 from clipo_nemo.parallel.gather import GlobalBatch, all_reduce_grads, tensor_parallel_partial_sum
@@ -144,7 +145,8 @@ def parallel_contrastive_step(
     pooled_hidden [b, H], correct [b], group_ids [b] and batch_index [b] (each response's position
     in the global batch, which fixes the canonical order) describe this rank's responses; ranks may
     hold different counts and split groups. Returns this rank's rewards [b] from the loss before the
-    update; metrics and ``embeddings`` are global. ``optimizer=None`` (a fixed head) skips the update.
+    update; metrics and ``embeddings`` are global. ``optimizer=None`` (a fixed head) skips the update,
+    and so does a global batch without a valid anchor (on every rank alike: the loss is global).
     """
     if dp_group is None:
         from megatron.core import parallel_state
@@ -153,13 +155,12 @@ def parallel_contrastive_step(
     embeddings = head(pooled_hidden.detach())
     view = GlobalBatch(batch_index, dp_group)
     all_embeddings, all_correct, all_groups = (view.gather(t) for t in (embeddings, correct.bool(), group_ids))
-    out = contrastive_loss(all_embeddings, all_correct, all_groups, loss_type=cfg.loss, similarity=cfg.similarity,
-                           temperature=cfg.temperature, level=cfg.level, generator=generator,
-                           partial_sum=head.partial_sum())
+    out = contrastive_loss(all_embeddings, all_correct, all_groups, generator=generator, partial_sum=head.partial_sum(),
+                           **contrastive_loss_options(cfg))
     local_loss, local_valid = view.local(out.per_anchor_loss), view.local(out.valid_anchor_mask)
-    rewards = contrastive_rewards(local_loss, local_valid, scale=cfg.reward_scale, offset=cfg.reward_offset,
-                                  floor=cfg.reward_floor)
-    if optimizer is not None:
+    rewards = contrastive_rewards(local_loss, rewarded_anchors(local_valid, correct), scale=cfg.reward_scale,
+                                  offset=cfg.reward_offset, floor=cfg.reward_floor)
+    if optimizer is not None and bool(out.valid_anchor_mask.any()):
         optimizer.zero_grad(set_to_none=True)
         (local_loss.sum() / out.valid_anchor_mask.sum().clamp(min=1)).backward()
         all_reduce_grads(list(head.parameters()), dp_group)
