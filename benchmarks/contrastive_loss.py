@@ -1,7 +1,8 @@
 """Grouped vs dense group-level InfoNCE at the paper's batch (512 prompts x 16 rollouts, D = 2048).
 
 Both compute the same per-anchor losses (checked below); the dense one builds the B x B similarity
-matrix over the whole batch, as the authors' code does. Prints the time ratio; last line
+matrix over the whole batch, as the authors' code does. Both use the authors' numerics (row shift by
+the self-similarity, ``log(sum + eps)``, eps = 1e-8) unless ``--eps 0``. Prints the time ratio; last line
 ``speedup: <number>x``. Usage: python benchmarks/contrastive_loss.py [--groups 512 --n 16 --dim 2048]
 """
 import argparse
@@ -10,7 +11,7 @@ import time
 
 import torch
 
-from clipo_nemo.algorithms.contrastive import contrastive_loss
+from clipo_nemo.algorithms.contrastive import AUTHORS_EPS, contrastive_loss
 
 
 def timed(fn, repeats):
@@ -28,6 +29,7 @@ def main():
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eps", type=float, default=AUTHORS_EPS, help="contrastive.eps (0 = exact log-sum-exp)")
     parser.add_argument("--interleave", action="store_true",
                         help="shuffle responses across groups (as after re-sharding) instead of n adjacent per prompt")
     args = parser.parse_args()
@@ -42,7 +44,8 @@ def main():
         embeddings, correct, group_ids = embeddings[perm], correct[perm], group_ids[perm]
 
     def run(dense):
-        return contrastive_loss(embeddings, correct, group_ids, generator=torch.Generator().manual_seed(1), dense=dense)
+        return contrastive_loss(embeddings, correct, group_ids, generator=torch.Generator().manual_seed(1), dense=dense,
+                                eps=args.eps)
 
     run(False)  # warm-up
     grouped_s, grouped = timed(lambda: run(False), args.repeats)
@@ -50,7 +53,7 @@ def main():
     max_diff = (grouped.per_anchor_loss - dense.per_anchor_loss).abs().max().item()
     same_valid = torch.equal(grouped.valid_anchor_mask, dense.valid_anchor_mask)
     layout = "interleaved" if args.interleave else "contiguous"
-    print(f"batch {batch} = {args.groups} groups x {args.n} ({layout}), D = {args.dim}, threads {torch.get_num_threads()}")
+    print(f"batch {batch} = {args.groups} groups x {args.n} ({layout}), D = {args.dim}, eps {args.eps:g}, threads {torch.get_num_threads()}")
     print(f"dense B x B : {dense_s * 1e3:9.1f} ms (median of {args.repeats})")
     print(f"grouped     : {grouped_s * 1e3:9.1f} ms (median of {args.repeats})")
     print(f"same outputs: max |diff| per-anchor loss {max_diff:.2e}, same valid anchors {same_valid}")
