@@ -192,6 +192,7 @@ class Trainer:
                                  cfg.verifier.chunk_size)
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.weights_check = None  # the load guard's report (clipo_nemo.trainer.load_guard), set by run()
 
     # ----------------------------------------------------------------------------------------------
     def _my_prompts(self, indices: List[int]):
@@ -387,11 +388,11 @@ class Trainer:
         copies are reloaded), or the first step would undo the load. Raises StaleOptimizerError."""
         from clipo_nemo.trainer.load_guard import sync_optimizer_with_model
 
-        report = sync_optimizer_with_model(self.actor.optimizer, self.actor.model)
-        checked = report.tensors_checked
+        self.weights_check = sync_optimizer_with_model(self.actor.optimizer, self.actor.model)
+        checked = self.weights_check.tensors_checked
         if self.clipo is not None and self.clipo.optimizer is not None:
             checked += sync_optimizer_with_model(self.clipo.optimizer, self.clipo.head).tensors_checked
-        reloaded = ", stale main copies reloaded from the model" if report.reloaded else """"
+        reloaded = ", stale main copies reloaded from the model" if self.weights_check.reloaded else ""
         return f"optimizer copies of the weights equal the model's ({checked} tensors on this rank{reloaded})"
 
     def _save(self) -> None:
