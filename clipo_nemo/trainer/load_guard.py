@@ -151,7 +151,8 @@ def sync_optimizer_with_model(optimizer, model: torch.nn.Module) -> SyncReport:
     parameter whose optimizer copy still differs from the model.
     """
     copies = weight_copies(optimizer, model)
-    stale = _mismatch_on_any_rank(first_mismatch(copies))
-    if stale and hasattr(optimizer, "reload_model_params"):
+    if not _mismatch_on_any_rank(first_mismatch(copies)):
+        return SyncReport(len(copies), reloaded=False)  # every copy already equals the model's
+    if hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # megatron: main copies <- model params (in place, local to the rank)
-    return SyncReport(check_optimizer_matches_model(optimizer, model), reloaded=stale)
+    return SyncReport(check_optimizer_matches_model(optimizer, model), reloaded=True)
