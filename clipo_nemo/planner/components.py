@@ -32,10 +32,8 @@ saved fp32 probabilities (2.21 GiB) and bf16 copy (1.11 GiB), megatron's 1.11 Gi
 and at the peak -- the last layer's core-attention backward, also when recomputed (selective) --
 three more fp32 2.21 GiB temporaries beside its saved fp32 probabilities
 (:func:`local_attention_score_bytes`). ``tests/test_planner.py::test_h100_probe_prediction``
-prints these predictions. Re-run after this change on the same H100, ``gpu_checks.py plan`` (its
-estimate sums :func:`stage_activation_bytes` and :func:`logprob_pass_bytes`, so it counts the log-prob
-pass on top and ignores the reused buffer) gave PASS: 15.406 vs 14.652 (1.052) and 11.979 vs 10.225
-(1.171). The flash-attention (Transformer Engine) variant, the framework overhead
+prints these predictions. Re-run after this change on the same H100, ``gpu_checks.py plan`` with
+:func:`train_step_peak_bytes` gave 14.687 vs 14.646 GiB (1.003) and 10.151 vs 10.220 GiB (0.993). The flash-attention (Transformer Engine) variant, the framework overhead
 and everything else GPU-specific are estimates.
 """
 from __future__ import annotations
@@ -43,10 +41,9 @@ from __future__ import annotations
 from typing import Dict
 
 from clipo_nemo.config import ModelConfig
-from clipo_nemo.models.policy import RECOMPUTE_MODES, padded_vocab_size
+from clipo_nemo.models.policy import RECOMPUTE_MODES, padded_vocab_size, params_dtype
 from clipo_nemo.rollout.megatron_engine import kv_cache_bytes_per_row  # noqa: F401  (the engine's own count)
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # fp32 [chunk, V/t] buffers alive at the peak of one chunk of the fused log-prob pass: one (forward:
 # the logits, exponentiated in place; backward: two half-chunk blocks, the logit gradient and the
 # probabilities). Measured on CPU: 1.00 forward, 1.00-1.37 backward (tests/test_planner.py).
@@ -54,10 +51,8 @@ LOGPROB_CHUNK_FP32_BUFFERS = 1
 
 
 def dtype_bytes(model: ModelConfig) -> int:
-    """Bytes per element of the parameter/compute dtype."""
-    if model.params_dtype not in DTYPE_BYTES:
-        raise ValueError(f"model.params_dtype={model.params_dtype!r}: expected one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[model.params_dtype]
+    """Bytes per element of the parameter/compute dtype (ValueError for an unknown one)."""
+    return params_dtype(model).itemsize
 
 
 def head_dim(model: ModelConfig) -> int:
@@ -86,7 +81,7 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
     The first stage holds the word embedding ``V_p x h / t``; the last stage the final norm ``h`` and
     the output layer ``V_p x h / t`` (untied, or tied with PP > 1: megatron keeps a copy there).
     """
-    vocab_rows = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp) // tp
+    vocab_rows = vocab_rows_per_rank(model, tp)
     count = (model.num_layers // pp) * layer_parameters(model, tp)
     first, last = stage == 0, stage == pp - 1
     if first:
@@ -242,20 +237,6 @@ def attention_backward_extra_bytes(model: ModelConfig, tp: int, tokens: int, seq
     return int(max(0, scores * per_score["backward"] - kept - freed))
 
 
-def stage_activation_bytes(model: ModelConfig, tp: int, pp: int, stage: int, tokens: int, seq_len: int, *,
-                           recompute: str, recompute_num_layers: int, flash_attention: bool,
-                           sequence_parallel: bool = False) -> int:
-    """Peak activations of one rank of ``stage`` in backward: what is kept
-    (:func:`stage_saved_activation_bytes`) plus the unfused attention's backward transient
-    (:func:`attention_backward_extra_bytes`). Megatron's score buffer is apart
-    (:func:`attention_score_buffer_bytes`: resident in every phase)."""
-    saved = stage_saved_activation_bytes(model, tp, pp, stage, tokens, seq_len, recompute=recompute,
-                                         recompute_num_layers=recompute_num_layers, flash_attention=flash_attention,
-                                         sequence_parallel=sequence_parallel)
-    return saved + attention_backward_extra_bytes(model, tp, tokens, seq_len, recompute=recompute,
-                                                  flash_attention=flash_attention, sequence_parallel=sequence_parallel)
-
-
 def attention_score_buffer_bytes(model: ModelConfig, tp: int, tokens: int, seq_len: int, *,
                                  flash_attention: bool) -> int:
     """Megatron's global memory buffer for the unfused attention's ``baddbmm`` input: [b n_h / t, s, s]
@@ -317,7 +298,7 @@ def logprob_pass_bytes(model: ModelConfig, tp: int, tokens: int, chunk: int, *, 
     compute dtype, the fp32 gradient of the scored hidden states [T, h] and the saved [T, h].
     """
     vocab = vocab_rows_per_rank(model, tp)
-    b = DTYPE_BYTES[model.params_dtype]
+    b = dtype_bytes(model)
     low = b if b != 4 else 0
     logits = min(chunk, tokens) * vocab
     scored = tokens * model.hidden_size * b
@@ -344,7 +325,7 @@ def generation_logits_bytes(model: ModelConfig, prompts: int, rows: int, *, temp
     holds [rows, V_p] twice in the compute dtype, once in fp32, plus the sampling temporaries
     (:data:`SAMPLING_BYTES_TOP_P` / :data:`SAMPLING_BYTES_PLAIN` per element; greedy: none).
     """
-    vocab, b = vocab_rows_per_rank(model, 1), DTYPE_BYTES[model.params_dtype]
+    vocab, b = vocab_rows_per_rank(model, 1), dtype_bytes(model)
     sampling = 0 if temperature == 0 else SAMPLING_BYTES_TOP_P if top_p < 1 else SAMPLING_BYTES_PLAIN
     return max(3 * prompts * vocab * b, rows * vocab * (2 * b + 4 + sampling))
 
