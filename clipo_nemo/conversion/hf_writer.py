@@ -40,11 +40,12 @@ from clipo_nemo.conversion.dist_reader import (
 from clipo_nemo.conversion.mapping import (
     SUPPORTED_ARCHITECTURES, ConversionError, hf_config_from_model, tensor_groups)
 from clipo_nemo.conversion.weights import TOKENIZER_FILES, has_tokenizer_files, is_weights_checkpoint, read_description
+from clipo_nemo.models.head import _layer_names
+from clipo_nemo.models.policy import TORCH_DTYPES
 from clipo_nemo.trainer.checkpoint import FORMAT_VERSION, latest_checkpoint
 
 HEAD_WEIGHTS, HEAD_DESCRIPTION = "clipo_head.safetensors", "clipo_head.json"
 HEAD_FORMAT, HEAD_VERSION = "clipo-head", 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -229,20 +230,15 @@ def iter_hf_tensors(reader: DistCheckpointReader, model: ModelConfig) -> Iterato
 # ------------------------------------------------------------------------------------------------
 # The contrastive head
 # ------------------------------------------------------------------------------------------------
-def _head_names(head_type: str) -> List[str]:
-    from clipo_nemo.models.head import _layer_names
-
-    return _layer_names(head_type)
-
-
 def _read_head(source: ExportSource) -> Optional[Tuple[Dict[str, Any], Dict[str, torch.Tensor]]]:
     """(description, whole weights) of the checkpoint's contrastive head, or None without one."""
     head = source.meta.get("head")
     if head is None:
         return None
     reader = DistCheckpointReader(source.checkpoint / "dist", "head.", vocab_size=0)
-    weights = reader.read(_head_names(head["type"]))
-    first, last = weights[_head_names(head["type"])[0]], weights[_head_names(head["type"])[-1]]
+    names = _layer_names(head["type"])
+    weights = reader.read(names)
+    first, last = weights[names[0]], weights[names[-1]]
     con = source.cfg.contrastive
     description = {
         "format": HEAD_FORMAT, "version": HEAD_VERSION, "type": head["type"],
@@ -277,7 +273,7 @@ def load_head_file(directory: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[s
                               f"{description.get('version')!r}, expected {HEAD_FORMAT!r} version {HEAD_VERSION}")
     state = load_file(str(directory / HEAD_WEIGHTS))
     expected = {name: tuple(shape) for name, shape in description["tensors"].items()}
-    if set(state) != set(_head_names(description["type"])) or {k: tuple(v.shape) for k, v in state.items()} != expected:
+    if set(state) != set(_layer_names(description["type"])) or {k: tuple(v.shape) for k, v in state.items()} != expected:
         found = sorted((k, tuple(v.shape)) for k, v in state.items())
         raise ConversionError(f"{directory / HEAD_WEIGHTS}: tensors {found} "
                               f"do not match the {description['type']!r} head described as {sorted(expected.items())}")
@@ -321,8 +317,8 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
     source = resolve_export_source(checkpoint, architecture)
     model = source.cfg.model
     dtype = dtype or model.params_dtype
-    if dtype not in _DTYPES:
-        raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
     config = _hf_config(source, dtype)
     generation = source.generation_config
     tmp = out.parent / f".tmp-{out.name}"
@@ -342,7 +338,7 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
             _write_tokenizer(source, tokenizer, tmp)
             shards = HFShardWriter(tmp, shard_size_bytes)
             for name, tensor in iter_hf_tensors(reader, model):
-                shards.add(name, tensor.to(_DTYPES[dtype]))
+                shards.add(name, tensor.to(TORCH_DTYPES[dtype]))
             index = shards.close()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import ConversionError, tensor_groups
+from clipo_nemo.models.policy import TORCH_DTYPES
 
 WEIGHTS_DESCRIPTION = "clipo_model.json"
 WEIGHTS_FORMAT = "clipo-nemo-weights"
@@ -42,7 +43,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_weights_checkpoint(path) -> bool:
@@ -111,8 +111,8 @@ class WeightsWriter:
         if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
             raise ConversionError(f"output {self.out_dir} already exists and is not an empty directory")
         self.dtype_name = dtype or model.params_dtype
-        if self.dtype_name not in _DTYPES:
-            raise ConversionError(f"dtype {self.dtype_name!r}: expected one of {sorted(_DTYPES)}")
+        if self.dtype_name not in TORCH_DTYPES:
+            raise ConversionError(f"dtype {self.dtype_name!r}: expected one of {sorted(TORCH_DTYPES)}")
         self.model, self.architecture, self.source = model, architecture, dict(source)
         self.shard_size_bytes = shard_size_bytes
         self.tmp_dir = self.out_dir.parent / f".tmp-{self.out_dir.name}"
@@ -133,7 +133,7 @@ class WeightsWriter:
         """Add one canonical tensor (cast to the checkpoint dtype, copied off any shared storage)."""
         if name in self._weight_map or name in self._buffer:
             raise ConversionError(f"tensor {name!r} added twice")
-        tensor = tensor.detach().to(device="cpu", dtype=_DTYPES[self.dtype_name]).contiguous().clone()
+        tensor = tensor.detach().to(device="cpu", dtype=TORCH_DTYPES[self.dtype_name]).contiguous().clone()
         nbytes = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.shard_size_bytes:
             self._flush()

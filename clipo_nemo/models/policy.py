@@ -20,14 +20,15 @@ import torch.nn.functional as F
 
 from clipo_nemo.config import ModelConfig, ParallelConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# model.params_dtype names -> torch dtypes (also the conversion tools' --dtype choices)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def params_dtype(model: ModelConfig) -> torch.dtype:
     """The torch dtype named by ``model.params_dtype``."""
-    if model.params_dtype not in _DTYPES:
-        raise ValueError(f"model.params_dtype={model.params_dtype!r}: expected one of {sorted(_DTYPES)}")
-    return _DTYPES[model.params_dtype]
+    if model.params_dtype not in TORCH_DTYPES:
+        raise ValueError(f"model.params_dtype={model.params_dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
+    return TORCH_DTYPES[model.params_dtype]
 
 
 def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_size: int) -> int:
