@@ -357,6 +357,7 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
     from clipo_nemo.algorithms.contrastive import ANCHORS, CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES
     from clipo_nemo.algorithms.head import HEAD_TYPES
     from clipo_nemo.algorithms.policy_losses import AGG_MODES, OWN_AGG_MODES, POLICY_LOSSES
+    from clipo_nemo.models.policy import RECOMPUTE_MODES, TORCH_DTYPES
     from clipo_nemo.rollout import ROLLOUT_ENGINES
 
     problems = []
@@ -411,11 +412,11 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
                         "optimizer supports Adam only (GPU runs)")
     if trainer.keep_last < 1:
         problems.append(f"trainer.keep_last={trainer.keep_last} must be >= 1")
-    choice("model.params_dtype", cfg.model.params_dtype, ("float32", "bfloat16", "float16"))
+    choice("model.params_dtype", cfg.model.params_dtype, TORCH_DTYPES)
     if cfg.model.params_dtype == "float16":
         problems.append("model.params_dtype='float16' is not supported: fp16 training needs dynamic loss scaling, "
                         "which is not wired to the policy loss here; use 'bfloat16' (same memory, no loss scaling)")
-    choice("model.recompute", cfg.model.recompute, ("none", "selective", "full"))
+    choice("model.recompute", cfg.model.recompute, RECOMPUTE_MODES)
     stage_layers = cfg.model.num_layers // max(cfg.parallel.pipeline_parallel_size, 1)
     if cfg.model.recompute == "full" and (cfg.model.recompute_num_layers < 1
                                           or stage_layers % cfg.model.recompute_num_layers):
