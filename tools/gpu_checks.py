@@ -88,22 +88,12 @@ def cmd_guard(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-def _previous_logprobs():
-    """The log-prob pass before the fused one, kept as the oracle in tests/test_logprobs_chunked.py."""
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("oracle", os.path.join(root, "tests", "test_logprobs_chunked.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.previous_sharded_logprobs_and_entropy
-
-
 def cmd_memprobe(args) -> None:
     """Peak CUDA memory of log-prob + entropy forward and backward at Qwen2.5-7B width: fused chunked
     pass vs the previous full-vocabulary pass, same inputs, in one process."""
     from clipo_nemo.config import ActorConfig
     from clipo_nemo.models.logprobs import VocabShard, fused_logprobs_and_entropy
+    from benchmarks.logprob_memory import _previous_function
 
     tokens, vocab, hidden_size, chunk = args.tokens, 152064, 3584, ActorConfig().logprob_chunk_size
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -111,7 +101,7 @@ def cmd_memprobe(args) -> None:
     weight = (0.02 * torch.randn(vocab, hidden_size, device="cuda", generator=gen)).bfloat16().requires_grad_(True)
     labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
     upstream = torch.randn(2, tokens, device="cuda", generator=gen)
-    previous = _previous_logprobs()
+    previous = _previous_function()  # the benchmark's baseline: the pass before the fused one
     peaks, sums = {}, {}
     for variant in ("fused", "previous"):
         hidden.grad = weight.grad = None
