@@ -480,16 +480,20 @@ def drop_extra_state_missing_from(request: Dict[str, Any], checkpoint_dir: str |
     from megatron.core.dist_checkpointing.mapping import ShardedBase
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    saved = {entry.key for entry in load_sharded_metadata(str(checkpoint_dir)).values()}
+    saved: Optional[set] = None  # the checkpoint's keys, read only once an _extra_state entry is requested
     dropped: List[str] = []
 
     def visit(node: Dict[str, Any]) -> None:
+        nonlocal saved
         for key, value in list(node.items()):
             if isinstance(value, dict):
                 visit(value)
-            elif isinstance(value, ShardedBase) and value.key.endswith(_EXTRA_STATE) and value.key not in saved:
-                dropped.append(key)
-                del node[key]
+            elif isinstance(value, ShardedBase) and value.key.endswith(_EXTRA_STATE):
+                if saved is None:
+                    saved = {entry.key for entry in load_sharded_metadata(str(checkpoint_dir)).values()}
+                if value.key not in saved:
+                    dropped.append(key)
+                    del node[key]
 
     visit(request)
     return dropped
