@@ -10,6 +10,7 @@ import math
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence
 
 
@@ -262,6 +263,16 @@ class ClipoConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
+def head_dim(model) -> int:
+    """``d``, the size of one attention head: ``model.kv_channels``, or hidden size / heads."""
+    return model.kv_channels or model.hidden_size // model.num_attention_heads
+
+
+def max_sequence_length(cfg: ClipoConfig) -> int:
+    """The longest row the trainer ever holds: the longest kept prompt plus the longest response."""
+    return cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
     """A YAML of ``examples/conf`` (or a run's ``config.yaml``) as a typed config, outside Hydra.
 
@@ -321,9 +332,7 @@ def apply_checkpoint_model(cfg: ClipoConfig, description: Dict[str, Any], source
         raise ConfigError(f"{source}: the checkpoint's model description does not fit this version's model.* keys "
                           f"(unknown {unknown}, missing {missing})")
 
-    def head_size(values) -> int:
-        return values["kv_channels"] or values["hidden_size"] // values["num_attention_heads"]
-
+    their_head_dim = head_dim(SimpleNamespace(**description))
     problems, filled = [], []
     for key in known:
         theirs, ours = description[key], getattr(model, key)
@@ -333,13 +342,13 @@ def apply_checkpoint_model(cfg: ClipoConfig, description: Dict[str, Any], source
             continue
         if key not in ARCHITECTURE_KEYS or (key == "rope_scaling_factor" and not description["rope_scaling"]):
             continue  # a run choice
-        if key == "kv_channels" and ours is not None and ours == head_size(description):
+        if key == "kv_channels" and ours is not None and ours == their_head_dim:
             continue
         if _same(ours, getattr(defaults, key)):
             setattr(model, key, theirs)
             filled.append(f"model.{key}={theirs}")
         else:
-            implied = f" (head size {head_size(description)})" if key == "kv_channels" and theirs is None else ""
+            implied = f" (head size {their_head_dim})" if key == "kv_channels" and theirs is None else ""
             problems.append(f"model.{key}={ours} contradicts the checkpoint's {key}={theirs}{implied}")
     if problems:
         raise ConfigError(f"trainer.init_from={source} is a converted checkpoint whose architecture the config "

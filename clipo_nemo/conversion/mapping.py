@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from clipo_nemo.config import ModelConfig
+from clipo_nemo.config import ModelConfig, head_dim
 
 
 class ConversionError(ValueError):
@@ -98,11 +98,11 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
     groups = int(hf_config.get("num_key_value_heads") or heads)
     if heads % groups:
         raise ConversionError(f"config.json num_attention_heads={heads} is not divisible by num_key_value_heads={groups}")
-    head_dim = hf_config.get("head_dim")
-    if head_dim is None:
+    hf_head_dim = hf_config.get("head_dim")
+    if hf_head_dim is None:
         if hidden % heads:
             raise ConversionError(f"config.json hidden_size={hidden} is not divisible by num_attention_heads={heads}")
-        head_dim = hidden // heads
+        hf_head_dim = hidden // heads
     act = hf_config.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"config.json hidden_act={act!r}: only 'silu' (SwiGLU) is supported")
@@ -125,7 +125,7 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
         ffn_hidden_size=int(_require(hf_config, "intermediate_size")),
         num_attention_heads=heads,
         num_query_groups=groups,
-        kv_channels=None if head_dim * heads == hidden else int(head_dim),
+        kv_channels=None if hf_head_dim * heads == hidden else int(hf_head_dim),
         vocab_size=int(_require(hf_config, "vocab_size")),
         max_position_embeddings=int(_require(hf_config, "max_position_embeddings")),
         rotary_base=rotary_base,
@@ -153,7 +153,7 @@ def hf_config_from_model(model: ModelConfig, architecture: str, base: Optional[d
     config = dict(base or {})
     for stale in ("rope_scaling", "rope_theta", "rope_parameters", "dtype", "torch_dtype"):
         config.pop(stale, None)
-    head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+    d = head_dim(model)
     config.update(
         architectures=[architecture],
         model_type=SUPPORTED_ARCHITECTURES[architecture],
@@ -163,7 +163,7 @@ def hf_config_from_model(model: ModelConfig, architecture: str, base: Optional[d
         intermediate_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.num_query_groups,
-        head_dim=head_dim,
+        head_dim=d,
         vocab_size=model.vocab_size,
         max_position_embeddings=model.max_position_embeddings,
         rms_norm_eps=model.norm_epsilon,
@@ -250,9 +250,9 @@ def _one(hf: str, megatron: str) -> TensorGroup:
 def layer_tensor_groups(model: ModelConfig, layer: int) -> List[TensorGroup]:
     """The groups of transformer layer ``layer`` (global index)."""
     hf, mg = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-    head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
-    fuse = _fuse_qkv(model.num_query_groups, head_dim)
-    split = _split_qkv(model.num_query_groups, model.num_attention_heads, head_dim)
+    d = head_dim(model)
+    fuse = _fuse_qkv(model.num_query_groups, d)
+    split = _split_qkv(model.num_query_groups, model.num_attention_heads, d)
     qkv = lambda suffix: TensorGroup(  # noqa: E731
         tuple(f"{hf}self_attn.{p}_proj.{suffix}" for p in "qkv"),
         (f"{mg}self_attention.linear_qkv.{suffix}",), fuse, split,
@@ -289,9 +289,9 @@ def tensor_groups(model: ModelConfig) -> List[TensorGroup]:
 
 def expected_hf_shapes(model: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Shape of every HF tensor of ``model`` (to reject a checkpoint before anything is written)."""
-    head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+    d = head_dim(model)
     h, f, v = model.hidden_size, model.ffn_hidden_size, model.vocab_size
-    q, kv = model.num_attention_heads * head_dim, model.num_query_groups * head_dim
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d
     shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not model.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from clipo_nemo.config import ModelConfig
+from clipo_nemo.config import ModelConfig, head_dim
 from clipo_nemo.models.policy import RECOMPUTE_MODES, padded_vocab_size, params_dtype
 from clipo_nemo.rollout.megatron_engine import kv_cache_bytes_per_row  # noqa: F401  (the engine's own count)
 
@@ -53,11 +53,6 @@ LOGPROB_CHUNK_FP32_BUFFERS = 1
 def dtype_bytes(model: ModelConfig) -> int:
     """Bytes per element of the parameter/compute dtype (ValueError for an unknown one)."""
     return params_dtype(model).itemsize
-
-
-def head_dim(model: ModelConfig) -> int:
-    """``d``: kv_channels, or hidden / heads."""
-    return model.kv_channels or model.hidden_size // model.num_attention_heads
 
 
 def layer_parameters(model: ModelConfig, tp: int) -> int:

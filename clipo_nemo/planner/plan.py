@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from clipo_nemo.config import ClipoConfig
+from clipo_nemo.config import ClipoConfig, max_sequence_length
 from clipo_nemo.planner import components as c
 
 GIB = 1024 ** 3
@@ -123,7 +123,7 @@ class MemoryPlan:
 def micro_batch_tokens(cfg: ClipoConfig) -> int:
     """Padded tokens of the largest micro-batch: the token budget (at least one longest row) or
     ``micro_batch_size`` rows of the longest prompt + response."""
-    seq_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    seq_len = max_sequence_length(cfg)
     budget = cfg.parallel.max_tokens_per_micro_batch
     return max(budget, seq_len) if budget > 0 else cfg.parallel.micro_batch_size * seq_len
 
@@ -156,7 +156,7 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
         raise ValueError(f"world size {world_size} is not a multiple of TP*PP*CP = {tp * pp * cp}")
     flash = on_gpu if flash_attention is None else flash_attention
     dp = world_size // (tp * pp * cp)
-    seq_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    seq_len = max_sequence_length(cfg)
     tokens = micro_batch_tokens(cfg)
     notes: List[str] = []
 

@@ -8,7 +8,7 @@ import itertools
 from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional
 
-from clipo_nemo.config import ClipoConfig, ModelConfig
+from clipo_nemo.config import ClipoConfig, ModelConfig, max_sequence_length
 from clipo_nemo.planner.plan import MemoryPlan, plan_memory
 
 _QWEN = dict(add_qkv_bias=True, rotary_base=1_000_000.0, norm_epsilon=1e-6, max_position_embeddings=32768,
@@ -64,7 +64,7 @@ def candidate_configs(base: ClipoConfig, model: ModelConfig, world_size: int) ->
     """``base``'s run settings with ``model``, over TP (1, 2, 4, 8), PP, recompute, reference
     offload, sequence parallel, micro-batch token budgets and KV budgets (every combination megatron
     can build)."""
-    seq_len = base.data.max_prompt_length + base.rollout.max_new_tokens
+    seq_len = max_sequence_length(base)
     for tp in (1, 2, 4, 8):
         if tp > min(GPUS_PER_NODE, world_size) or model.num_query_groups % tp or model.num_attention_heads % tp:
             continue
@@ -101,7 +101,7 @@ def recommend_layout(base: ClipoConfig, model_name: str, world_size: int, gpu_me
     ``gpu_memory_gib``; layouts the native rollout engine can serve (PP = 1) rank first.
     ``flash_attention=False`` plans megatron's local attention (GPUs without Transformer Engine)."""
     model = MODEL_PRESETS[model_name]
-    seq_len = base.data.max_prompt_length + base.rollout.max_new_tokens
+    seq_len = max_sequence_length(base)
     best, best_key = Recommendation(model_name, world_size, None), None
     for cfg in candidate_configs(base, model, world_size):
         plan = plan_memory(cfg, world_size, gpu_memory_gib, flash_attention=flash_attention)
