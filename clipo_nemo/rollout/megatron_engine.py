@@ -65,6 +65,7 @@ from clipo_nemo.rollout.base import (
     register_rollout_engine,
     validate_prompts,
 )
+from clipo_nemo.rollout import pipeline
 from clipo_nemo.rollout.sampling import response_uniforms, sample_next_tokens
 
 _STOP_WINDOW_SLACK = 4  # tokens decoded beyond a stop string's length when looking for it
@@ -139,11 +140,6 @@ class MegatronRolloutEngine:
         self.model = model
         self.gpt = unwrap_model(model)
         self.config = get_model_config(self.gpt)
-        if self.config.pipeline_model_parallel_size > 1:
-            raise ValueError(
-                f"the megatron rollout engine needs pipeline_parallel_size=1, got "
-                f"{self.config.pipeline_model_parallel_size}"
-            )
         if self.config.context_parallel_size > 1:
             raise ValueError(
                 f"the megatron rollout engine needs context_parallel_size=1, got {self.config.context_parallel_size}: "
@@ -222,9 +218,10 @@ class MegatronRolloutEngine:
         prompt_index = torch.arange(len(prompts)).repeat_interleave(params.n)
         return RolloutOutput(tokens, lengths, reasons, prompt_index, self.pad_token_id)
 
-    def _forward_last_logits(self, tokens: torch.Tensor, start: int, context, mask) -> torch.Tensor:
+    def _forward_last_logits(self, tokens: torch.Tensor, start: int, context, mask) -> Optional[torch.Tensor]:
         """Logits [rows, vocab_size] (float32, gathered over TP) at the last of ``tokens`` [rows, s]
-        fed at positions ``start .. start+s-1``; the KV cache in ``context`` grows by ``s``.
+        fed at positions ``start .. start+s-1``; the KV cache in ``context`` grows by ``s``. With
+        pipeline parallel only the last stage gets logits; earlier stages run their layers and get None.
 
         Only that position reaches the output layer: ``GPTModel.forward`` in inference mode with a
         ``StaticInferenceContext`` (``materialize_only_last_token_logits``) slices the final-norm
@@ -232,13 +229,15 @@ class MegatronRolloutEngine:
         never [rows, s, V]; a megatron that stopped doing so is an error, not a silent memory blow-up.
         """
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
-        logits = self.model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
+        logits = pipeline.stage_forward(self.model, self.gpt, tokens, positions, mask, context, self.config)
+        context.sequence_len_offset += tokens.shape[1]
+        if logits is None:  # a pipeline stage before the last: its layers ran, the next stage has their output
+            return None
         if logits.shape[1] != 1:
             raise RuntimeError(
                 f"megatron returned logits for {logits.shape[1]} positions of a {tokens.shape[1]}-token forward: "
                 "this engine needs GPTModel to slice to the last position under a StaticInferenceContext "
                 "(materialize_only_last_token_logits), as megatron-core 0.16 does")
-        context.sequence_len_offset += tokens.shape[1]
         return logits[:, 0, : self.vocab_size].float()
 
     def _generate_chunk(
@@ -266,7 +265,7 @@ class MegatronRolloutEngine:
         row_prompt = row_prompt.to(device)
         rows = torch.arange(len(row_prompt), device=device)
         _keep_cache_rows(context, row_prompt)
-        logits = logits[row_prompt]
+        logits = None if logits is None else logits[row_prompt]
         uniforms = uniforms.to(device)
         out_tokens = torch.full((len(rows), max_new), self.pad_token_id, dtype=torch.long, device=device)
         out_lengths = torch.zeros(len(rows), dtype=torch.long, device=device)
@@ -278,9 +277,10 @@ class MegatronRolloutEngine:
         while True:
             in_prompt = position < prompt_lengths[row_prompt[rows]]
             step = out_lengths[rows].clamp(max=max_new - 1)
-            sampled = sample_next_tokens(
+            sampled = None if logits is None else sample_next_tokens(
                 logits, uniforms[rows, step], params.temperature, params.top_k, params.top_p
             )
+            sampled = pipeline.broadcast_from_last_stage(sampled, [len(rows)], torch.long, device)
             next_tokens = torch.where(in_prompt, prompt_tokens[row_prompt[rows], min(position, longest)], sampled)
             generating = ~in_prompt & ~finished[rows]
             gen_rows = rows[generating]
