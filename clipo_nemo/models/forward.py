@@ -188,15 +188,15 @@ def compute_policy_outputs(
     """Forward only, without autograd (e.g. old log-probs): the whole batch's outputs on the last
     PP stage, in the batch's row order and at its full width S (zeros past each micro-batch's
     width), None on the other stages."""
+    plan = batch.micro_batch_plan(micro_batch_size, max_tokens_per_micro_batch)
     with torch.no_grad():
         infos = forward_backward_policy(
             model, batch, micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
             loss_func=_keep_outputs, forward_only=True, max_tokens_per_micro_batch=max_tokens_per_micro_batch,
-            logprob_chunk_size=logprob_chunk_size,
+            logprob_chunk_size=logprob_chunk_size, plan=plan,
         )
     if not infos:
         return None
-    plan = batch.micro_batch_plan(micro_batch_size, max_tokens_per_micro_batch)
     num_rows, width = batch.tokens.shape
     first = infos[0]
     logprobs = first.logprobs.new_zeros(num_rows, width)
@@ -225,6 +225,7 @@ def forward_backward_policy(
     forward_only: bool = False,
     max_tokens_per_micro_batch: int = 0,
     logprob_chunk_size: int = 1024,
+    plan: Optional[MicroBatchPlan] = None,
 ) -> List[Any]:
     """Run ``batch`` in micro-batches through megatron's forward-backward schedule.
 
@@ -238,6 +239,8 @@ def forward_backward_policy(
     micro-batches and multiplies it by the CP size) or ``(loss, num_tokens, info)``. Gradients are
     accumulated into the parameters (or the DDP buffers) unless ``forward_only``. Log-probs and
     entropy are computed ``logprob_chunk_size`` response positions at a time (``actor.logprob_chunk_size``).
+    ``plan``: the caller's ``batch.micro_batch_plan(micro_batch_size, max_tokens_per_micro_batch)``
+    when it needs the plan itself (built here otherwise).
 
     Returns the ``info`` of each micro-batch in the plan's order on the last PP stage; ``[]`` on the
     others.
@@ -248,7 +251,8 @@ def forward_backward_policy(
     if batch.tokens.max().item() >= vocab_size or batch.tokens.min().item() < 0:
         bad = ((batch.tokens >= vocab_size) | (batch.tokens < 0)).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"rows {bad} hold token ids outside [0, vocab_size={vocab_size})")
-    plan = batch.micro_batch_plan(micro_batch_size, max_tokens_per_micro_batch)
+    if plan is None:
+        plan = batch.micro_batch_plan(micro_batch_size, max_tokens_per_micro_batch)
     micro_batches = batch.micro_batches(plan)
     config = get_model_config(model)
     sequence_parallel = config.sequence_parallel

@@ -226,7 +226,7 @@ class Actor:
         infos = forward_backward_policy(self.model, mini_batch, micro_batch_size=micro,
                                         temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
                                         loss_func=loss_func, max_tokens_per_micro_batch=max_tokens,
-                                        logprob_chunk_size=self.cfg.actor.logprob_chunk_size)
+                                        logprob_chunk_size=self.cfg.actor.logprob_chunk_size, plan=plan)
         grad_norm, skipped = self._apply_gradients()
         return {**self._reduce_infos(infos), **_padding_metrics(plan), "grad_norm": grad_norm,
                 "update_skipped": float(skipped)}
