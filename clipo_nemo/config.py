@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, get_type_hints
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,6 +241,7 @@ class TrainerConfig:
     plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
     gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
+    require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +272,28 @@ def head_dim(model) -> int:
 def max_sequence_length(cfg: ClipoConfig) -> int:
     """The longest row the trainer ever holds: the longest kept prompt plus the longest response."""
     return cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+
+
+def unknown_keys(values: Mapping[str, Any], schema: type = ClipoConfig, prefix: str = "") -> List[str]:
+    """The dotted keys of ``values`` (a plain nested dict, e.g. ``OmegaConf.to_container`` of a Hydra
+    config) that ``schema``'s dataclasses do not declare. Hydra's ``+key=value`` adds keys past the
+    structured schema, which ``OmegaConf.to_object`` then drops without a word."""
+    types = get_type_hints(schema)
+    unknown = []
+    for key, value in values.items():
+        if key not in types:
+            unknown.append(f"{prefix}{key}")
+        elif is_dataclass(types[key]) and isinstance(value, Mapping):
+            unknown += unknown_keys(value, types[key], f"{prefix}{key}.")
+    return unknown
+
+
+def check_known_keys(values: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming every key of ``values`` the schema does not declare."""
+    unknown = unknown_keys(values)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys {unknown} (a typo? every key is documented in "
+                          "clipo_nemo/config.py; '+key=value' cannot add new ones)")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
@@ -360,6 +383,32 @@ def apply_checkpoint_model(cfg: ClipoConfig, description: Dict[str, Any], source
     return filled
 
 
+def _anchor_problems(con: ContrastiveConfig, n: int, responses_per_step: int) -> List[str]:
+    """Why no contrastive anchor could ever be valid (so the contrastive reward is always its offset),
+    given ``n`` responses per group and ``responses_per_step`` in the batch; empty when one can be.
+
+    An anchor needs a positive (another response with its correctness: of its own group at the
+    ``group``/``cross`` levels, of the batch at ``batch``) and, with ``skip_trivial``, a negative among
+    its candidates (its group at ``group``, the batch otherwise) - see clipo_nemo.algorithms.contrastive.
+    """
+    needed = 3 if con.skip_trivial else 2  # the anchor, a positive[, a negative]
+    what = "a positive and a negative" if con.skip_trivial else "a positive"
+    fix = "raise rollout.n, or set contrastive.enabled=false (plain RLVR)"
+    if con.level in ("group", "cross") and n < 2:
+        return [f"rollout.n={n} with contrastive.level={con.level}: an anchor's positives come from its own group, "
+                f"which has no other member, so no anchor is ever valid and the contrastive reward is always "
+                f"contrastive.reward_offset; {fix}"]
+    if con.level == "group" and n < needed:
+        return [f"rollout.n={n} with contrastive.level=group and contrastive.skip_trivial=true: an anchor needs "
+                f"{what} among the one other member of its group, so no anchor is ever valid; {fix} "
+                "(or set contrastive.skip_trivial=false)"]
+    if responses_per_step < needed:
+        return [f"{responses_per_step} responses per step (trainer.prompts_per_step x rollout.n) with "
+                f"contrastive.level={con.level}: an anchor needs {what} among the others, so no anchor is ever "
+                f"valid; {fix}"]
+    return []
+
+
 def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` listing every key whose value cannot work."""
     from clipo_nemo.algorithms.advantages import ADVANTAGE_ESTIMATORS
@@ -440,6 +489,29 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
                         "(megatron's static inference context has no context-parallel split); use CP=1")
     if not cfg.task.enabled and not cfg.data.train_files:
         problems.append("data.train_files is empty and task.enabled=false: there is nothing to train on")
+    if trainer.require_init_from and not trainer.init_from:
+        problems.append("trainer.init_from is empty, but this config sets trainer.require_init_from=true: give the "
+                        "starting weights (trainer.init_from=CKPT: a checkpoint converted by "
+                        "tools/convert_hf_to_megatron.py, or a clipo-nemo run) instead of training from random init")
+    if con.enabled:
+        problems += _anchor_problems(con, roll.n, trainer.prompts_per_step * roll.n)
+    ev, data, verifier = cfg.evaluation, cfg.data, cfg.verifier
+    for key, value in (("verifier.timeout_s", verifier.timeout_s), ("verifier.chunk_size", verifier.chunk_size),
+                       ("evaluation.k", ev.k), ("evaluation.max_new_tokens", ev.max_new_tokens),
+                       ("data.max_prompt_length", data.max_prompt_length)):
+        positive(key, value)
+    for key, value in (("verifier.num_workers", verifier.num_workers), ("verifier.max_memory_mb", verifier.max_memory_mb),
+                       ("evaluation.every_steps", ev.every_steps), ("evaluation.temperature", ev.temperature)):
+        positive(key, value, allow_zero=True)
+    if not 0 < ev.top_p <= 1:
+        problems.append(f"evaluation.top_p={ev.top_p} must be in (0, 1]")
+    positions = cfg.model.max_position_embeddings
+    for new_tokens_key, new_tokens in (("rollout.max_new_tokens", roll.max_new_tokens),
+                                       ("evaluation.max_new_tokens", ev.max_new_tokens)):
+        if data.max_prompt_length + new_tokens > positions:
+            problems.append(f"data.max_prompt_length={data.max_prompt_length} + {new_tokens_key}={new_tokens} = "
+                            f"{data.max_prompt_length + new_tokens} tokens exceeds model.max_position_embeddings="
+                            f"{positions}: the longest prompt plus response must fit the model")
     if trainer.init_from:
         from clipo_nemo.conversion.weights import is_weights_checkpoint
 

@@ -17,7 +17,7 @@ import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from clipo_nemo.config import ClipoConfig  # noqa: E402
+from clipo_nemo.config import ClipoConfig, check_known_keys  # noqa: E402
 
 ConfigStore.instance().store(name="clipo_schema", node=ClipoConfig)
 
@@ -26,6 +26,7 @@ ConfigStore.instance().store(name="clipo_schema", node=ClipoConfig)
 def main(cfg: DictConfig) -> None:
     from clipo_nemo.trainer.loop import train
 
+    check_known_keys(OmegaConf.to_container(cfg, resolve=False))  # '+key=value' gets past the schema
     config: ClipoConfig = OmegaConf.to_object(cfg)  # typed, validated against the schema
     result = train(config)
     if str(result["status"]).startswith("stopped:"):
