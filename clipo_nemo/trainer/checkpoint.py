@@ -11,8 +11,17 @@ system, as megatron's ``dist_checkpointing`` itself assumes). Directory layout::
                                 moments as global sharded tensors, so they load at any TP/PP/DP
             rng/rank_<r>.pt     rank r's RNG states (python, numpy, torch, CUDA, megatron tracker)
             trainer_state.pt    the loop's own dict (rank 0's copy)
-            meta.json           step, layout and contents; written last
+            manifest.json       size and CRC-32 of every file above (clipo_nemo.trainer.recovery)
+            meta.json           step, layout, contents and the reference pointer; written last
+        reference/              a random-init run's frozen reference policy, written once (dist/, meta.json)
         .tmp-step_<N>/          a save in progress or killed mid-way: never read, removed by the next save
+
+The reference policy is not in the step checkpoints: ``meta.json`` points to it with a checksum
+(the converted ``init_from`` checkpoint, another run's reference, or ``reference/``; see
+:mod:`clipo_nemo.trainer.reference_pointer`). Format-1 checkpoints (reference inline) still load.
+The sharded part is written by every data-parallel rank's share, optionally in the background
+(:mod:`clipo_nemo.trainer.checkpoint_writer`); meta.json, the rename and ``latest`` come only
+once every rank's files are complete.
 
 Sharded keys (global shapes, independent of the layout): ``policy.*`` and ``reference.*`` are the
 GPTModels' own ``sharded_state_dict``; ``head.proj.weight`` (or ``head.proj.0.weight`` /
@@ -28,7 +37,9 @@ layout a warning says so and the current RNG streams are kept.
 
 Crash safety: a SIGKILL at any point leaves ``latest`` naming a complete checkpoint (the rename and
 the pointer update are atomic ``os.replace`` calls). ``meta.json`` and ``latest`` are fsynced; the
-shard files are not, so a power loss right after a save may still need the previous checkpoint.
+shard files are not, so a power loss right after a save may still need the previous checkpoint:
+resuming verifies the checkpoint against its manifest and falls back to the newest one that verifies
+(:mod:`clipo_nemo.trainer.recovery`).
 """
 from __future__ import annotations
 
@@ -38,7 +49,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,11 +57,14 @@ import torch.distributed as dist
 
 from clipo_nemo.models.head import ParallelContrastiveHead, _layer_names
 from clipo_nemo.trainer.actor import Actor
+from clipo_nemo.trainer.recovery import STEP_PREFIX as _STEP_PREFIX
+from clipo_nemo.trainer.recovery import TMP_PREFIX as _TMP_PREFIX
+from clipo_nemo.trainer.recovery import (MANIFEST, CheckpointError, checkpoints_dir, complete_checkpoints,
+                                         find_resume_point, verify_checkpoint, write_manifest)
 from clipo_nemo.trainer.step import ClipoHead
 
-FORMAT_VERSION = 1
-_STEP_PREFIX = "step_"
-_TMP_PREFIX = ".tmp-"
+FORMAT_VERSION = 2  # 2: the reference policy is a pointer (format 1 stored it inline)
+READABLE_FORMATS = (1, 2)
 _EXTRA_STATE = "_extra_state"  # state-dict key suffix of a module's extra state (TE: its FP8 metadata)
 
 
@@ -58,45 +72,17 @@ class CheckpointWarning(UserWarning):
     """Part of a checkpoint could not be restored at this layout or configuration (and was skipped)."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model it is loaded into, or the checkpoint directory is unusable."""
-
-
 # ------------------------------------------------------------------------------------------------
 # Directory bookkeeping (pure file-system helpers)
 # ------------------------------------------------------------------------------------------------
-def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _step_of(path: Path) -> Optional[int]:
-    suffix = path.name[len(_STEP_PREFIX):]
-    return int(suffix) if path.name.startswith(_STEP_PREFIX) and suffix.isdigit() else None
-
-
-def _complete_checkpoints(root: Path) -> List[Path]:
-    """Complete ``step_N`` directories (their ``meta.json`` exists), oldest first."""
-    found = [p for p in root.glob(f"{_STEP_PREFIX}*") if _step_of(p) is not None and (p / "meta.json").is_file()]
-    return sorted(found, key=_step_of)
-
-
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
-    """The checkpoint ``latest`` names, or None when the run has none yet.
-
-    If ``latest`` names a directory that is gone (a replace of the same step was killed half-way),
-    the newest complete ``step_N`` is used instead, with a warning.
-    """
-    root = checkpoints_dir(run_dir)
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if (named / "meta.json").is_file():
-            return named
-        complete = _complete_checkpoints(root)
-        warnings.warn(f"{pointer} names {named.name!r}, which is not a complete checkpoint; using "
-                      f"{complete[-1].name if complete else 'none'} instead", CheckpointWarning)
-        return complete[-1] if complete else None
-    return None
+    """The checkpoint to resume from (:func:`clipo_nemo.trainer.recovery.find_resume_point`): the one
+    ``latest`` names if it verifies, else the newest one that does, with a warning per checkpoint
+    skipped; None when the run has none yet. Raises CheckpointError when none can be used."""
+    point = find_resume_point(run_dir)
+    for note in point.notes:
+        warnings.warn(note, CheckpointWarning, stacklevel=2)
+    return point.checkpoint
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -109,11 +95,11 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep_last: int, just_saved: Path) -> None:
+def _prune(root: Path, keep_last: int, just_saved: Path, keep: Collection[Path] = ()) -> None:
     """Delete complete checkpoints older than the newest ``keep_last`` ones (never ``just_saved``,
-    which ``latest`` names, even when a higher-numbered checkpoint exists)."""
-    for old in _complete_checkpoints(root)[:-keep_last]:
-        if old != just_saved:
+    which ``latest`` names, even when a higher-numbered checkpoint exists, nor those in ``keep``)."""
+    for old in complete_checkpoints(root)[:-keep_last]:
+        if old != just_saved and old not in keep:
             shutil.rmtree(old)
 
 
@@ -267,7 +253,7 @@ def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents:
     """The sharded state dict to save, or (``loading``) to request: only what ``contents`` lists."""
     policy = actor.module.sharded_state_dict(prefix="policy.")
     sharded: Dict[str, Any] = {"policy": policy}
-    if contents["reference"] and actor.reference is not None:
+    if contents["reference"] is True and actor.reference is not None:  # format 1: stored inline
         sharded["reference"] = actor.reference.sharded_state_dict(prefix="reference.")
     popt = contents["policy_optimizer"]
     if popt is not None:
@@ -373,12 +359,13 @@ def _set_rng_states(states: Dict[str, Any]) -> None:
 # Public API
 # ------------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_head: Optional[ClipoHead],
-                    trainer_state: Dict[str, Any], keep_last: int) -> Path:
+                    trainer_state: Dict[str, Any], keep_last: int, keep: Collection[Path] = ()) -> Path:
     """Save everything needed to resume after ``step`` to ``run_dir/checkpoints/step_<step>``.
 
     Collective: every rank calls it with the same arguments (``trainer_state`` is taken from rank
     0). Written under ``.tmp-step_<step>`` and renamed when every rank has finished; then ``latest``
-    is replaced atomically and all but the newest ``keep_last`` complete checkpoints are deleted. A
+    is replaced atomically and all but the newest ``keep_last`` complete checkpoints (and those in
+    ``keep``: the old checkpoints of a run that fell back at resume) are deleted. A
     leftover ``.tmp-*`` from a killed save is removed first. Saving a step that already exists
     replaces it. Returns the checkpoint directory.
     """
@@ -406,6 +393,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_h
     dist.barrier()
     if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
+        write_manifest(tmp)
         _write_atomically(tmp / "meta.json", json.dumps({"step": step, **contents}, indent=1))
         if final.exists():  # re-saving a step: move the old copy aside first (rename cannot overwrite)
             replaced = root / f"{_TMP_PREFIX}replaced-{final.name}"
@@ -415,14 +403,18 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_h
         else:
             os.replace(tmp, final)
         _write_atomically(root / "latest", final.name)
-        _prune(root, keep_last, final)
+        _prune(root, keep_last, final, keep)
     dist.barrier()
     return final
 
 
 def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Optional[ClipoHead],
-                    path: Optional[str | os.PathLike] = None) -> Optional[Dict[str, Any]]:
+                    path: Optional[str | os.PathLike] = None, verify: bool = True) -> Optional[Dict[str, Any]]:
     """Restore ``latest`` (or the checkpoint at ``path``) into ``actor`` and ``clipo_head``.
+
+    Without ``path``, :func:`latest_checkpoint` chooses (falling back past damaged checkpoints); a
+    ``path`` is verified first (``verify=False``: the caller just did) and a damaged one is a
+    CheckpointError.
 
     Collective. Returns the saved ``trainer_state``, or None when ``run_dir`` has no checkpoint.
     Weights and optimizer states load at any TP/PP/DP layout and either head TP mode. RNG states
@@ -435,9 +427,11 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
     checkpoint = Path(path) if path is not None else latest_checkpoint(run_dir)
     if checkpoint is None:
         return None
+    if path is not None and verify:
+        _check_whole(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{checkpoint}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{checkpoint}: format {meta.get('format')!r}, this code reads {READABLE_FORMATS}")
     contents = _loadable_contents(meta, actor, clipo_head, checkpoint)
     request = _sharded_state_dict(actor, clipo_head, contents, loading=True)
     drop_extra_state_missing_from(request, checkpoint / "dist")
@@ -467,6 +461,17 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
     trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
     dist.barrier()
     return trainer_state
+
+
+def _check_whole(checkpoint: Path) -> None:
+    """Raise CheckpointError unless ``checkpoint`` verifies (checked on rank 0, which tells the others)."""
+    from clipo_nemo.parallel.gather import broadcast_object
+
+    problem = broadcast_object(verify_checkpoint(checkpoint) if dist.get_rank() == 0 else None, src=0)
+    if problem is not None:
+        raise CheckpointError(f"{checkpoint} cannot be loaded: {problem}")
+    if not (checkpoint / MANIFEST).exists():
+        _warn(f"{checkpoint} has no {MANIFEST} (saved before checksums were recorded): it could not be verified")
 
 
 def drop_extra_state_missing_from(request: Dict[str, Any], checkpoint_dir: str | os.PathLike) -> List[str]:

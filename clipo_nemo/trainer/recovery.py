@@ -1,0 +1,258 @@
+"""Which checkpoint a run resumes from, and whether a checkpoint is whole (pure file-system code).
+
+Every checkpoint carries ``manifest.json``: the size and CRC-32 of every file its save wrote, written
+in the save's finalize step just before ``meta.json`` (the completion marker, which the manifest
+does not cover: :func:`verify_checkpoint` parses it instead). On resume the checkpoint ``latest``
+names is verified; if it is damaged, or ``latest`` itself is missing, a directory or not text, the
+newest ``step_N`` that verifies is used, and every checkpoint skipped is named with the reason. A
+checkpoint written before manifests existed loads if it is otherwise complete (its required files
+are present and readable, its shard files as long as their index says), with a note that it could
+not be verified. A run directory whose checkpoints all fail, or that holds logged steps but no
+checkpoint, is a :class:`CheckpointError` saying what to do: never a fresh start over the old files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+META = "meta.json"
+SKIPPED_SUFFIX = ".skipped"  # a checkpoint skipped at resume is renamed step_N.skipped before step N is saved again
+_MANIFEST_FORMAT = 1
+_CHUNK_BYTES = 1 << 20
+_HASH_THREADS = 8  # zlib releases the GIL: files are checksummed in parallel
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model it is loaded into, or the checkpoint directory is unusable."""
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_of(path: Path) -> Optional[int]:
+    """N for a ``step_N`` name, else None."""
+    suffix = path.name[len(STEP_PREFIX):]
+    return int(suffix) if path.name.startswith(STEP_PREFIX) and suffix.isdigit() else None
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """Complete ``step_N`` directories (their ``meta.json`` exists), oldest first."""
+    found = [p for p in root.glob(f"{STEP_PREFIX}*") if step_of(p) is not None and (p / META).is_file()]
+    return sorted(found, key=step_of)
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest and verification
+# ------------------------------------------------------------------------------------------------
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _checksums(checkpoint_dir: Path, names: List[str]) -> Dict[str, str]:
+    with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, max(len(names), 1))) as pool:
+        return dict(zip(names, pool.map(lambda name: _crc32(checkpoint_dir / name), names)))
+
+
+def write_manifest(checkpoint_dir: str | os.PathLike) -> Path:
+    """Record the size and CRC-32 of every file under ``checkpoint_dir`` (but ``meta.json``, which is
+    written after it) in ``checkpoint_dir/manifest.json`` (fsynced). Call it once every rank's files
+    are written, before ``meta.json``. Returns the manifest's path."""
+    checkpoint_dir = Path(checkpoint_dir)
+    names = sorted(p.relative_to(checkpoint_dir).as_posix() for p in checkpoint_dir.rglob("*")
+                   if p.is_file() and p.relative_to(checkpoint_dir).as_posix() not in (MANIFEST, META))
+    sums = _checksums(checkpoint_dir, names)
+    files = {name: {"size": (checkpoint_dir / name).stat().st_size, "crc32": sums[name]} for name in names}
+    path = checkpoint_dir / MANIFEST
+    with open(path, "w") as handle:
+        handle.write(json.dumps({"format": _MANIFEST_FORMAT, "files": files}, indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
+
+
+def _read_json(path: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """(content, None), or (None, why it is unusable)."""
+    if not path.is_file():
+        return None, f"{path.name} is missing"
+    try:
+        content = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{path.name} is not valid JSON ({err})"
+    return (content, None) if isinstance(content, dict) else (None, f"{path.name} is not a JSON object")
+
+
+def _manifest_problems(checkpoint_dir: Path, manifest: dict) -> List[str]:
+    files = manifest.get("files")
+    if manifest.get("format") != _MANIFEST_FORMAT or not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and {"size", "crc32"} <= entry.keys() for entry in files.values()):
+        return [f"{MANIFEST} is not a format-{_MANIFEST_FORMAT} manifest"]
+    problems, to_hash = [], []
+    for name, entry in sorted(files.items()):
+        path = checkpoint_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']} (truncated "
+                            "or overwritten)")
+        else:
+            to_hash.append(name)
+    sums = _checksums(checkpoint_dir, to_hash)
+    problems += [f"{name} does not match its checksum (corrupted)" for name in to_hash if sums[name] != files[name]["crc32"]]
+    return problems
+
+
+def _unverified_problems(checkpoint_dir: Path, world_size: int) -> List[str]:
+    """Checks for a checkpoint without a manifest: the small files load, and every shard file is as
+    long as the sharded-tensor index (``dist/.metadata``) says."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    problems = []
+    for name in ["trainer_state.pt", "dist/common.pt"] + [f"rng/rank_{r:05d}.pt" for r in range(world_size)]:
+        try:
+            torch.load(checkpoint_dir / name, weights_only=False, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 -- any unreadable pickle is the same verdict
+            problems.append(f"{name} cannot be read ({type(err).__name__}: {err})")
+    try:
+        storage = FileSystemReader(str(checkpoint_dir / "dist")).read_metadata().storage_data
+    except Exception as err:  # noqa: BLE001
+        return problems + [f"dist/.metadata cannot be read ({type(err).__name__}: {err})"]
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = checkpoint_dir / "dist" / name
+        if not path.is_file() or path.stat().st_size < size:
+            problems.append(f"dist/{name} has {path.stat().st_size if path.is_file() else 0} bytes, its index "
+                            f"needs {size} (truncated or missing)")
+    return problems
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> Optional[str]:
+    """None when the checkpoint is whole, otherwise why not (every file checked against
+    ``manifest.json``; without one, the checks of a checkpoint from before manifests existed)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return "not a directory"
+    meta, problem = _read_json(checkpoint_dir / META)
+    if problem:
+        return problem + (" (its save never finished)" if not (checkpoint_dir / META).exists() else "")
+    layout = meta.get("layout")
+    world_size = layout.get("world_size") if isinstance(layout, dict) else None
+    if meta.get("step") != step_of(checkpoint_dir) or not isinstance(world_size, int):
+        return f"{META} does not describe {checkpoint_dir.name} (step {meta.get('step')!r}, layout {layout!r})"
+    required = ["trainer_state.pt", "dist/.metadata", "dist/common.pt"] + [
+        f"rng/rank_{r:05d}.pt" for r in range(world_size)]
+    problems = [f"{name} is missing" for name in required if not (checkpoint_dir / name).is_file()]
+    _, bad_json = _read_json(checkpoint_dir / "dist" / "metadata.json")
+    problems += [f"dist/{bad_json}"] if bad_json else []
+    if not problems:
+        if (checkpoint_dir / MANIFEST).exists():
+            manifest, bad_manifest = _read_json(checkpoint_dir / MANIFEST)
+            problems = [bad_manifest] if bad_manifest else _manifest_problems(checkpoint_dir, manifest)
+        else:
+            problems = _unverified_problems(checkpoint_dir, world_size)
+    if not problems:
+        return None
+    return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing the checkpoint to resume from
+# ------------------------------------------------------------------------------------------------
+def read_latest(root: Path) -> Tuple[Optional[str], Optional[str]]:
+    """(the ``step_N`` name ``root/latest`` holds, None) or (None, what is wrong with it); (None,
+    None) when there is no pointer."""
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None, None
+    if not pointer.is_file():
+        return None, f"{pointer} is not a file"
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{pointer} is unreadable ({type(err).__name__}: {err})"
+    if step_of(Path(name)) is None or name != Path(name).name:
+        return None, f"{pointer} holds {name[:60]!r}, not a checkpoint name"
+    if not (root / name).is_dir():
+        return None, f"{pointer} names {name}, which does not exist"
+    return name, None
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run resumes from and what was noticed on the way."""
+
+    checkpoint: Optional[Path]  # None: the run directory has no checkpoint (a fresh run)
+    notes: List[str] = field(default_factory=list)  # each skipped checkpoint and why; pointer problems
+    fell_back: bool = False  # not simply the verified checkpoint ``latest`` names: keep every old checkpoint
+
+
+def find_resume_point(run_dir: str | os.PathLike) -> ResumePoint:
+    """The checkpoint ``latest`` names if it verifies, otherwise the newest ``step_N`` (older than the
+    one ``latest`` names, when it names one) that does. Raises :class:`CheckpointError` when the run
+    directory has checkpoints but none can be used."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return ResumePoint(None)
+    named, pointer_problem = read_latest(root)
+    steps = sorted((p for p in root.iterdir() if step_of(p) is not None and p.is_dir()), key=step_of, reverse=True)
+    if named is None and pointer_problem is None and not steps:
+        return ResumePoint(None)  # no save ever finished (at most a .tmp- directory of a killed one)
+    notes = [pointer_problem] if pointer_problem else []
+    if named is None and pointer_problem is None:
+        notes.append(f"{root / 'latest'} is missing")
+    candidates = steps
+    if named is not None:
+        newer = [p.name for p in steps if step_of(p) > step_of(root / named)]
+        if newer:
+            notes.append(f"{', '.join(newer)} newer than latest ({named}): not used")
+        candidates = [root / named] + [p for p in steps if step_of(p) < step_of(root / named)]
+    for candidate in candidates:
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            if not (candidate / MANIFEST).exists():
+                notes.append(f"{candidate.name} has no {MANIFEST} (saved before checksums were recorded): "
+                             "it could not be verified, only checked for completeness")
+            return ResumePoint(candidate, notes, fell_back=bool(notes))
+        notes.append(f"skipped {candidate.name}: {problem}")
+    raise CheckpointError(
+        f"{root} holds checkpoints but none can be resumed from:\n  " + "\n  ".join(notes) +
+        "\nNothing was changed. To resume, restore one of them (or write the name of a whole step_N into "
+        f"{root / 'latest'}); to start over, use a new trainer.output_dir or move {root} and metrics.jsonl aside.")
+
+
+def check_fresh_start(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` if ``run_dir`` holds logged steps of an earlier run but no
+    checkpoint: a fresh start there would overwrite its ``metrics.jsonl``."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    lines = [line for line in metrics.read_bytes().splitlines() if line.strip()] if metrics.is_file() else []
+    if lines:
+        raise CheckpointError(
+            f"{run_dir} holds {len(lines)} logged steps of an earlier run (metrics.jsonl) but no checkpoint to "
+            "resume from: starting over would overwrite them. Use a new trainer.output_dir, or move metrics.jsonl "
+            "and tensorboard/ aside to start over in this directory.")
+
+
+def set_aside(checkpoint_dir: Path) -> Path:
+    """Rename a checkpoint that is about to be saved over (one skipped at resume) to
+    ``step_N.skipped`` (``.skipped-2``, ... if taken) and return the new path."""
+    target, count = checkpoint_dir.with_name(checkpoint_dir.name + SKIPPED_SUFFIX), 1
+    while target.exists():
+        count += 1
+        target = checkpoint_dir.with_name(f"{checkpoint_dir.name}{SKIPPED_SUFFIX}-{count}")
+    os.replace(checkpoint_dir, target)
+    return target
