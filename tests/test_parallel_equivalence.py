@@ -1,5 +1,6 @@
-"""One CLIPO learning step under TP=2, PP=2, DP=2 (also with groups split across ranks), TP2 x DP2
-and the column-parallel head equals the single-process step (real gloo processes)."""
+"""One CLIPO learning step under TP=2, PP=2, TP2 x PP2, DP=2 (also with groups split across ranks),
+TP2 x DP2 and the column-parallel head equals the single-process step, and the rollout engine
+generates exactly the single process's tokens under each of them (real gloo processes)."""
 import re
 import subprocess
 import sys
@@ -21,10 +22,12 @@ def test_every_layout_matches_single_process(tmp_path):
     assert single["advantages"].abs().max() > 0.1
     assert max(t.abs().max().item() for k, t in single.items() if k.startswith("gradients/")) > 1e-3
     assert max(t.abs().max().item() for k, t in single.items() if k.startswith("head/")) > 0
+    generated = single["generated_tokens"]
+    assert (generated >= 0).sum() > generated.shape[0] and len({tuple(row.tolist()) for row in generated}) == len(generated)
     for name, values in results.items():
         diffs = compare(single, values)
         assert set(diffs) >= {"old_logprobs", "pooled_hidden", "embeddings", "contrastive_loss", "contrastive_rewards",
-                              "advantages", "policy_loss", "gradients", "weights", "head"}
+                              "advantages", "policy_loss", "gradients", "weights", "head", "generated_tokens"}
         worst = {k: v for k, v in diffs.items() if v > 1e-5}
         assert not worst, f"layout {name} differs from the single process: {worst}"
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Check that parallel layouts compute the same CLIPO step as a single process.
 
-Runs one GRPO+CLIPO learning step (old log-probs + pooled hidden states, head embeddings,
-contrastive losses and rewards, advantages, policy loss, gradients, updated policy and head weights)
-on a tiny fp32 model under a single process and under each layout, and prints the max absolute
-difference per quantity and layout. Last line: ``max_abs_diff: <number> over <k> layouts``; the exit
+Samples 4 responses to each of 3 fixed prompts with the rollout engine (same seeds), then runs one
+GRPO+CLIPO learning step (old log-probs + pooled hidden states, head embeddings, contrastive losses
+and rewards, advantages, policy loss, gradients, updated policy and head weights) on a tiny fp32
+model under a single process and under each layout (by default TP2, PP2, TP2 x PP2, DP2, DP2 with
+groups split, TP2 x DP2, TP2 with the column-parallel head), and prints the max absolute difference
+per quantity and layout; for ``generated_tokens`` the number of token positions that differ (the
+generated tokens must be identical). Last line: ``max_abs_diff: <number> over <k> layouts``; the exit
 status is 1 when it is above ``--tol``.
 
     python tools/check_parallel_equivalence.py                       # every default layout that fits

@@ -1,6 +1,8 @@
 """Proof that a parallel layout computes what a single process computes, for one CLIPO step.
 
-Every layout starts from the same full weights and the same global batch of responses, runs
+Every layout starts from the same full weights and the same global batch of responses, samples
+responses to fixed prompts with the configured rollout engine (same seeds: ``generated_tokens``
+must be identical, token for token, on every rank), runs
 :func:`clipo_nemo.trainer.step.learn_from_experience` once, and reports per-response quantities
 (keyed by global batch position) plus the updated weights. :func:`compare` gives the max absolute
 difference of each quantity against the single-process run. ``tools/check_parallel_equivalence.py``
@@ -39,6 +41,7 @@ SINGLE = Layout("single")
 DEFAULT_LAYOUTS = [
     Layout("tp2", tp=2),
     Layout("pp2", pp=2),
+    Layout("tp2-pp2", tp=2, pp=2),
     Layout("dp2", dp=2),
     Layout("dp2-split-groups", dp=2, split_groups=True),
     Layout("tp2-dp2", tp=2, dp=2),
@@ -96,6 +99,36 @@ def make_global_batch(cfg: ClipoConfig, num_groups: int = 4, group_size: int = 4
     return tokens, response_mask, scores, group_ids
 
 
+GENERATION_SAMPLES = 4  # responses per prompt in the generation check
+
+
+def generation_prompts(cfg: ClipoConfig, count: int = 3, seed: int = 5) -> List[List[int]]:
+    """Fixed prompts of different lengths (4..9 tokens) for the generation check."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.model.vocab_size, (int(n),), generator=g).tolist()
+            for n in torch.randint(4, 10, (count,), generator=g)]
+
+
+def generate_tokens(model: torch.nn.Module, cfg: ClipoConfig) -> torch.Tensor:
+    """Responses [prompts * GENERATION_SAMPLES, max_new_tokens] (long, -1 after each response's end)
+    to :func:`generation_prompts` from ``cfg.rollout.engine`` on ``model`` (every rank calls it),
+    seeded per prompt; the tiny task's tokenizer supplies EOS and padding ids."""
+    from dataclasses import replace
+
+    from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+    from clipo_nemo.rollout import GenerationParams, build_rollout_engine
+
+    engine = build_rollout_engine(cfg.rollout, model=model, tokenizer=build_tiny_tokenizer(), cfg=cfg)
+    prompts = generation_prompts(cfg)
+    params = replace(GenerationParams.from_config(cfg.rollout), n=GENERATION_SAMPLES)
+    out = engine.generate(prompts, params, seeds=[cfg.rollout.seed + i for i in range(len(prompts))])
+    tokens = torch.full((len(out.lengths), params.max_new_tokens), -1, dtype=torch.long)
+    for row in range(len(out.lengths)):
+        response = out.response(row)
+        tokens[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+    return tokens
+
+
 def _dp_rows(layout: Layout, dp_rank: int, batch: int) -> torch.Tensor:
     if not layout.split_groups:
         return torch.arange(batch).chunk(layout.dp)[dp_rank]
@@ -135,6 +168,7 @@ def run_layout(rank: int, world_size: int, cfg: ClipoConfig, layout: Layout, ini
         load_full_state_dict(actor.module, initial["policy"], cfg.model.vocab_size)
         actor.sync_reference()
         clipo.head.load_full_state_dict(initial["head"])
+        generated = generate_tokens(actor.module, cfg)
         rows = _dp_rows(layout, parallel_state.get_data_parallel_rank(), len(scores))
         exp = Experience(tokens[rows], response_mask[rows], scores[rows], group_ids[rows], rows)
 
@@ -152,7 +186,8 @@ def run_layout(rank: int, world_size: int, cfg: ClipoConfig, layout: Layout, ini
         weights = gather_full_state_dict(actor.module, cfg.model.vocab_size)
         head_weights = clipo.head.full_state_dict()
         owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        result = {"metrics": out.metrics, "head_weights": head_weights}  # the head lives on the last stage
+        result = {"metrics": out.metrics, "head_weights": head_weights,  # the head lives on the last stage
+                  "generated_tokens": generated}
         if owner:
             result["rows"] = {
                 "index": rows, "old_logprobs": out.old_logprobs, "pooled_hidden": out.pooled_hidden,
@@ -167,8 +202,9 @@ def run_layout(rank: int, world_size: int, cfg: ClipoConfig, layout: Layout, ini
 
 
 def _assemble(results: List[Dict], lr: float) -> Dict[str, torch.Tensor]:
-    """Per-response tensors from every owning rank, put back in global batch order, plus weights
-    and the gradients of the one SGD step (``(w_before - w_after) / lr``, clipping included)."""
+    """Per-response tensors from every owning rank, put back in global batch order, plus weights,
+    the gradients of the one SGD step (``(w_before - w_after) / lr``, clipping included) and the
+    generated tokens (every rank's must be the same)."""
     pieces = [r["rows"] for r in results if "rows" in r]
     batch = sum(len(p["index"]) for p in pieces)
     out: Dict[str, torch.Tensor] = {}
@@ -180,6 +216,11 @@ def _assemble(results: List[Dict], lr: float) -> Dict[str, torch.Tensor]:
         for p in pieces:
             full[p["index"]] = p[key]
         out[key] = full
+    generated = [r["generated_tokens"] for r in results]
+    differing = [rank for rank, tokens in enumerate(generated) if not torch.equal(tokens, generated[0])]
+    if differing:
+        raise RuntimeError(f"ranks {differing} generated other tokens than rank 0 of the same layout")
+    out["generated_tokens"] = generated[0]
     out["policy_loss"] = torch.tensor(results[0]["metrics"]["pg_loss"])
     out["grad_norm"] = torch.tensor(results[0]["metrics"]["grad_norm"])
     initial = results[0]["initial"]
@@ -209,10 +250,14 @@ def run(cfg: ClipoConfig, layouts: List[Layout], work_dir: str, timeout_s: float
 
 
 def compare(single: Dict[str, torch.Tensor], other: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """Max |difference| per quantity; weights and head weights are reported as one number each."""
+    """Max |difference| per quantity; weights and head weights are reported as one number each.
+    ``generated_tokens`` are compared exactly: its number is how many token positions differ."""
     diffs: Dict[str, float] = {}
     for key, expected in single.items():
         group = key.split("/")[0] if "/" in key else key
-        diff = (other[key].double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+        if key == "generated_tokens":
+            diff = float((other[key] != expected).sum()) if other[key].shape == expected.shape else float(expected.numel())
+        else:
+            diff = (other[key].double() - expected.double()).abs().max().item() if expected.numel() else 0.0
         diffs[group] = max(diffs.get(group, 0.0), diff)
     return diffs
