@@ -228,7 +228,11 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
                                            sequence_parallel=sequence_parallel)
     attention = c.attention_backward_extra_bytes(model, tp, tokens, seq_len, recompute=model.recompute,
                                                  flash_attention=flash, sequence_parallel=sequence_parallel)
-    logprob = c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=True) if last else 0
+    # The update's peak by the rule the GPU check measures; the score buffer is already in `static`.
+    update_peak = c.train_step_peak_bytes(model, tp, pp, stage, tokens, seq_len, recompute=model.recompute,
+                                          recompute_num_layers=model.recompute_num_layers, flash_attention=flash,
+                                          scored_tokens=tokens, logprob_chunk=chunk,
+                                          sequence_parallel=sequence_parallel, score_buffer_allocated=True)
 
     phases = {
         "rollout": {**static, "reference": resident_reference,
@@ -238,7 +242,7 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
                      "logprob_pass": c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=False) if last else 0},
         "update": {**static, "reference": resident_reference, "activations": saved + attention,
                    # freed before the layers' backward: only what exceeds the attention's transient
-                   "logprob_pass": max(0, logprob - attention)},
+                   "logprob_pass": update_peak - saved - attention},
     }
     for parts in phases.values():
         for name in COMPONENTS:
