@@ -273,7 +273,7 @@ def test_tp2_and_pp2_checkpoints_load_at_other_layouts(tp2_run, tmp_path):
 # --- kill during save, keep-last ------------------------------------------------------------------
 def _saves_then_killed_rank(rank, world, cfg, run_dir):
     """Save steps 1-3 (keep_last=2), record step 3's weights, then die by SIGKILL in the middle of
-    saving step 4: after the sharded weights are written, before the RNG files and meta.json."""
+    saving step 4: after the sharded weights and RNG files are written, before meta.json."""
     from clipo_nemo.trainer import checkpoint
 
     actor, clipo = _build(cfg)
@@ -288,7 +288,7 @@ def _saves_then_killed_rank(rank, world, cfg, run_dir):
     def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint._rng_states = killed
+    checkpoint._write_atomically = killed
     checkpoint.save_checkpoint(run_dir, 4, actor, clipo, {"step": 4}, keep_last=2)
 
 
@@ -316,15 +316,17 @@ def test_keep_last_and_sigkill_mid_save(tmp_path):
     with pytest.raises(DistributedRunError, match="exit code -9"):
         run_distributed(_saves_then_killed_rank, 1, args=(cfg, str(tmp_path)), timeout_s=TIMEOUT_S)
     before = torch.load(tmp_path / "before_kill.pt", weights_only=False)
-    assert before["listings"] == [["latest", "step_1"], ["latest", "step_1", "step_2"], ["latest", "step_2", "step_3"]]
+    # reference/: the frozen reference policy, written once by the first save (random init: no init_from).
+    assert before["listings"] == [["latest", "reference", "step_1"], ["latest", "reference", "step_1", "step_2"],
+                                  ["latest", "reference", "step_2", "step_3"]]
 
     after = run_distributed(_restart_rank, 1, args=(cfg, str(tmp_path)), timeout_s=TIMEOUT_S)[0]
     # The killed save left a partial .tmp dir (weights, no meta.json); latest still names step 3.
-    assert after["after_kill"] == [".tmp-step_4", "latest", "step_2", "step_3"]
+    assert after["after_kill"] == [".tmp-step_4", "latest", "reference", "step_2", "step_3"]
     assert after["latest"] == "step_3" and after["state"] == {"step": 3}
     _assert_weights_and_moments(before["step3"], after["loaded"], exact_logprobs=True)
     # The next save cleans the leftover and keeps the last two.
-    assert after["after_resave"] == ["latest", "step_3", "step_4"]
+    assert after["after_resave"] == ["latest", "reference", "step_3", "step_4"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_4"
 
 

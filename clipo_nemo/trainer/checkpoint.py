@@ -29,7 +29,7 @@ GPTModels' own ``sharded_state_dict``; ``head.proj.weight`` (or ``head.proj.0.we
 ``replicated`` and ``column`` modes load each other's checkpoints; optimizer moments are
 ``optimizer.state.<moment>.<parameter key>`` (megatron's own naming) and each optimizer's shared step
 and hyperparameters one ``ShardedObject``. On GPU the policy optimizer is megatron's and contributes its
-own ``sharded_state_dict`` ("fully_reshardable"); that path is written against megatron's API but is
+own ``sharded_state_dict`` (``MEGATRON_OPTIMIZER_SHARDING``); that path is written against megatron's API but is
 not exercised on this CPU-only machine. Transformer Engine layers' ``_extra_state`` entries that a
 checkpoint lacks (one written with megatron's local layers) are not requested and stay as built.
 RNG states are restored only at the layout they were saved at (they are per rank); at another
@@ -43,6 +43,7 @@ resuming verifies the checkpoint against its manifest and falls back to the newe
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -57,6 +58,9 @@ import torch.distributed as dist
 
 from clipo_nemo.models.head import ParallelContrastiveHead, _layer_names
 from clipo_nemo.trainer.actor import Actor
+from clipo_nemo.trainer.checkpoint_writer import checkpoint_writer
+from clipo_nemo.trainer.reference_pointer import (REFERENCE_DIR, Pointer, load_reference, pointer_in_checkpoint,
+                                                  save_own_reference, stored_form)
 from clipo_nemo.trainer.recovery import STEP_PREFIX as _STEP_PREFIX
 from clipo_nemo.trainer.recovery import TMP_PREFIX as _TMP_PREFIX
 from clipo_nemo.trainer.recovery import (MANIFEST, CheckpointError, checkpoints_dir, complete_checkpoints,
@@ -65,6 +69,10 @@ from clipo_nemo.trainer.step import ClipoHead
 
 FORMAT_VERSION = 2  # 2: the reference policy is a pointer (format 1 stored it inline)
 READABLE_FORMATS = (1, 2)
+# megatron's distributed-optimizer format: each DP rank writes its own slice of every moment as a
+# slice of the global (model-shaped) tensor, reshardable at any layout; "fully_reshardable" would
+# first gather every moment on every DP rank.
+MEGATRON_OPTIMIZER_SHARDING = "fully_sharded_model_space"
 _EXTRA_STATE = "_extra_state"  # state-dict key suffix of a module's extra state (TE: its FP8 metadata)
 
 
@@ -242,7 +250,8 @@ def _contents(actor: Actor, clipo_head: Optional[ClipoHead]) -> Dict[str, Any]:
         "reference": actor.reference is not None,
         "head": None if clipo_head is None else {"type": clipo_head.head.head_type, "tp_mode": clipo_head.head.tp_mode},
         "policy_optimizer": {"kind": "megatron" if megatron_opt else type(actor.optimizer).__name__,
-                             "moments": [] if megatron_opt else _torch_optimizer_moment_keys(actor.optimizer)},
+                             "moments": [] if megatron_opt else _torch_optimizer_moment_keys(actor.optimizer),
+                             **({"sharding": MEGATRON_OPTIMIZER_SHARDING} if megatron_opt else {})},
         "head_optimizer": None if clipo_head is None or clipo_head.optimizer is None else
         {"kind": type(clipo_head.optimizer).__name__, "moments": head_moments},
     }
@@ -260,7 +269,8 @@ def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents:
         if _is_megatron_optimizer(actor.optimizer):
             _allocate_megatron_optimizer_state(actor.optimizer)
             sharded["policy_optimizer"] = actor.optimizer.sharded_state_dict(
-                policy, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+                policy, is_loading=loading,  # checkpoints before "sharding" was recorded: fully_reshardable
+                metadata={"distrib_optim_sharding_type": popt.get("sharding", "fully_reshardable")})
         else:
             sharded["policy_optimizer"] = torch_optimizer_sharded_state_dict(
                 actor.optimizer, policy, "policy_optimizer", popt["moments"], main_on_last_stage=False, loading=loading)
@@ -359,7 +369,8 @@ def _set_rng_states(states: Dict[str, Any]) -> None:
 # Public API
 # ------------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_head: Optional[ClipoHead],
-                    trainer_state: Dict[str, Any], keep_last: int, keep: Collection[Path] = ()) -> Path:
+                    trainer_state: Dict[str, Any], keep_last: int, keep: Collection[Path] = (), *,
+                    reference: Optional[Pointer] = None, parallel: bool = True, asynchronous: bool = False) -> Path:
     """Save everything needed to resume after ``step`` to ``run_dir/checkpoints/step_<step>``.
 
     Collective: every rank calls it with the same arguments (``trainer_state`` is taken from rank
@@ -368,6 +379,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_h
     ``keep``: the old checkpoints of a run that fell back at resume) are deleted. A
     leftover ``.tmp-*`` from a killed save is removed first. Saving a step that already exists
     replaces it. Returns the checkpoint directory.
+
+    ``reference``: where the frozen reference policy lives
+    (:func:`clipo_nemo.trainer.reference_pointer.pointer_for_run`); None: this run's own copy in
+    ``checkpoints/reference``, written by the first save that needs it. ``parallel``: every
+    data-parallel rank writes its share of the sharded tensors. ``asynchronous``: return once the
+    sharded write has started in the background; the manifest, meta.json, the rename, ``latest``
+    and pruning follow when every rank's write is complete, at :func:`finish_saves` or
+    :func:`wait_for_pending_save` (the next save waits for a pending one first).
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
@@ -375,8 +394,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_h
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     if not isinstance(trainer_state, dict):
         raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
-    from megatron.core import dist_checkpointing
-
+    writer = checkpoint_writer()
+    writer.wait()
     root = checkpoints_dir(run_dir)
     final, tmp = root / f"{_STEP_PREFIX}{step}", root / f"{_TMP_PREFIX}{_STEP_PREFIX}{step}"
     rank = dist.get_rank()
@@ -384,17 +403,29 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_h
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob(f"{_TMP_PREFIX}*"):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        if not complete_checkpoints(root):  # a reference/ of a run killed before its first checkpoint
+            shutil.rmtree(root / REFERENCE_DIR, ignore_errors=True)
         (tmp / "dist").mkdir(parents=True)
         (tmp / "rng").mkdir()
     dist.barrier()
     contents = _contents(actor, clipo_head)
-    dist_checkpointing.save(_sharded_state_dict(actor, clipo_head, contents, loading=False), str(tmp / "dist"))
+    contents["reference"] = None if actor.reference is None else stored_form(
+        reference if reference is not None else save_own_reference(root, actor.reference, parallel), root)
     torch.save(_rng_states(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    dist.barrier()
     if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
+    publish = functools.partial(_publish, root, tmp, final, {"step": step, **contents}, keep_last, keep)
+    writer.save(_sharded_state_dict(actor, clipo_head, contents, loading=False), tmp / "dist", publish,
+                parallel=parallel, asynchronous=asynchronous)
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, meta: Dict[str, Any], keep_last: int, keep: Collection[Path]) -> None:
+    """A save's last part, once every rank's files are complete (collective): rank 0 writes the
+    manifest and meta.json, renames ``tmp`` to ``final``, points ``latest`` at it and prunes."""
+    if dist.get_rank() == 0:
         write_manifest(tmp)
-        _write_atomically(tmp / "meta.json", json.dumps({"step": step, **contents}, indent=1))
+        _write_atomically(tmp / "meta.json", json.dumps(meta, indent=1))
         if final.exists():  # re-saving a step: move the old copy aside first (rename cannot overwrite)
             replaced = root / f"{_TMP_PREFIX}replaced-{final.name}"
             os.replace(final, replaced)
@@ -405,7 +436,17 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: Actor, clipo_h
         _write_atomically(root / "latest", final.name)
         _prune(root, keep_last, final, keep)
     dist.barrier()
-    return final
+
+
+def wait_for_pending_save() -> None:
+    """Block until a pending asynchronous save is written on every rank, then publish it. Collective."""
+    checkpoint_writer().wait()
+
+
+def finish_saves() -> bool:
+    """Publish a pending asynchronous save if every rank has finished writing it (does not block).
+    True when no save is pending any more. Collective (one all-reduce while a save is pending)."""
+    return checkpoint_writer().poll()
 
 
 def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Optional[ClipoHead],
@@ -433,6 +474,8 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
     if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{checkpoint}: format {meta.get('format')!r}, this code reads {READABLE_FORMATS}")
     contents = _loadable_contents(meta, actor, clipo_head, checkpoint)
+    if actor.reference is not None and isinstance(meta["reference"], dict):
+        load_reference(actor.reference, pointer_in_checkpoint(checkpoint), actor.cfg.model.vocab_size, checkpoint)
     request = _sharded_state_dict(actor, clipo_head, contents, loading=True)
     drop_extra_state_missing_from(request, checkpoint / "dist")
     loaded = dist_checkpointing.load(request, str(checkpoint / "dist"))

@@ -1,0 +1,146 @@
+"""Where a run's frozen reference policy lives: a pointer with a checksum instead of a copy per checkpoint.
+
+The reference policy never changes during a run, so checkpoints do not store it again. Each
+checkpoint's ``meta.json`` holds ``"reference": {"kind", "path", "sha256"}`` (None without a
+reference, i.e. KL off):
+
+- ``kind="weights"``: a converted checkpoint (``trainer.init_from``); the reference is its weights.
+- ``kind="dist"``: a megatron ``dist_checkpointing`` directory holding the ``reference.*`` tensors:
+  another run's reference (``trainer.init_from`` = a run or one of its checkpoints: the pointer is
+  carried over, so chains never form), or, for a run from random initialisation, the run's own copy
+  in ``checkpoints/reference/``, written once by the run's first save and never pruned. A
+  ``reference/`` without any complete step checkpoint beside it belongs to a run killed before its
+  first checkpoint completed and is rewritten.
+
+``sha256`` covers every file under ``path`` (relative names and bytes); loading recomputes it and
+refuses a reference that changed. Paths inside the run's ``checkpoints/`` are stored relative to
+it (the run directory may move); others absolute. Hashing reads the whole directory once per load
+(and once at the start of a run from a converted checkpoint), on rank 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch.distributed as dist
+
+REFERENCE_DIR = "reference"  # under run_dir/checkpoints: a random-init run's own reference
+Pointer = Dict[str, Any]  # {"kind": "weights" | "dist", "path": str, "sha256": str}
+
+
+def directory_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 over the sorted relative names and contents of every file under ``path``."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(8 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _from_rank0(compute: Callable[[], Any]) -> Any:
+    """``compute()`` on rank 0, its result on every rank. Collective."""
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def weights_pointer(path: str | os.PathLike) -> Pointer:
+    """The pointer to a converted checkpoint used as the reference. Collective (rank 0 hashes)."""
+    path = Path(path).resolve()
+    return {"kind": "weights", "path": str(path), "sha256": _from_rank0(lambda: directory_sha256(path))}
+
+
+def pointer_in_checkpoint(checkpoint: str | os.PathLike) -> Optional[Pointer]:
+    """The reference a complete checkpoint uses (absolute path), or None if it has none.
+    Collective for a format-1 checkpoint (reference stored inline: its ``dist/`` is hashed)."""
+    checkpoint = Path(checkpoint).resolve()
+    stored = json.loads((checkpoint / "meta.json").read_text()).get("reference")
+    if not stored:
+        return None
+    if stored is True:  # format 1: the reference's tensors are in the checkpoint's own dist/
+        dist_dir = checkpoint / "dist"
+        return {"kind": "dist", "path": str(dist_dir), "sha256": _from_rank0(lambda: directory_sha256(dist_dir))}
+    return {**stored, "path": str(checkpoint.parent / stored["path"])}  # "/abs" / x == x
+
+
+def stored_form(pointer: Pointer, checkpoints_root: Path) -> Pointer:
+    """``pointer`` as written into meta.json: relative to ``checkpoints_root`` when inside it."""
+    path, root = Path(pointer["path"]).resolve(), checkpoints_root.resolve()
+    return {**pointer, "path": str(path.relative_to(root)) if path.is_relative_to(root) else str(path)}
+
+
+def pointer_for_run(run_dir: str | os.PathLike, init_from: str) -> Optional[Pointer]:
+    """The reference of a run about to train: the pointer of its latest checkpoint when resuming,
+    else that of ``init_from`` (a converted checkpoint, a run or a run's checkpoint), else None
+    (random init: the first save writes the run's own copy). Collective."""
+    from clipo_nemo.conversion.weights import is_weights_checkpoint
+    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        return pointer_in_checkpoint(latest)
+    if not init_from:
+        return None
+    source = Path(init_from)
+    if is_weights_checkpoint(source):
+        return weights_pointer(source)
+    return pointer_in_checkpoint(source if (source / "meta.json").is_file() else latest_checkpoint(source))
+
+
+def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: Path) -> None:
+    """Load the reference policy ``reference`` (a GPTModel piece) from ``pointer``, after checking
+    that the directory is there and unchanged. Collective."""
+    from megatron.core import dist_checkpointing
+
+    from clipo_nemo.trainer.checkpoint import (
+        CheckpointError, _without_prefix, drop_extra_state_missing_from, load_module_state)
+
+    path = Path(pointer["path"])
+    if not path.is_dir():
+        raise CheckpointError(f"{named_by}: its reference policy {path} is missing")
+    actual = _from_rank0(lambda: directory_sha256(path))
+    if actual != pointer["sha256"]:
+        raise CheckpointError(f"{named_by}: the reference policy {path} changed since it was saved "
+                              f"(sha256 {actual}, recorded {pointer['sha256']})")
+    if pointer["kind"] == "weights":
+        from clipo_nemo.conversion.weights import load_weights_into_model
+
+        load_weights_into_model(reference, path, vocab_size)
+        return
+    request = {"reference": reference.sharded_state_dict(prefix="reference.")}
+    drop_extra_state_missing_from(request, path)
+    loaded = dist_checkpointing.load(request, str(path))
+    load_module_state(reference, _without_prefix(loaded["reference"], "reference."))
+
+
+def save_own_reference(checkpoints_root: Path, reference: Any, parallel: bool) -> Pointer:
+    """The run's own copy of a randomly initialised reference: written once to
+    ``checkpoints_root/reference`` (under ``.tmp-reference`` until complete), reused afterwards.
+    Collective."""
+    from clipo_nemo.trainer.checkpoint_writer import checkpoint_writer
+
+    final, tmp = checkpoints_root / REFERENCE_DIR, checkpoints_root / f".tmp-{REFERENCE_DIR}"
+    if not (final / "meta.json").is_file():
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "dist").mkdir(parents=True)
+        dist.barrier()
+
+        def finalize() -> None:
+            if dist.get_rank() == 0:
+                (tmp / "meta.json").write_text(json.dumps({"sha256": directory_sha256(tmp / "dist")}))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            dist.barrier()
+
+        checkpoint_writer().save({"reference": reference.sharded_state_dict(prefix="reference.")}, tmp / "dist",
+                                 finalize, parallel=parallel, asynchronous=False)
+    sha256 = json.loads((final / "meta.json").read_text())["sha256"]
+    return {"kind": "dist", "path": str((final / "dist").resolve()), "sha256": sha256}
