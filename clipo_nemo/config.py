@@ -214,12 +214,15 @@ class EvaluationConfig:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class TinyTaskConfig:
-    """The embedded default's synthetic arithmetic task, generated into the run directory at start."""
+    """The embedded default's synthetic task (clipo_nemo.data.tiny_task), generated into the run
+    directory at start: train.parquet, heldout.parquet and, with ``perturbed``, heldout_perturbed.parquet;
+    the held-out files are the validation benchmarks (``val/heldout/pass@1``, ``val/heldout_perturbed/pass@1``)."""
 
-    enabled: bool = False  # true: train on the generated task instead of data.train_files
-    max_operand: int = 4  # operands 0..max_operand; answers 0..2*max_operand (one token each)
-    operators: List[str] = field(default_factory=lambda: ["+", "-"])  # subset of + and -
+    enabled: bool = False  # true: train on the generated task instead of data.train_files/val_files
+    max_operand: int = 4  # operands 0..max_operand; answers 0..2*max_operand with "+", else 0..max_operand
+    operators: List[str] = field(default_factory=lambda: ["+", "-"])  # subset of "+", "-", "max", "min"
     val_fraction: float = 0.2  # share of the distinct problems held out for validation
+    perturbed: bool = False  # also validate on the held-out problems reworded, with a distractor, with units
     seed: int = 0  # which problems go to which split
 
 

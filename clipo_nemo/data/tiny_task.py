@@ -1,4 +1,4 @@
-"""The embedded default's synthetic verifiable task: small arithmetic, answers in ``\\boxed{}``.
+"""The embedded default's synthetic verifiable task: small number problems, answers in ``\\boxed{}``.
 
 Rows have exactly the schema of the paper's Parquet files (``data_source``, ``prompt``, ``ability``,
 ``reward_model``, ``extra_info``), so the same loader, verifier and trainer run on them.
@@ -8,14 +8,30 @@ a randomly initialised model samples nearly uniformly over its vocabulary, and t
 for a correct answer inside ``\\boxed{}``. If the answer took several tokens (``\\boxed{``, digits,
 ``}``), the chance of a random hit would be about ``V**-3`` and RL would never see a reward. So the
 task is paired with :mod:`clipo_nemo.data.tiny_tokenizer`, whose vocabulary holds every possible
-answer as one word (``\\boxed{12}``): correctness is decided by a single sampled token out of
-``2 * max_operand + 1`` answers, a random policy is right about ``1 / vocab`` of the time per sampled
-token (a few percent of responses in total), and every correct sample is a clean policy-gradient
-signal. ``max_operand`` sets the difficulty (answers lie in ``0 .. 2 * max_operand``); subtraction
-keeps ``a >= b`` so answers are never negative.
+answer as one word (``\\boxed{12}``): correctness is decided by a single sampled token, a random
+policy is right a few percent of the time, and every correct sample is a clean policy-gradient signal.
 
-Train and validation hold disjoint problems: all distinct problems are enumerated, shuffled with the
-seed, and a fraction goes to validation. The same arguments always give the same rows.
+Operators (``operators``, any non-empty subset of :data:`TINY_OPERATORS`):
+
+- ``+`` and ``-`` (``What is 3 + 4?``; subtraction keeps ``a >= b``): answers ``0 .. 2 * max_operand``.
+  A 2-layer model memorises these facts but does not generalise them to held-out pairs (a supervised
+  probe with the same width, 1,000 steps on 80 of the 100 sums of 0..9, gets the held-out sums right
+  only where the swapped pair was trained).
+- ``max`` and ``min`` (``What is the larger of 3 and 7?`` / ``the smaller of``): a rule a tiny model
+  does learn from part of the pairs (compare two numbers, copy one) and applies to held-out pairs;
+  the embedded default uses these, so held-out Pass@1 measures learning a rule, not recall.
+
+Held-out problems: all distinct problems are enumerated, shuffled with the seed, and a fraction goes
+to the ``heldout`` split. With ``perturbed=True`` the ``heldout_perturbed`` split holds every held-out
+problem three more times with the same numbers and answer and a changed surface, as the paper's
+perturbed benchmarks (GSM-Symbolic/P1, MATH-Perturb) change a problem's wording but not its solution:
+
+- ``reworded``: the question in another order (``3 + 4 is what?``, ``Of 3 and 7, what is the larger?``);
+- ``distractor``: an irrelevant clause with a number in front (``Tom has 5 pens. What is ...``);
+- ``units``: the operands become named quantities (``What is the larger of 3 cats and 7 cats?``).
+
+The training split uses only the clean wording, so the perturbed words are never trained on. The same
+arguments always give the same rows.
 """
 from __future__ import annotations
 
@@ -26,69 +42,123 @@ from typing import Dict, List, Sequence, Tuple
 TINY_DATA_SOURCE = "tiny/arith"
 # Short on purpose: every prompt token costs a tiny model attention capacity and CPU time.
 TINY_INSTRUCTION = "Answer in \\boxed{}."
-TINY_OPERATORS = ("+", "-")
+TINY_OPERATORS = ("+", "-", "max", "min")
+ARITHMETIC_OPERATORS = ("+", "-")  # the default: the tokenizer and rows of earlier versions
+PERTURBATIONS = ("reworded", "distractor", "units")
+
+# The question of each operator: clean (training and ``heldout``) and per perturbation. Fields:
+# {a} {b} operands, {c} the distractor's number, {name} {things} its words, {unit} the quantities' name.
+CLEAN_TEMPLATES = {"+": "What is {a} + {b}?", "-": "What is {a} - {b}?",
+                   "max": "What is the larger of {a} and {b}?", "min": "What is the smaller of {a} and {b}?"}
+REWORDED_TEMPLATES = {"+": "{a} + {b} is what?", "-": "{a} - {b} is what?",
+                      "max": "Of {a} and {b}, what is the larger?", "min": "Of {a} and {b}, what is the smaller?"}
+UNITS_TEMPLATES = {"+": "What is {a} {unit} + {b} {unit}?", "-": "What is {a} {unit} - {b} {unit}?",
+                   "max": "What is the larger of {a} {unit} and {b} {unit}?",
+                   "min": "What is the smaller of {a} {unit} and {b} {unit}?"}
+DISTRACTOR_TEMPLATE = "{name} has {c} {things}."
+DISTRACTOR_NAMES = ("Tom", "Sue")
+DISTRACTOR_THINGS = ("pens", "books")
+UNITS = ("cats", "coins")
 
 Row = Dict[str, object]
+TinyProblem = Tuple[int, str, int, int]  # (a, operator, b, answer)
 
 
-def tiny_answer_range(max_operand: int) -> range:
-    """All answers the task can have: ``a + b`` and ``a - b`` (``a >= b``) with operands in ``0..max_operand``."""
-    return range(0, 2 * max_operand + 1)
+def tiny_answer_range(max_operand: int, operators: Sequence[str] = ARITHMETIC_OPERATORS) -> range:
+    """Every answer ``operators`` can have with operands in ``0..max_operand``: up to ``2 * max_operand``
+    with ``+``, else up to ``max_operand``."""
+    return range(0, (2 if "+" in operators else 1) * max_operand + 1)
+
+
+def tiny_template_texts(operators: Sequence[str], perturbed: bool) -> List[str]:
+    """Every fixed text the prompts of ``operators`` can contain, numbers left out (the tokenizer's
+    source of words), in a fixed order."""
+    texts = [CLEAN_TEMPLATES[op] for op in operators]
+    if perturbed:
+        texts += [REWORDED_TEMPLATES[op] for op in operators] + [UNITS_TEMPLATES[op] for op in operators]
+        texts += [DISTRACTOR_TEMPLATE.replace("{name}", name).replace("{things}", things)
+                  for name in DISTRACTOR_NAMES for things in DISTRACTOR_THINGS]
+    fields = {"{a}": "", "{b}": "", "{c}": "", "{unit}": " ".join(UNITS)}
+    out = []
+    for text in texts:
+        for field, value in fields.items():
+            text = text.replace(field, value)
+        out.append(text)
+    return out
 
 
 def _check_args(max_operand: int, operators: Sequence[str], val_fraction: float) -> None:
     if max_operand < 1:
         raise ValueError(f"max_operand must be >= 1, got {max_operand}")
     unknown = [op for op in operators if op not in TINY_OPERATORS]
-    if not operators or unknown:
-        raise ValueError(f"operators must be a non-empty subset of {TINY_OPERATORS}, got {tuple(operators)}")
+    if not operators or unknown or len(set(operators)) != len(operators):
+        raise ValueError(f"operators must be a non-empty subset of {TINY_OPERATORS} without repeats, "
+                         f"got {tuple(operators)}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
 
 
-def _all_problems(max_operand: int, operators: Sequence[str]) -> List[Tuple[int, str, int, int]]:
-    """Every distinct problem as ``(a, op, b, answer)``, in a fixed order."""
-    problems = []
-    for op in operators:
-        for a in range(max_operand + 1):
-            for b in range(max_operand + 1):
-                if op == "+":
-                    problems.append((a, op, b, a + b))
-                elif a >= b:
-                    problems.append((a, op, b, a - b))
-    return problems
+def _answer(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "max": max(a, b), "min": min(a, b)}[op]
 
 
-def _row(a: int, op: str, b: int, answer: int, index: int, split: str) -> Row:
+def _all_problems(max_operand: int, operators: Sequence[str]) -> List[TinyProblem]:
+    """Every distinct problem as ``(a, op, b, answer)``, in a fixed order (``-`` only with ``a >= b``)."""
+    return [(a, op, b, _answer(a, op, b)) for op in operators for a in range(max_operand + 1)
+            for b in range(max_operand + 1) if op != "-" or a >= b]
+
+
+def _row(question: str, answer: int, index: int, split: str) -> Row:
     return {
         "data_source": TINY_DATA_SOURCE,
-        "prompt": [{"role": "user", "content": f"What is {a} {op} {b}? {TINY_INSTRUCTION}"}],
+        "prompt": [{"role": "user", "content": f"{question} {TINY_INSTRUCTION}"}],
         "ability": "math",
         "reward_model": {"ground_truth": str(answer), "style": "rule"},
         "extra_info": {"index": index, "split": split},
     }
 
 
+def perturbed_questions(problem: TinyProblem, max_operand: int, rng: random.Random) -> Dict[str, str]:
+    """The problem's question under each of :data:`PERTURBATIONS` (same numbers, same answer);
+    the distractor's number and words and the unit are drawn from ``rng``."""
+    a, op, b, _ = problem
+    distractor = DISTRACTOR_TEMPLATE.format(name=rng.choice(DISTRACTOR_NAMES), c=rng.randint(0, max_operand),
+                                            things=rng.choice(DISTRACTOR_THINGS))
+    return {"reworded": REWORDED_TEMPLATES[op].format(a=a, b=b),
+            "distractor": f"{distractor} {CLEAN_TEMPLATES[op].format(a=a, b=b)}",
+            "units": UNITS_TEMPLATES[op].format(a=a, b=b, unit=rng.choice(UNITS))}
+
+
 def make_tiny_arith_splits(
     max_operand: int = 4,
-    operators: Sequence[str] = TINY_OPERATORS,
+    operators: Sequence[str] = ARITHMETIC_OPERATORS,
     val_fraction: float = 0.2,
     seed: int = 0,
+    perturbed: bool = False,
 ) -> Dict[str, List[Row]]:
-    """Generate the task's ``{"train": rows, "val": rows}`` (disjoint problems, deterministic in the seed).
+    """Generate the task's ``{"train": rows, "heldout": rows}`` (disjoint problems, deterministic in
+    the seed), plus ``"heldout_perturbed"`` (every held-out problem once per perturbation, in the
+    order of :data:`PERTURBATIONS`) when ``perturbed``.
 
     Each row is one problem in the paper's Parquet schema; ``extra_info.index`` counts rows within
-    their split. At least one problem lands in each split.
+    their split. At least one problem lands in each of train and heldout.
     """
     _check_args(max_operand, operators, val_fraction)
     problems = _all_problems(max_operand, operators)
-    random.Random(seed).shuffle(problems)
+    rng = random.Random(seed)
+    rng.shuffle(problems)
     n_val = min(max(1, round(len(problems) * val_fraction)), len(problems) - 1)
-    chunks = {"val": problems[:n_val], "train": problems[n_val:]}
-    return {
-        split: [_row(a, op, b, ans, i, split) for i, (a, op, b, ans) in enumerate(chunk)]
-        for split, chunk in (("train", chunks["train"]), ("val", chunks["val"]))
+    heldout, train = problems[:n_val], problems[n_val:]
+    splits = {
+        "train": [_row(CLEAN_TEMPLATES[op].format(a=a, b=b), ans, i, "train") for i, (a, op, b, ans) in enumerate(train)],
+        "heldout": [_row(CLEAN_TEMPLATES[op].format(a=a, b=b), ans, i, "heldout")
+                    for i, (a, op, b, ans) in enumerate(heldout)],
     }
+    if perturbed:
+        questions = [(q, problem[3]) for problem in heldout
+                     for q in perturbed_questions(problem, max_operand, rng).values()]
+        splits["heldout_perturbed"] = [_row(q, ans, i, "heldout_perturbed") for i, (q, ans) in enumerate(questions)]
+    return splits
 
 
 def _paper_parquet_schema():
@@ -105,7 +175,8 @@ def _paper_parquet_schema():
 
 
 def write_tiny_arith_parquet(out_dir: str | Path, **task_args) -> Dict[str, Path]:
-    """Write :func:`make_tiny_arith_splits` rows to ``out_dir/{train,val}.parquet``; returns the paths."""
+    """Write :func:`make_tiny_arith_splits` rows to ``out_dir/<split>.parquet``; returns the paths by
+    split. The file stems name the benchmarks in validation metrics (``val/heldout/pass@1``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

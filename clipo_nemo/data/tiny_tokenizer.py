@@ -1,8 +1,10 @@
 """A word-level tokenizer for the tiny arithmetic task, built locally (nothing downloaded).
 
-The vocabulary is exactly the task's alphabet: the special tokens, the prompt's words, the operands
-``0..2*max_operand`` as single words, and every possible answer ``\\boxed{0} .. \\boxed{2*max_operand}``
-as one word each. One-token answers are what makes the task learnable from scratch by RL (see
+The vocabulary is exactly the task's alphabet: the special tokens, the words of the prompts of the
+chosen operators (and of their perturbed wordings, when asked for), the numbers ``0..2*max_operand``
+(``0..max_operand`` without ``+``) as single words, and every possible answer (``\\boxed{0}`` ..)
+as one word each. The default (``+`` and ``-``, no perturbations) is the 32-token vocabulary of
+earlier versions, ids included. One-token answers are what makes the task learnable from scratch by RL (see
 :mod:`clipo_nemo.data.tiny_task`). Whitespace is not encoded; ``decode`` joins words with a space,
 so a response decodes to e.g. ``\\boxed{7}`` which the math verifier reads directly.
 
@@ -13,12 +15,12 @@ tokenizer. Save it with ``save_pretrained(dir)`` and load it with :func:`load_ti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from clipo_nemo.data.tiny_task import TINY_INSTRUCTION, TINY_OPERATORS, tiny_answer_range
+from clipo_nemo.data.tiny_task import ARITHMETIC_OPERATORS, TINY_INSTRUCTION, tiny_answer_range, tiny_template_texts
 
 PAD, EOS, UNK, USER, ASSISTANT = "<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = (PAD, EOS, UNK, USER, ASSISTANT)
@@ -46,22 +48,29 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def _task_words(max_operand: int) -> List[str]:
+def _task_words(max_operand: int, operators: Sequence[str], perturbed: bool) -> List[str]:
     """Every word the task's prompts and answers can contain, in a fixed order."""
-    template_words = [w for w, _ in _pre_tokenizer().pre_tokenize_str(f"What is ? {TINY_INSTRUCTION}")]
-    answers = tiny_answer_range(max_operand)
-    return template_words + list(TINY_OPERATORS) + [str(n) for n in answers] + [f"\\boxed{{{n}}}" for n in answers]
+    def words(text: str) -> List[str]:
+        return [w for w, _ in _pre_tokenizer().pre_tokenize_str(text)]
+
+    template_words = words(f"What is ? {TINY_INSTRUCTION}") + list(ARITHMETIC_OPERATORS)
+    template_words += [w for text in tiny_template_texts(operators, perturbed) for w in words(text)]
+    answers = tiny_answer_range(max_operand, operators)
+    return template_words + [str(n) for n in answers] + [f"\\boxed{{{n}}}" for n in answers]
 
 
-def build_tiny_tokenizer(max_operand: int = 4) -> PreTrainedTokenizerFast:
-    """Build the tokenizer for :func:`clipo_nemo.data.tiny_task.make_tiny_arith_splits` with the same ``max_operand``.
+def build_tiny_tokenizer(max_operand: int = 4, operators: Sequence[str] = ARITHMETIC_OPERATORS,
+                         perturbed: bool = False) -> PreTrainedTokenizerFast:
+    """Build the tokenizer for :func:`clipo_nemo.data.tiny_task.make_tiny_arith_splits` with the same
+    ``max_operand``, ``operators`` and ``perturbed``.
 
     Raises ``ValueError`` when the vocabulary would exceed :data:`MAX_VOCAB` tokens.
     """
-    words = list(SPECIAL_TOKENS) + list(dict.fromkeys(_task_words(max_operand)))
+    words = list(SPECIAL_TOKENS) + list(dict.fromkeys(_task_words(max_operand, operators, perturbed)))
     if len(words) > MAX_VOCAB:
         raise ValueError(
-            f"max_operand={max_operand} needs {len(words)} tokens; the tiny tokenizer allows {MAX_VOCAB}"
+            f"max_operand={max_operand} with operators {tuple(operators)} needs {len(words)} tokens; "
+            f"the tiny tokenizer allows {MAX_VOCAB}"
         )
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=UNK))
     core.pre_tokenizer = _pre_tokenizer()

@@ -54,7 +54,7 @@ def load_tokenizer(cfg: ClipoConfig):
     if cfg.trainer.tokenizer == "tiny":
         from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
 
-        return build_tiny_tokenizer(cfg.task.max_operand)
+        return build_tiny_tokenizer(cfg.task.max_operand, tuple(cfg.task.operators), cfg.task.perturbed)
     from transformers import AutoTokenizer
 
     if not Path(cfg.trainer.tokenizer).is_dir():
@@ -63,18 +63,20 @@ def load_tokenizer(cfg: ClipoConfig):
 
 
 def prepare_task_files(cfg: ClipoConfig, run_dir: Path) -> None:
-    """With ``task.enabled``, generate the tiny task into the run directory and train on it."""
+    """With ``task.enabled``, generate the tiny task into the run directory, train on its train split
+    and validate on its held-out splits (``heldout``, and ``heldout_perturbed`` with ``task.perturbed``)."""
     if not cfg.task.enabled:
         return
     from clipo_nemo.data.tiny_task import write_tiny_arith_parquet
 
     out = run_dir / "data"
+    splits = ["train", "heldout"] + (["heldout_perturbed"] if cfg.task.perturbed else [])
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_tiny_arith_parquet(out, max_operand=cfg.task.max_operand, operators=tuple(cfg.task.operators),
-                                 val_fraction=cfg.task.val_fraction, seed=cfg.task.seed)
+                                 val_fraction=cfg.task.val_fraction, seed=cfg.task.seed, perturbed=cfg.task.perturbed)
     if dist.is_initialized():
         dist.barrier()
-    cfg.data.train_files, cfg.data.val_files = [str(out / "train.parquet")], [str(out / "val.parquet")]
+    cfg.data.train_files, cfg.data.val_files = [str(out / "train.parquet")], [str(out / f"{s}.parquet") for s in splits[1:]]
 
 
 @dataclass
@@ -285,7 +287,10 @@ class Trainer:
         if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
             path = self.run_dir / "embeddings" / f"step_{step}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"embeddings": out.head_embeddings.cpu(), "correct": out.global_correct.cpu()}, path)
+            # Canonical order: the global batch's n responses per prompt, one prompt after another.
+            group_ids = torch.arange(len(out.global_correct)) // self.cfg.rollout.n
+            torch.save({"embeddings": out.head_embeddings.cpu(), "correct": out.global_correct.cpu(),
+                        "group_ids": group_ids}, path)
 
     # ----------------------------------------------------------------------------------------------
     def validate(self) -> Dict[str, float]:

@@ -77,9 +77,12 @@ def summarize(history: List[Dict[str, float]], window: int = 20) -> str:
     if not history:
         return "no steps were run"
     first, last = history[:window], history[-window:]
+    # Every benchmark's validation Pass@1 (val/<benchmark>/pass@1), in the order they were first logged.
+    benchmarks = dict.fromkeys(k for row in history for k in row if k.startswith("val/") and k.endswith("/pass@1"))
+    keys = [k for k in HEADLINE + tuple(benchmarks) + ("val/pass@1_mean", "total_reward_mean")
+            if any(k in row for row in history)]
+    width = max([20] + [len(k) + 2 for k in keys])
     lines = [f"steps {history[0]['step']}..{history[-1]['step']} ({len(history)} logged)",
-             f"{'metric':<20}{'first ' + str(len(first)):>12}{'last ' + str(len(last)):>12}"]
-    for key in HEADLINE + ("val/pass@1_mean", "total_reward_mean"):
-        if any(key in row for row in history):
-            lines.append(f"{key:<20}{_mean(first, key):>12.4f}{_mean(last, key):>12.4f}")
+             f"{'metric':<{width}}{'first ' + str(len(first)):>12}{'last ' + str(len(last)):>12}"]
+    lines += [f"{key:<{width}}{_mean(first, key):>12.4f}{_mean(last, key):>12.4f}" for key in keys]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""PNG plots of a run: training curves (paper Figure 5) and head embeddings (paper Figure 4)."""
+"""PNG plots: a run's training curves (paper Figure 5) and head embeddings (paper Figure 4), and curves
+with confidence bands over seeds (``benchmarks/ablation.py``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,28 +34,79 @@ def plot_training_curves(history: List[Dict[str, float]], out_path: Path) -> Non
     plt.close(fig)
 
 
-def plot_embeddings(snapshots: Dict[str, Dict[str, torch.Tensor]], out_path: Path) -> None:
-    """2-D PCA of head embeddings coloured by correctness, one panel per snapshot (e.g. start, end).
+def chosen_groups(group_ids: torch.Tensor, correct: torch.Tensor, count: int) -> List[int]:
+    """Up to ``count`` group ids to plot, first-seen order: groups with both correct and wrong
+    responses first (where clustering by correctness can show), then the others.
 
-    Each snapshot holds ``embeddings`` [B, D] and ``correct`` [B]; every panel uses its own PCA basis.
+    group_ids [B], correct [B] bool.
+    """
+    mixed, uniform = [], []
+    for group in dict.fromkeys(group_ids.tolist()):
+        verdicts = correct[group_ids == group]
+        (mixed if bool(verdicts.any()) and not bool(verdicts.all()) else uniform).append(group)
+    return (mixed + uniform)[:count]
+
+
+def plot_embeddings(snapshots: Dict[str, Dict[str, torch.Tensor]], out_path: Path, groups: int = 6) -> None:
+    """The paper's Figure 4: head embeddings of a few groups, one panel per snapshot (e.g. start, end).
+
+    Each snapshot holds ``embeddings`` [B, D], ``correct`` [B] and ``group_ids`` [B]. CLIPO contrasts
+    responses within their group, so each panel shows up to ``groups`` groups (mixed ones first), each
+    with its own marker and colour, correct responses filled and wrong ones hollow, in a 2-D PCA of those
+    groups' normalised embeddings (a PCA of the whole batch is dominated by differences between groups).
+    Identical responses have identical embeddings and share one point.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(snapshots), figsize=(4.2 * len(snapshots), 4.0), squeeze=False)
+    markers, colours = "osD^vP*X", plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, len(snapshots), figsize=(4.6 * len(snapshots), 4.2), squeeze=False)
     for ax, (title, snap) in zip(axes[0], snapshots.items()):
-        z = torch.nn.functional.normalize(snap["embeddings"].float(), dim=-1)
+        group_ids, correct = snap["group_ids"].long(), snap["correct"].bool()
+        chosen = chosen_groups(group_ids, correct, groups)
+        rows = torch.cat([torch.nonzero(group_ids == g).flatten() for g in chosen])
+        z = torch.nn.functional.normalize(snap["embeddings"][rows].float(), dim=-1)
         centred = z - z.mean(0, keepdim=True)
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         xy = centred @ v[:2].T
-        correct = snap["correct"].bool()
-        ax.scatter(xy[~correct, 0], xy[~correct, 1], s=10, c="tab:red", alpha=0.6, label="incorrect")
-        ax.scatter(xy[correct, 0], xy[correct, 1], s=10, c="tab:blue", alpha=0.6, label="correct")
-        ax.set_title(title)
+        for k, group in enumerate(chosen):
+            mine = group_ids[rows] == group
+            colour, marker = colours[k % len(colours)], markers[k % len(markers)]
+            right, wrong = mine & correct[rows], mine & ~correct[rows]
+            ax.scatter(xy[right, 0], xy[right, 1], s=40, marker=marker, color=colour, alpha=0.8,
+                       label=f"group {group}: {int(right.sum())}/{int(mine.sum())} correct")
+            ax.scatter(xy[wrong, 0], xy[wrong, 1], s=40, marker=marker, facecolors="none", edgecolors=colour, alpha=0.8)
+        ax.set_title(f"{title}\n(filled: correct, hollow: wrong)", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bands(curves: Dict[str, Dict[str, Dict[str, List[float]]]], titles: Dict[str, str], out_path: Path) -> None:
+    """One panel per metric, one line per variant with its confidence band (e.g. the ablation's seeds).
+
+    ``curves[variant][metric]`` holds equal-length lists ``step``, ``mean``, ``lo`` and ``hi``;
+    ``titles[metric]`` is the panel's title, in panel order.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.4), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], titles.items()):
+        for variant, per_metric in curves.items():
+            curve = per_metric[metric]
+            ax.plot(curve["step"], curve["mean"], linewidth=1.8, label=variant)
+            ax.fill_between(curve["step"], curve["lo"], curve["hi"], alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
     axes[0][0].legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
