@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="verifier processes (0 = one per CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: the run's evaluation.max_new_tokens (2048 for --hf-model)")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="--responses: leave out lines that are not "
+                        "UTF-8, not JSON or not a {benchmark, index, response} record (listed on stderr) instead of stopping")
     parser.add_argument("--out", required=True, help="output folder for the reports")
     return parser.parse_args(argv)
 
@@ -66,13 +68,18 @@ def main(argv=None) -> int:
         elif args.per_problem:
             results = read_per_problem(args.per_problem)
         else:
-            responses = read_responses(args.responses)
+            skipped = [] if args.skip_bad_lines else None
+            responses = read_responses(args.responses, skipped)
+            for line in skipped or ():
+                print(f"evaluate.py: skipped {line}", file=sys.stderr)
             names = list(dict.fromkeys(benchmark for benchmark, _ in responses))
             benchmarks = load_benchmarks(args.data_dir, names)
             with VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
                 results = score(benchmarks, responses, pool)
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError) as exc:  # bad input: say what, without a traceback
         raise SystemExit(f"evaluate.py: {exc}") from None
+    if not results:
+        raise SystemExit("evaluate.py: nothing to score (no problems or responses): no report written")
     summary = write_report(results, args.out)
     print(markdown_table(summary))
     print(f"reports written to {args.out}/ (results.json, results.md, results.csv, per_problem.jsonl)")

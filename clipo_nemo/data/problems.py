@@ -116,29 +116,51 @@ def problem_from_row(row: Mapping[str, Any], source_file: str, row_number: int, 
 
 @dataclass(frozen=True)
 class UnreadableRow:
-    """Stands in for a JSONL line that is not valid JSON, so it is reported like any bad row."""
+    """Stands in for a row that cannot be read (a JSONL line that is not valid UTF-8 or JSON, a Parquet
+    row with a text field that is not valid UTF-8), so it is reported, or skipped, like any bad row."""
 
     reason: str
 
 
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+
+
+def _parquet_rows(path: Path) -> List[Any]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:  # a text field holds bytes that are not UTF-8: find its rows, keep the others
+        rows: List[Any] = []
+        for index in range(table.num_rows):
+            try:
+                rows.append(table.slice(index, 1).to_pylist()[0])
+            except UnicodeDecodeError as exc:
+                rows.append(UnreadableRow(f"a text field: {_not_utf8(exc)}"))
+        return rows
+
+
 def read_rows(path: str | Path) -> List[Any]:
-    """All rows of a ``.parquet`` or ``.jsonl`` file as Python records, in file order (a JSONL line
-    that is not valid JSON becomes an :class:`UnreadableRow`)."""
+    """All rows of a ``.parquet`` or ``.jsonl`` file as Python records, in file order. A row that
+    cannot be read (a JSONL line that is not UTF-8 or not JSON, a Parquet row with a text field
+    that is not UTF-8) becomes an :class:`UnreadableRow` whose reason names the line."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        return _parquet_rows(path)
     if path.suffix == ".jsonl":
         rows: List[Any] = []
-        with open(path, encoding="utf-8") as lines:
-            for line in lines:
+        with open(path, "rb") as lines:
+            for number, raw in enumerate(lines, start=1):
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError as exc:
+                    rows.append(UnreadableRow(f"line {number}: {_not_utf8(exc)}"))
                 except json.JSONDecodeError as exc:
-                    rows.append(UnreadableRow(f"invalid JSON ({exc})"))
+                    rows.append(UnreadableRow(f"line {number}: invalid JSON ({exc})"))
         return rows
     raise ValueError(f"unsupported data file type {path.suffix!r} for {path}; expected .parquet or .jsonl")
 

@@ -27,9 +27,22 @@ class PromptSet:
     too_long: List[str] = field(default_factory=list)  # one "file row N: T tokens" line per filtered prompt
     skipped_rows: List[str] = field(default_factory=list)  # one "file row N: why" line per bad row skipped
 
-    def metrics(self) -> Dict[str, int]:
-        """Counts to log: prompts kept, prompts over the length limit, bad rows skipped."""
-        return {"data/prompts": len(self.prompts), "data/too_long": len(self.too_long), "data/skipped_rows": len(self.skipped_rows)}
+    def metrics(self, split: str = "") -> Dict[str, int]:
+        """Counts to log (``data/<split>/...`` with a split name): prompts kept, prompts over the length
+        limit, bad rows skipped."""
+        prefix = f"data/{split}/" if split else "data/"
+        return {f"{prefix}prompts": len(self.prompts), f"{prefix}too_long": len(self.too_long),
+                f"{prefix}skipped_rows": len(self.skipped_rows)}
+
+    def report(self, split: str, shown: int = 5) -> List[str]:
+        """Lines for the run's log: the counts, then the first ``shown`` dropped rows and why."""
+        lines = [f"data {split}: {len(self.prompts)} prompts kept, {len(self.skipped_rows)} bad rows skipped "
+                 f"(data.on_bad_row=skip), {len(self.too_long)} over data.max_prompt_length (data.truncation=filter)"]
+        dropped = self.skipped_rows + self.too_long
+        lines += [f"  dropped: {why}" for why in dropped[:shown]]
+        if len(dropped) > shown:
+            lines.append(f"  ... and {len(dropped) - shown} more")
+        return lines
 
 
 def has_chat_template(tokenizer: Any) -> bool:

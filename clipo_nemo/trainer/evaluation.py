@@ -224,11 +224,11 @@ def write_report(results: Sequence[ProblemResult], out_dir: str | Path) -> Dict[
 def read_per_problem(path: str | Path) -> List[ProblemResult]:
     """Per-problem results written by :func:`write_report`, to recompute a report."""
     results = []
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
             try:
-                result = ProblemResult(**json.loads(line))
-            except (json.JSONDecodeError, TypeError) as exc:
+                result = ProblemResult(**json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
                 raise ValueError(f"{path} line {number}: not a per-problem result ({exc})") from None
             if not result.correct or len(result.correct) != len(result.reasons):
                 raise ValueError(f"{path} line {number}: needs one verdict per sample and at least one sample")
@@ -236,25 +236,43 @@ def read_per_problem(path: str | Path) -> List[ProblemResult]:
     return results
 
 
-def read_responses(path: str | Path) -> Dict[Tuple[str, int], List[str]]:
+def _response_record(line: bytes) -> Dict[str, Any]:
+    """One responses-file line as its record; ValueError says what is wrong with it."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc})") from None
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("benchmark"), str)
+        and isinstance(record.get("index"), int)
+        and not isinstance(record.get("index"), bool)
+        and isinstance(record.get("response"), str)
+    ):
+        raise ValueError("needs string 'benchmark', integer 'index', string 'response'")
+    return record
+
+
+def read_responses(path: str | Path, skipped: Optional[List[str]] = None) -> Dict[Tuple[str, int], List[str]]:
     """``{"benchmark": str, "index": int, "response": str}`` lines grouped per problem, in file order
-    (several lines for one problem are its samples)."""
+    (several lines for one problem are its samples). A bad line (not UTF-8, not JSON, another shape)
+    is a ValueError naming the file and line, or, when a ``skipped`` list is given, appended to it
+    (``"FILE line N: why"``) and left out. A file without a single response is a ValueError."""
     responses: Dict[Tuple[str, int], List[str]] = {}
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {number}: invalid JSON ({exc})") from None
-            if not (
-                isinstance(record, dict)
-                and isinstance(record.get("benchmark"), str)
-                and isinstance(record.get("index"), int)
-                and not isinstance(record.get("index"), bool)
-                and isinstance(record.get("response"), str)
-            ):
-                raise ValueError(f"{path} line {number}: needs string 'benchmark', integer 'index', string 'response'")
+                record = _response_record(line)
+            except ValueError as exc:
+                if skipped is None:
+                    raise ValueError(f"{path} line {number}: {exc}") from None
+                skipped.append(f"{path} line {number}: {exc}")
+                continue
             responses.setdefault((record["benchmark"], record["index"]), []).append(record["response"])
+    if not responses:
+        raise ValueError(f"{path} holds no responses to score" + (f" ({len(skipped)} bad lines skipped)" if skipped else ""))
     return responses

@@ -337,6 +337,9 @@ class Trainer:
         elif cfg.trainer.init_from:
             logger.note(f"initialised from {cfg.trainer.init_from}")
         logger.note(weights_note)
+        data_lines, data_counts = self._data_report()
+        for line in data_lines:
+            logger.note(line)
         stop = StopRequested()
         status = "completed"
         try:
@@ -351,6 +354,8 @@ class Trainer:
                 if self.val_set is not None and cfg.evaluation.every_steps and (
                         (self.step + 1) % cfg.evaluation.every_steps == 0 or self.step == 0):
                     metrics.update(self.validate())
+                metrics.update(data_counts)  # the first step this process logs carries the data counts
+                data_counts = {}
                 logger.log(self.step, metrics)
                 self.step += 1
                 if self.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
@@ -369,8 +374,18 @@ class Trainer:
         summary = logger.close()
         if self.is_logger:
             self._plots(logger.history)
-            print(f"\n== clipo-nemo run {status} ==\nrun directory: {self.run_dir}\n{summary}", flush=True)
+            counts = "\n".join(line for line in data_lines if line.startswith("data "))
+            print(f"\n== clipo-nemo run {status} ==\nrun directory: {self.run_dir}\n{counts}\n{summary}", flush=True)
         return {"status": status, "step": self.step, "history": logger.history}
+
+    def _data_report(self) -> (List[str], Dict[str, float]):
+        """Log lines and metrics for the prompts kept and the rows dropped (bad rows skipped with
+        ``data.on_bad_row=skip``, prompts over ``data.max_prompt_length``) of each split."""
+        splits = {"train": self.train_set, "val": self.val_set}
+        lines = [line for split, prompts in splits.items() if prompts is not None for line in prompts.report(split)]
+        counts = {key: float(value) for split, prompts in splits.items() if prompts is not None
+                  for key, value in prompts.metrics(split).items()}
+        return lines, counts
 
     def _init_from(self, source: Path) -> None:
         """A fresh run (step 0) from other weights: a converted checkpoint (policy, and the reference
