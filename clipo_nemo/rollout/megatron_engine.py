@@ -45,7 +45,19 @@ shapes and reduction orders), which changes a token only when a uniform lands wi
 of a CDF boundary (or on a greedy near-tie). All TP ranks sample identical tokens: they hold the
 same gathered logits and the same uniforms.
 
-Limits: pipeline parallel > 1 and context parallel > 1 are not supported (raise); a stop string is found when it lies within
+Pipeline parallel (``clipo_nemo.rollout.pipeline``): every stage runs its own layers on each
+KV-cached step (its own ``StaticInferenceContext`` holds its layers' cache), hidden states go stage to
+stage with megatron-core's inference p2p, the last stage samples and broadcasts the chosen tokens to
+the pipeline group, and every stage then makes the same row, position and finish decisions. The
+last stage's logits and uniforms are PP=1's, so the tokens are PP=1's exactly (``tests/test_rollout_pp.py``).
+Chosen over resharding the PP-split weights into a TP-only layout for generation (NeMo-Aligner's
+way) by ``benchmarks/rollout_pp.py`` (2-core CPU, 4 layers, hidden 256, 32 x 32 tokens): PP=2 ran at
+0.94x PP=1's tokens/s with a 56% bubble (the stages take turns), while the resharded layout (TP=2 on
+the same two processes) ran at 0.55x plus a regather of the full weights after every update; and
+resharding holds PP times the weights per GPU, the memory that PP was chosen to save.
+
+Limits: context parallel > 1 is not supported (raises); no micro-batch interleaving across pipeline
+stages (the bubble is ``1 - 1/PP`` of the decode time); a stop string is found when it lies within
 the last ``len(stop) + 4`` response tokens.
 """
 from __future__ import annotations
