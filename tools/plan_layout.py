@@ -33,7 +33,7 @@ def _recommendation_table(cfg, budget_gib: float, flash_attention: bool) -> str:
             lines.append(f"{rec.model:<13}{rec.world_size:>5}  no layout fits")
             continue
         lay = rec.plan.layout
-        note = "PP > 1: the megatron rollout engine serves PP = 1 only" if rec.needs_pipeline_rollout else ""
+        note = "PP > 1: generation pipelined (decode bubble 1 - 1/PP)" if rec.needs_pipeline_rollout else ""
         lines.append(f"{rec.model:<13}{rec.world_size:>5}{lay.tp:>4}{'yes' if lay.sequence_parallel else 'no':>4}"
                      f"{lay.pp:>4}{lay.dp:>4}"
                      f"{lay.tokens_per_micro_batch:>11}{lay.recompute:>11}{lay.kv_cache_gib:>8g}"

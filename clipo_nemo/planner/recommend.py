@@ -52,7 +52,8 @@ class Recommendation:
 
     @property
     def needs_pipeline_rollout(self) -> bool:
-        """The native rollout engine serves PP = 1 only (``clipo_nemo.rollout.megatron_engine``)."""
+        """PP > 1: the rollout engine generates pipelined (``clipo_nemo.rollout.pipeline``), whose stages
+        take turns on every decode step (a bubble of 1 - 1/PP; 56% at PP = 2 in ``benchmarks/rollout_pp.py``)."""
         return self.plan is not None and self.plan.layout.pp > 1
 
 
@@ -98,7 +99,7 @@ def relative_cost(plan: MemoryPlan, rows_per_micro_batch: int) -> float:
 def recommend_layout(base: ClipoConfig, model_name: str, world_size: int, gpu_memory_gib: float, *,
                      flash_attention: bool = True) -> Recommendation:
     """The cheapest layout (by :func:`relative_cost`) whose plan fits :data:`HEADROOM` of
-    ``gpu_memory_gib``; layouts the native rollout engine can serve (PP = 1) rank first.
+    ``gpu_memory_gib``; layouts without pipeline stages (PP = 1: no generation bubble) rank first.
     ``flash_attention=False`` plans megatron's local attention (GPUs without Transformer Engine)."""
     model = MODEL_PRESETS[model_name]
     seq_len = max_sequence_length(base)
