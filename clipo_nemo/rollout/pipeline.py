@@ -66,6 +66,7 @@ def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape: Sequence[in
         tensor = torch.empty(tuple(shape), dtype=dtype, device=device)
     elif tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
         raise ValueError(f"broadcasting {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(shape)} {dtype}")
-    torch.distributed.broadcast(tensor.contiguous(), src=parallel_state.get_pipeline_model_parallel_last_rank(),
+    tensor = tensor.contiguous()
+    torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                 group=parallel_state.get_pipeline_model_parallel_group())
     return tensor
