@@ -127,7 +127,8 @@ class ParallelConfig:
 class RolloutConfig:
     """Generation of the training responses."""
 
-    engine: str = "megatron"  # rollout engine registry name ("megatron": the policy's own megatron-core model)
+    engine: str = "megatron"  # rollout engine registry name: "megatron" (the policy's own megatron-core model) or
+    #   "trtllm" (TensorRT-LLM >= 1.2, its container; weights refitted in place each step; README)
     n: int = 16  # responses sampled per prompt (the group size)
     temperature: float = 1.0  # sampling temperature; also applied to the log-probs of the update
     top_p: float = 1.0  # nucleus sampling (1.0 = off)
@@ -137,6 +138,10 @@ class RolloutConfig:
     seed: int = 1234  # base seed; each request's sampling is seeded from it
     max_batch_size: Optional[int] = None  # most responses decoded together; None = as many as kv_cache_gb allows
     kv_cache_gb: float = 16.0  # KV-cache budget per GPU for one generation chunk (GiB); sets the rows decoded together
+    trtllm_kv_cache_fraction: float = 0.4  # engine=trtllm: share of the GPU memory left free after the weights
+    #   that TensorRT-LLM's KV cache takes (KvCacheConfig.free_gpu_memory_fraction); released while training
+    trtllm_refit_bucket_mb: float = 512.0  # engine=trtllm: MiB of HF tensors per weight-update call of a refit
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +164,10 @@ class ActorConfig:
     logprob_chunk_size: int = 1024  # response positions per chunk of the log-prob/entropy pass (bounds the
     #   fp32 [chunk, V/TP] temporaries; forward and backward)
     reference_offload: bool = False  # keep the frozen reference policy's weights in CPU memory between uses
+    tis_cap: Optional[float] = None  # truncated importance sampling against the rollout engine's log-prob mismatch:
+    #   each token's policy loss times min(exp(old_logp - rollout_logp), tis_cap) (policy_losses
+    #   .truncated_importance_weights); null = off, the only value accepted until the update applies it
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,6 +495,18 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
     positive("rollout.kv_cache_gb", roll.kv_cache_gb)
     if roll.max_batch_size is not None and roll.max_batch_size < 1:
         problems.append(f"rollout.max_batch_size={roll.max_batch_size} must be >= 1 (or null: kv_cache_gb decides)")
+    if roll.engine == "trtllm":
+        mp = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
+        if not 0 < roll.trtllm_kv_cache_fraction < 1:
+            problems.append(f"rollout.trtllm_kv_cache_fraction={roll.trtllm_kv_cache_fraction} must lie in (0, 1)")
+        positive("rollout.trtllm_refit_bucket_mb", roll.trtllm_refit_bucket_mb)
+        if cfg.model.num_attention_heads % mp:
+            problems.append(f"rollout.engine=trtllm generates with tensor parallel = TP x PP = {mp}, which must divide "
+                            f"model.num_attention_heads={cfg.model.num_attention_heads}")
+    if act.tis_cap is not None:
+        problems.append(f"actor.tis_cap={act.tis_cap}: the policy update does not apply the truncated importance-sampling "
+                        "correction yet (algorithms.policy_losses.truncated_importance_weights exists; the engine's "
+                        "log-probs do not reach the actor's loss); leave it null")
     if cfg.parallel.context_parallel_size > 1 and roll.engine == "megatron":
         problems.append(f"parallel.context_parallel_size={cfg.parallel.context_parallel_size} cannot be served by "
                         "rollout.engine=megatron: its KV-cached decoding feeds whole sequences to each rank "

@@ -1,6 +1,7 @@
-"""Run a function on N real processes (gloo on CPU) and collect what each rank returns.
+"""Run a function on N real processes (gloo on CPU) and collect what each rank returns; run torchrun so
+that a stop request ends the job with the workers' exit status.
 
-Used by the multi-process tests and by the parallel-equivalence tool.
+``run_distributed`` is used by the multi-process tests and by the parallel-equivalence tool.
 
     results = run_distributed(my_fn, world_size=2, args=(cfg,), timeout_s=120)
 
@@ -11,17 +12,28 @@ test initialises torch.distributed exactly as in production. What a rank returns
 ``torch.save`` and handed back in rank order. If a rank raises, every other rank is killed and the
 failing rank's traceback is raised here; if the ranks do not finish in ``timeout_s`` all are killed
 and the unfinished ranks are named.
+
+``python -m clipo_nemo.parallel.launcher <torchrun arguments>`` (what ``examples/slurm/launch.sh`` runs
+on every node) is torchrun, except for stop requests. torchrun answers SIGTERM by stopping its workers
+and exiting 1 even when they saved and exited 0, so a scheduler records a failure; SIGUSR1 (SLURM's
+warning before the time limit) would kill it outright. Here SIGTERM and SIGUSR1 go to the workers
+only (the trainer saves after the current step and exits 0) and torchrun ignores them, so the exit
+status is torchrun's verdict on its workers: 0 when every worker exited 0, non-zero (1) when any
+failed, in which case torchrun stops the others (``--max-restarts=0``).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Sequence, Set
 
 
 class DistributedRunError(RuntimeError):
@@ -98,3 +110,83 @@ def _failure_report(failed: List[int], procs: List[mp.Process], out_dir: str) ->
         detail = err.read_text() if err.exists() else "(no traceback: the process died)"
         lines.append(f"rank {rank} failed with exit code {procs[rank].exitcode}:\n{detail}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun with stop requests forwarded to its workers
+# --------------------------------------------------------------------------------------------------
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Signals torchrun itself still handles (stop its workers, exit non-zero): the interactive ones.
+TORCHRUN_HANDLED = "SIGINT,SIGHUP,SIGQUIT"
+
+
+def _ignore_stop_signals() -> None:
+    """In torchrun's process before it starts: a stop request delivered to every process of the job
+    step must neither kill torchrun (SIGUSR1's default) nor make it stop its workers (SIGTERM)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def catches_signal(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` now (Linux ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):  # gone
+        return False
+    return bool(caught >> (signum - 1) & 1)
+
+
+def forward_to_workers(torchrun_pid: int, signum: int, delivered: Set[int]) -> None:
+    """Send ``signum`` once to each of torchrun's workers (its children) that handles it by now.
+
+    A worker that does not handle it yet (still importing: it inherited torchrun's "ignore") is
+    skipped and tried again on the next call; ``delivered`` holds the pids already signalled, so a
+    worker never gets a second copy (Python restores the default action, death, at interpreter exit).
+    """
+    import psutil
+
+    try:
+        workers = psutil.Process(torchrun_pid).children()
+    except psutil.NoSuchProcess:
+        return
+    for worker in workers:
+        if worker.pid not in delivered and catches_signal(worker.pid, signum):
+            try:
+                worker.send_signal(signum)
+                delivered.add(worker.pid)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def run_torchrun(torchrun_args: Sequence[str]) -> int:
+    """Run ``torchrun <torchrun_args>`` and return its exit status (128 + N if it died from signal N).
+
+    The first SIGTERM or SIGUSR1 sent to this process is forwarded to every worker, once each, as soon
+    as the worker handles it (the trainer installs its handler first thing). Later ones add nothing:
+    the request stands. SIGINT is left to torchrun (same process group).
+    """
+    requested: List[int] = []
+
+    def on_stop(signum, frame):
+        requested.append(signum)
+
+    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": TORCHRUN_HANDLED, "PET_SIGNALS_TO_HANDLE": TORCHRUN_HANDLED}
+    previous = {sig: signal.signal(sig, on_stop) for sig in STOP_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    delivered: Set[int] = set()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_args], env=env,
+                                preexec_fn=_ignore_stop_signals)
+        while proc.poll() is None:
+            if requested:
+                forward_to_workers(proc.pid, requested[0], delivered)
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(run_torchrun(sys.argv[1:]))

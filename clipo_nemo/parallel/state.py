@@ -115,13 +115,14 @@ def validate_layout(
     return dp
 
 
-def init_parallel_state(parallel: ParallelConfig, *, timeout_s: float = 600.0) -> None:
+def init_parallel_state(parallel: ParallelConfig) -> None:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU), megatron's groups and RNG seeds.
 
     Reads the usual launcher environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
     ``LOCAL_RANK``) unless torch.distributed is already initialised; without a launcher (no
     ``RANK``), it is a single process on a free local port. On CPU the megatron CPU patches are
-    applied first.
+    applied first. ``parallel.timeout_s`` is the timeout of the default group and of every megatron
+    group: a collective still waiting for a peer after that long raises on the ranks that wait.
     """
     from megatron.core import parallel_state
 
@@ -131,7 +132,7 @@ def init_parallel_state(parallel: ParallelConfig, *, timeout_s: float = 600.0) -
     if not dist.is_initialized():
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend, timeout = ("nccl" if on_gpu else "gloo"), timedelta(seconds=timeout_s)
+        backend, timeout = ("nccl" if on_gpu else "gloo"), timedelta(seconds=parallel.timeout_s)
         if "RANK" in os.environ:  # a launcher (torchrun, SLURM script, run_distributed) set the rendezvous
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
@@ -146,6 +147,7 @@ def init_parallel_state(parallel: ParallelConfig, *, timeout_s: float = 600.0) -
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=parallel.timeout_s / 60,  # timedelta(minutes=...) takes fractions
     )
     seed_parallel_rngs(parallel.seed)
 

@@ -86,13 +86,18 @@ class Rollouts:
     prompt_ids: List[List[int]]  # per response, its prompt's tokens
     response_ids: List[List[int]]
     finish_reasons: List[str]
+    logprobs: Optional[List[List[float]]] = None  # per response, the engine's log-prob of each token (trtllm)
 
 
 def generate(engine, prompt_ids: Sequence[Sequence[int]], params, seeds: Sequence[int]) -> Rollouts:
     """``params.n`` responses per prompt from the rollout engine, seeded per prompt."""
     out = engine.generate([list(p) for p in prompt_ids], params, list(seeds))
-    return Rollouts([list(p) for p in prompt_ids for _ in range(params.n)],
-                    [out.response(row) for row in range(len(out.finish_reasons))], list(out.finish_reasons))
+    rows = range(len(out.finish_reasons))
+    logprobs = getattr(out, "logprobs", None)
+    return Rollouts([list(p) for p in prompt_ids for _ in range(params.n)], [out.response(row) for row in rows],
+                    list(out.finish_reasons),
+                    None if logprobs is None else [logprobs[row, : int(out.lengths[row])].tolist() for row in rows])
+
 
 
 @dataclass
@@ -104,6 +109,7 @@ class SampledGroup:
     finish_reasons: List[str]
     scores: torch.Tensor  # [n]
     reasons: List[str]
+    logprobs: Optional[List[List[float]]] = None  # the engine's token log-probs (Rollouts.logprobs)
 
 
 def engine_generate_fn(engine, tokenizer, prompts: Sequence[Prompt], params, max_new_tokens: int, base_seed: int):
@@ -225,7 +231,7 @@ class Trainer:
             for g, prompt in enumerate(prompts):
                 part = slice(g * n, (g + 1) * n)
                 group = SampledGroup(prompt, rollouts.response_ids[part], rollouts.finish_reasons[part], scores[part],
-                                     reasons[part])
+                                     reasons[part], rollouts.logprobs[part] if rollouts.logprobs is not None else None)
                 no_signal = dynamic and bool(zero_variance_groups(group.scores, torch.zeros(n, dtype=torch.long)).all())
                 (flat if no_signal else kept).append(group)
             # Every rank draws the same number of batches (the sampler stays in step across ranks).
@@ -255,6 +261,8 @@ class Trainer:
         first_group = self.dp_rank * len(groups)
         exp, empty = build_experience(rollouts, scores, first_group, first_group * n, n,
                                       self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        if hasattr(self.engine, "release"):  # the engine's KV cache and weights sleep while training
+            self.engine.release()
         out = learn_from_experience(self.actor, self.clipo, exp, cfg, step)
         from megatron.core import parallel_state
 
@@ -273,6 +281,7 @@ class Trainer:
                    "rollout/truncated_frac": counts.pop("truncated") / responses, **counts,
                    "time/rollout_s": info["rollout_s"], "time/verify_s": info["verify_s"],
                    "dynamic_sampling/rollout_batches": float(info["batches"])}
+        metrics.update(_logprob_mismatch_metrics(groups, exp, out.old_logprobs))
         metrics["step_time_s"] = time.perf_counter() - clock
         if cfg.trainer.plot_embeddings and out.head_embeddings is not None and (
                 step == 0 or step == cfg.trainer.max_steps - 1):
@@ -431,6 +440,24 @@ class Trainer:
         if len(snapshots) >= 1:
             chosen = {f"head embeddings, step {p.stem.split('_')[1]}": torch.load(p) for p in (snapshots[0], snapshots[-1])}
             plot_embeddings(chosen, self.run_dir / "embeddings.png")
+
+
+def _logprob_mismatch_metrics(groups: Sequence[SampledGroup], exp: Experience, train_logprobs) -> Dict[str, float]:
+    """Mean and max over all ranks of ``|logp_train - logp_gen|`` on the sampled tokens, for engines that
+    return log-probs (``{}`` otherwise); ``train_logprobs`` [b, S] (None on stages without outputs)."""
+    from clipo_nemo.algorithms.policy_losses import logprob_mismatch
+
+    if not groups or any(g.logprobs is None for g in groups):
+        return {}
+    generated = torch.full(exp.tokens.shape, float("nan"))
+    first = exp.response_mask.int().argmax(-1)  # where each response starts
+    for row, logprobs in enumerate(lp for g in groups for lp in g.logprobs):
+        generated[row, int(first[row]):int(first[row]) + len(logprobs)] = torch.tensor(logprobs)
+    total, count, peak = (0.0, 0.0, 0.0) if train_logprobs is None else logprob_mismatch(
+        train_logprobs.cpu(), generated, exp.response_mask)
+    total, count = all_reduce_values([total, count])
+    return {"rollout/logprob_mismatch_mean": total / max(count, 1.0),
+            "rollout/logprob_mismatch_max": all_reduce_values([peak], op=dist.ReduceOp.MAX)[0]}
 
 
 REASON_CODES = ("ok", "wrong", "empty", "no_box", "parse_error", "timeout", "error")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,11 @@ _WORKER_COMMAND = "import sys; from clipo_nemo.verifiers.pool import worker_main
 def worker_main(fd: int, max_memory_mb: int) -> None:
     """A worker's whole life: announce readiness, then judge chunks of ``(position, request)`` until
     ``None`` arrives, sending one ``(position, result)`` per check as soon as it is known."""
+    # Stop requests are the trainer's: a scheduler may signal every process of the job, and a worker
+    # killed mid-check would give a response reward 0. A worker ends when the trainer closes the pool or
+    # goes away (EOF below).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     conn = Connection(fd)
     if max_memory_mb > 0:
         limit = max_memory_mb * 1024 * 1024
@@ -64,15 +70,20 @@ class _Worker:
     progress_at: float = 0.0  # when the check now running started (last answer or chunk sent)
 
 def default_num_workers() -> int:
-    """One worker per CPU this process may run on."""
-    return len(os.sched_getaffinity(0))
+    """This process's share of the CPUs it may run on: the CPUs divided by the processes a launcher
+    started on this machine (``LOCAL_WORLD_SIZE``, set by torchrun; 1 without one), at least 1. Eight
+    ranks on a 64-CPU node get 8 workers each, not 64 each."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_ranks < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE={local_ranks} must be >= 1")
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks)
 
 
 class VerifierPool:
     """A reusable pool; ``verify`` may be called once per training step. Close it (or use ``with``).
 
     Args:
-        num_workers: worker processes; 0 means one per available CPU.
+        num_workers: worker processes; 0 means :func:`default_num_workers` (this rank's share of the CPUs).
         timeout_s: hard limit for one check, in seconds.
         max_memory_mb: address-space limit per worker (0 = none), so a runaway sympy expression
             fails that one check instead of exhausting the machine.
