@@ -201,6 +201,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.weights_check = None  # the load guard's report (clipo_nemo.trainer.load_guard), set by run()
+        self.old_checkpoints: List[Path] = []  # step_N directories found at resume: never saved over (set aside)
+        self.kept_checkpoints: List[Path] = []  # never pruned: the old checkpoints when resume fell back
 
     # ----------------------------------------------------------------------------------------------
     def _my_prompts(self, indices: List[int]):
@@ -333,7 +335,11 @@ class Trainer:
         from clipo_nemo.trainer.metrics import MetricsLogger
 
         cfg = self.cfg
-        state = checkpoint.load_checkpoint(str(self.run_dir), self.actor, self.clipo)
+        point = self._resume_point()
+        self.old_checkpoints = point.old_checkpoints
+        self.kept_checkpoints = point.old_checkpoints if point.fell_back else []
+        state = None if point.checkpoint is None else checkpoint.load_checkpoint(
+            str(self.run_dir), self.actor, self.clipo, path=point.checkpoint, verify=False)
         if state is not None:
             self.step = state["step"]
             self.sampler.load_state_dict(state["sampler"])
@@ -341,8 +347,10 @@ class Trainer:
             self._init_from(Path(cfg.trainer.init_from))
         weights_note = self._check_optimizer_copies()
         logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger)
+        for note in point.notes:
+            logger.note(note)
         if state is not None:
-            logger.note(f"resumed from {checkpoint.latest_checkpoint(str(self.run_dir))} at step {self.step}")
+            logger.note(f"resumed from {point.checkpoint} at step {self.step}")
         elif cfg.trainer.init_from:
             logger.note(f"initialised from {cfg.trainer.init_from}")
         logger.note(weights_note)
@@ -375,9 +383,10 @@ class Trainer:
                     break
                 if cfg.trainer.save_every_steps and self.step % cfg.trainer.save_every_steps == 0 \
                         and self.step < cfg.trainer.max_steps:
-                    self._save()
-            if not status.startswith("stopped:"):  # a diverged policy is not saved over the last good one
-                self._save()
+                    self._save(logger)
+            # A diverged policy is not saved over the last good one; a resume with no step left saves nothing.
+            if not status.startswith("stopped:") and not (state is not None and self.step == state["step"]):
+                self._save(logger)
         finally:
             self.pool.close()
         summary = logger.close()
@@ -424,12 +433,36 @@ class Trainer:
         reloaded = ", stale main copies reloaded from the model" if self.weights_check.reloaded else ""
         return f"optimizer copies of the weights equal the model's ({checked} tensors on this rank{reloaded})"
 
-    def _save(self) -> None:
-        from clipo_nemo.trainer import checkpoint
+    def _resume_point(self):
+        """Rank 0 decides where to resume (:func:`clipo_nemo.trainer.recovery.find_resume_point`) and
+        tells the others. A run directory with checkpoints none of which loads, or with logged steps
+        and no checkpoint, is a CheckpointError on every rank (never a fresh start over its files)."""
+        from clipo_nemo.trainer import recovery
 
+        decision = None
+        if self.is_logger:
+            try:
+                point = recovery.find_resume_point(self.run_dir)
+                if point.checkpoint is None:
+                    recovery.check_fresh_start(self.run_dir)
+                decision = (point, None)
+            except recovery.CheckpointError as err:
+                decision = (None, str(err))
+        point, error = broadcast_object(decision, src=0)
+        if error is not None:
+            raise recovery.CheckpointError(error)
+        return point
+
+    def _save(self, logger) -> None:
+        from clipo_nemo.trainer import checkpoint, recovery
+
+        target = checkpoint.checkpoints_dir(self.run_dir) / f"step_{self.step}"
+        if self.is_logger and target in self.old_checkpoints and target.is_dir():
+            moved = recovery.set_aside(target)  # an old checkpoint (skipped at resume) is kept, not replaced
+            logger.note(f"{target.name} of the earlier run moved to {moved.name} before saving step {self.step}")
         checkpoint.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
                                    {"step": self.step, "sampler": self.sampler.state_dict()},
-                                   keep_last=self.cfg.trainer.keep_last)
+                                   keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints)
 
     def _plots(self, history) -> None:
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -25,13 +26,21 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.history = read_metrics(self.path)
+        notes = [repair_torn_last_line(self.path)]
+        logged = read_metrics(self.path)
         # A resumed run drops rows past its checkpoint: those steps are about to be redone.
-        self.history = [row for row in self.history if row["step"] < start_step]
+        self.history = [row for row in logged if row["step"] < start_step]
+        if len(logged) > len(self.history):
+            notes.append(f"{self.path}: {len(logged) - len(self.history)} rows from step {start_step} on dropped "
+                         "(those steps are redone from the checkpoint)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        tmp = self.path.with_name(f".tmp-{self.path.name}")  # replaced at once: a crash here keeps the old rows
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        os.replace(tmp, self.path)
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        for note in filter(None, notes):
+            self.note(note)
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
@@ -62,9 +71,46 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> List[Dict[str, float]]:
+    """The rows of a ``metrics.jsonl``; a line that is not a JSON row is an error naming it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if line.strip():
+            row = _parse_row(line)
+            if row is None:
+                raise ValueError(f"{path}, line {number}: not a JSON row with a step ({line[:80]!r}); only a torn "
+                                 "last line (a crash mid-write) is repaired on resume: fix or remove this one")
+            rows.append(row)
+    return rows
+
+
+def _parse_row(line: bytes) -> Optional[Dict[str, float]]:
+    try:
+        row = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
+def repair_torn_last_line(path: Path) -> Optional[str]:
+    """If the last line of ``path`` is not a whole JSON row (what a crash in the middle of
+    :meth:`MetricsLogger.log` leaves), cut it off (in place, fsynced) and return a note saying so;
+    None when there is nothing to repair."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    body = data.rstrip(b"\n")
+    start = body.rfind(b"\n") + 1
+    last = body[start:]
+    if not last.strip() or _parse_row(last) is not None:
+        return None
+    with open(path, "r+b") as handle:
+        handle.truncate(start)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return (f"{path}: its last line was cut off mid-write ({len(data) - start} bytes: {last[:40]!r}...); "
+            "truncated it, the complete rows before it are kept")
 
 
 def _mean(rows: List[Dict[str, float]], key: str) -> float:

@@ -199,6 +199,7 @@ class ResumePoint:
     checkpoint: Optional[Path]  # None: the run directory has no checkpoint (a fresh run)
     notes: List[str] = field(default_factory=list)  # each skipped checkpoint and why; pointer problems
     fell_back: bool = False  # not simply the verified checkpoint ``latest`` names: keep every old checkpoint
+    old_checkpoints: List[Path] = field(default_factory=list)  # every step_N directory found, newest first
 
 
 def find_resume_point(run_dir: str | os.PathLike) -> ResumePoint:
@@ -227,7 +228,7 @@ def find_resume_point(run_dir: str | os.PathLike) -> ResumePoint:
             if not (candidate / MANIFEST).exists():
                 notes.append(f"{candidate.name} has no {MANIFEST} (saved before checksums were recorded): "
                              "it could not be verified, only checked for completeness")
-            return ResumePoint(candidate, notes, fell_back=bool(notes))
+            return ResumePoint(candidate, notes, fell_back=bool(notes), old_checkpoints=steps)
         notes.append(f"skipped {candidate.name}: {problem}")
     raise CheckpointError(
         f"{root} holds checkpoints but none can be resumed from:\n  " + "\n  ".join(notes) +
