@@ -197,6 +197,39 @@ def gmpo_loss(logprobs, old_logprobs, advantages, response_mask, cfg: PolicyLoss
     return loss, metrics
 
 
+# --------------------------------------------------------------------------------------------------
+# Rollout-engine mismatch: the engine's log-probs against the training pass's
+# --------------------------------------------------------------------------------------------------
+def truncated_importance_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights [B, T] ``min(exp(old - rollout), cap)``, detached.
+
+    ``old_logprobs`` [B, T] are the training pass's log-probs of the sampled tokens under the weights
+    that generated them, ``rollout_logprobs`` [B, T] the generation engine's for the same tokens; a
+    token the engine scored as less likely than the trainer does is up-weighted, at most by ``cap``
+    (>= 1). Positions where ``rollout_logprobs`` is NaN (not scored by the engine) get weight 1.
+    Multiply each token's policy loss by it (for the token-level losses this equals scaling the
+    advantage, since their per-token loss is linear in it with a positive factor).
+    """
+    if cap < 1:
+        raise ValueError(f"tis cap must be >= 1, got {cap}")
+    if old_logprobs.shape != rollout_logprobs.shape:
+        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} and rollout_logprobs "
+                         f"{tuple(rollout_logprobs.shape)} differ in shape")
+    log_ratio = (old_logprobs.detach() - rollout_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    weights = log_ratio.exp().clamp(max=cap)
+    return torch.where(torch.isnan(rollout_logprobs), torch.ones_like(weights), weights)
+
+
+def logprob_mismatch(train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                     mask: torch.Tensor) -> Tuple[float, float, float]:
+    """``(sum, count, max)`` of ``|train - rollout|`` [B, T] over ``mask`` [B, T] positions where the
+    rollout log-prob is known (not NaN): sums and counts add over ranks, the mean is sum / count."""
+    known = mask.bool() & ~torch.isnan(rollout_logprobs)
+    diff = (train_logprobs.double() - rollout_logprobs.double()).abs()[known]
+    return float(diff.sum()), float(diff.numel()), float(diff.max()) if diff.numel() else 0.0
+
+
 def compute_policy_loss(name: str, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, response_mask: torch.Tensor, cfg: PolicyLossConfig,
                         norm: Optional[LossNormalizer] = None):

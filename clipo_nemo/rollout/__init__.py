@@ -1,4 +1,5 @@
-"""Rollout engines (a registry): ``megatron`` generates with the policy's own megatron-core model."""
+"""Rollout engines (a registry): ``megatron`` generates with the policy's own megatron-core model,
+``trtllm`` with TensorRT-LLM refitted in place (``tensorrt_llm`` is imported only when it is built)."""
 from clipo_nemo.rollout.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -11,6 +12,7 @@ from clipo_nemo.rollout.base import (
 )
 from clipo_nemo.rollout import megatron_engine  # noqa: F401  (registers "megatron")
 from clipo_nemo.rollout.megatron_engine import MegatronRolloutEngine
+from clipo_nemo.rollout import trtllm_engine  # noqa: F401  (registers "trtllm")
 
 __all__ = [
     "FINISH_LENGTH", "FINISH_STOP", "ROLLOUT_ENGINES", "GenerationParams", "MegatronRolloutEngine",
