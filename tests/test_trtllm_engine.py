@@ -347,6 +347,20 @@ def test_training_with_trtllm_refits_every_step_and_logs_the_mismatch(tmp_path):
         assert chunk.strip().startswith("update_weights") and "generate" in chunk
     assert all("update_weights" not in part.split("sleep")[0] for part in text.split("generate")[1:])
 
+    # The evaluation tool samples the trained policy through the same engine (refitted from the checkpoint).
+    (tmp_path / "calls.jsonl").unlink()
+    benchmark = sorted((tmp_path / "run" / "data").glob("*.parquet"))[0].stem
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(STUBS), "TRTLLM_STUB_LOG": str(tmp_path / "calls.jsonl")}
+    evaluated = subprocess.run(
+        [sys.executable, "tools/evaluate.py", "--checkpoint", str(tmp_path / "run"), "--engine", "trtllm", "--data-dir",
+         str(tmp_path / "run" / "data"), "--benchmarks", benchmark, "--k", "2", "--max-new-tokens", "4", "--workers", "1",
+         "--out", str(tmp_path / "eval")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-3000:]
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [c["call"] for c in calls][0] == "LLM" and [c["call"] for c in calls][-1] == "generate"
+    assert all(p["n"] == 1 and p["temperature"] == 0.6 and p["top_p"] == 0.95 for p in calls[-1]["params"])
+    assert (tmp_path / "eval" / "results.json").is_file()
+
 
 def test_an_engine_failure_stops_the_run_before_the_step_counts(tmp_path):
     run, calls, steps = _train(tmp_path, fail_at=2)

@@ -10,7 +10,7 @@ Modes:
       Recompute the report from saved per-problem results, without generating or verifying again.
   --checkpoint RUN_DIR[/checkpoints/step_N] [--benchmarks ...] [--k K] --out OUT
       Generate k samples per problem with a trained policy (the run's config.yaml rebuilds it; the
-      latest checkpoint unless a step directory is given) through the megatron rollout engine at
+      latest checkpoint unless a step directory is given) through the rollout engine (--engine megatron|trtllm) at
       temperature 0.6, top-p 0.95 (track I k=1, track II k=16), then score as above. A converted
       checkpoint (tools/convert_hf_to_megatron.py) works too: its description rebuilds the model.
   --hf-model DIR [--benchmarks ...] [--k K] --out OUT
@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--timeout-s", type=float, default=5.0, help="hard limit per verification")
     parser.add_argument("--workers", type=int, default=0, help="verifier processes (0 = one per CPU)")
+    parser.add_argument("--engine", choices=("megatron", "trtllm"), default=None,
+                        help="rollout engine to sample with (default: the run's rollout.engine; megatron for converted "
+                             "checkpoints); trtllm needs TensorRT-LLM >= 1.2 (its NGC container)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: the run's evaluation.max_new_tokens (2048 for --hf-model)")
     parser.add_argument("--skip-bad-lines", action="store_true", help="--responses: leave out lines that are not "
@@ -134,6 +137,10 @@ def _generate_and_score(args, path: Path):
     cfg.evaluation.data_dir = args.data_dir
     if args.benchmarks:
         cfg.evaluation.benchmarks = list(args.benchmarks)
+    cfg.rollout.engine = args.engine or cfg.rollout.engine
+    max_new = args.max_new_tokens or cfg.evaluation.max_new_tokens
+    if cfg.rollout.engine == "trtllm":  # its max_seq_len is data.max_prompt_length + rollout.max_new_tokens
+        cfg.rollout.max_new_tokens = max(cfg.rollout.max_new_tokens, max_new)
     init_parallel_state(cfg.parallel)  # a single process
     try:
         if run_dir is None:  # converted weights: the policy alone
@@ -150,7 +157,6 @@ def _generate_and_score(args, path: Path):
         tokenizer = load_tokenizer(cfg)
         prompt_sets = load_prompt_sets(cfg.evaluation, cfg.data, tokenizer)
         engine = build_rollout_engine(cfg.rollout, model=model, tokenizer=tokenizer, cfg=cfg)
-        max_new = args.max_new_tokens or cfg.evaluation.max_new_tokens
         prompts = [p for ps in prompt_sets.values() for p in ps]
         generate_fn = engine_generate_fn(engine, tokenizer, prompts, GenerationParams.from_config(cfg.rollout), max_new,
                                          cfg.rollout.seed)
