@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipo_nemo.config import ClipoConfig, ConfigError, check_known_keys, load_config, validate_config
+from clipo_nemo.config import ClipoConfig, ConfigError, load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "examples" / "conf"
@@ -38,6 +38,8 @@ def _compose(*overrides):
 
 
 def test_keys_added_with_plus_are_refused_naming_them():
+    from clipo_nemo.config import check_known_keys
+
     check_known_keys(_compose("trainer.max_steps=3"))  # a known key passes
     with pytest.raises(ConfigError) as err:
         check_known_keys(_compose("+trainer.max_step=3", "+contrastive.head.widht=8", "+newsection.x=1"))

@@ -68,7 +68,7 @@ def test_reference_answer_takes_last_box_of_a_worked_solution():
         ("\\$5", "5"),
         ("5 \\text{ cm}^2", "5"),
         ("12 inches", "12"),
-        ("4e-05", "4\\times 10^{-05}"),
+        ("4e-05", "0.00004"),
         ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),  # row break kept
         ("0 or 4", "0 or 4"),  # words between numbers are not a unit
         ("2k+2", "2k+2"),

@@ -86,7 +86,10 @@ def reference_answer(ground_truth: str) -> str:
 
 
 # Text wrappers whose argument is what the reader sees (``\text{C}`` reads as ``C``).
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox|emph)\s*\{([^{}]*)\}")
+_WRAPPER = r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox|emph)\s*"
+_TEXT_WRAPPER = re.compile(_WRAPPER + r"\{([^{}]*)\}")
+# A wrapper holding a number, maybe followed by text without digits: ``\text{8}``, ``\mathrm{8.0}``, ``\text{ 8 cm}``.
+_NUMBER_WRAPPER = re.compile(_WRAPPER + r"\{\s*([-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[^{}\d]*[^{}\d\s])?)\s*\}")
 
 
 def unwrap_text(answer: str) -> str:
@@ -95,3 +98,10 @@ def unwrap_text(answer: str) -> str:
     while previous != answer:
         previous, answer = answer, _TEXT_WRAPPER.sub(r"\1", answer)
     return answer
+
+
+def unwrap_numbers(answer: str) -> str:
+    """Replace every text wrapper that holds a number (maybe followed by unit words) by its content:
+    ``\\text{8}`` -> ``8``, ``\\text{ 8 cm}`` -> ``8 cm``. Wrappers of words (``\\text{east}``) stay, so
+    math-verify never reads a word as a product of symbols."""
+    return _NUMBER_WRAPPER.sub(r"\1", answer)
