@@ -24,13 +24,14 @@ prefill. Responses come back as token ids with the log-prob of each sampled toke
 Stop strings are matched by TensorRT-LLM as token sequences (the tokenizer's encoding of the
 string), not as decoded text like the megatron engine.
 
-TensorRT-LLM APIs used (read from its sources and docs; release 1.2 is the target, the code was not
-run against a real installation here, only against ``tests/stubs/tensorrt_llm``):
+TensorRT-LLM APIs used, all of the 1.2 release line (target: >= 1.2, checked at import). They were
+read from TensorRT-LLM's sources and docs; the first release of each was not pinned down further, and
+the code ran only against ``tests/stubs/tensorrt_llm``, never a real installation or a GPU:
 
 - ``tensorrt_llm.LLM(model, tokenizer, tensor_parallel_size, dtype, load_format="dummy",
   orchestrator_type="ray", ray_worker_extension_cls="tensorrt_llm.llmapi.rlhf_utils.WorkerExtension",
-  enable_sleep=True, kv_cache_config, max_batch_size, max_seq_len)`` (LLM API with the PyTorch
-  backend, the default ``LLM`` since 1.0; the Ray orchestrator and ``enable_sleep`` since 1.1/1.2);
+  enable_sleep=True, kv_cache_config, max_batch_size, max_seq_len)`` (the LLM API's PyTorch backend,
+  the default ``LLM`` since 1.0; the Ray orchestrator and its RL worker extension are prototypes);
 - ``LLM.generate(inputs=[{"prompt_token_ids": ...}], sampling_params=[...], use_tqdm=False)`` and
   ``RequestOutput.outputs[0]`` (``token_ids``, ``logprobs``, ``finish_reason``, ``stop_reason``);
 - ``tensorrt_llm.SamplingParams(n, best_of, max_tokens, end_id, pad_id, stop_token_ids, stop,
@@ -42,6 +43,12 @@ run against a real installation here, only against ``tests/stubs/tensorrt_llm``)
   ``wakeup`` with ``ExecutorMemoryType`` tags ``"kv_cache"`` and ``"model"`` (1.2; later releases
   add ``LLM.release()/resume()`` and a ``sleep_config`` instead of ``enable_sleep``);
 - ``tensorrt_llm._torch.utils.get_device_uuid(device_index)`` (the key ``update_weights`` looks up).
+
+Not handled yet: placing the Ray workers on exactly the group's GPUs (TensorRT-LLM's Ray placement
+options); as it is, the engine of a group uses the GPUs its first rank's process sees, which is right
+only when those are the group's own (one group per node with CUDA_VISIBLE_DEVICES set accordingly).
+Whether TensorRT-LLM's returned log-probs are those of the temperature-scaled distribution (as the
+trainer's are) is for the mismatch metric to show on a GPU.
 """
 from __future__ import annotations
 
