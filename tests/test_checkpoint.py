@@ -7,10 +7,13 @@ RNG draws taken right after saving; the directory listing after keep-last and af
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -119,20 +122,24 @@ def _zero_all(actor, clipo):
 # --------------------------------------------------------------------------------------------------
 # Rank functions (module level: spawned processes import them)
 # --------------------------------------------------------------------------------------------------
-def _save_rank(rank, world, cfg, run_dir):
-    """Two steps, save after step 1 (the checkpoint under test), then continue: the uninterrupted run."""
+def _save_rank(rank, world, cfg, run_dir, asynchronous=False):
+    """Two steps, save after step 1 (the checkpoint under test), then continue: the uninterrupted run.
+    ``asynchronous``: step 2 trains (changing every weight and moment in place) while step 1 is written."""
     from clipo_nemo.parallel.state import destroy_parallel_state
-    from clipo_nemo.trainer.checkpoint import save_checkpoint
+    from clipo_nemo.trainer.checkpoint import checkpoints_dir, save_checkpoint, wait_for_pending_save
 
     try:
         actor, clipo = _build(cfg)
         _learn(actor, clipo, cfg, step=1)
         state = {"step": 1, "epoch": 0, "sampler": {"epoch": 0, "batch_in_epoch": 1}}
-        save_checkpoint(run_dir, 1, actor, clipo, state, keep_last=3)
+        save_checkpoint(run_dir, 1, actor, clipo, state, keep_last=3, asynchronous=asynchronous)
         saved = _snapshot(actor, clipo, cfg)
         draws = _rng_draws()
         _learn(actor, clipo, cfg, step=2)
-        return {"saved": saved, "draws": draws, "continued": _snapshot(actor, clipo, cfg)}
+        published_while_training = (checkpoints_dir(run_dir) / "step_1").exists()
+        wait_for_pending_save()
+        return {"saved": saved, "draws": draws, "continued": _snapshot(actor, clipo, cfg),
+                "published_while_training": published_while_training}
     finally:
         destroy_parallel_state()
 
@@ -230,10 +237,8 @@ def tp2_run(tmp_path_factory):
     return run_dir, ranks
 
 
-def test_same_layout_resume_is_exact(tp2_run):
-    run_dir, saved_ranks = tp2_run
-    ranks = run_distributed(_resume_same_layout_rank, 2, args=(_cfg(tp=2, head_mode="column"), str(run_dir)),
-                            timeout_s=TIMEOUT_S)
+def _assert_exact_resume(run_dir, saved_ranks, cfg):
+    ranks = run_distributed(_resume_same_layout_rank, 2, args=(cfg, str(run_dir)), timeout_s=TIMEOUT_S)
     for rank, (before, after) in enumerate(zip(saved_ranks, ranks)):
         assert after["state"] == {"step": 1, "epoch": 0, "sampler": {"epoch": 0, "batch_in_epoch": 1}}
         assert after["warnings"] == []
@@ -243,8 +248,76 @@ def test_same_layout_resume_is_exact(tp2_run):
             assert np.array_equal(np.asarray(value), np.asarray(after["draws"][name])), f"rank {rank}: {name} RNG"
         # The next step after resuming equals the uninterrupted run's, bit for bit.
         _assert_weights_and_moments(before["continued"], after["continued"], exact_logprobs=True)
+
+
+def test_same_layout_resume_is_exact(tp2_run):
+    run_dir, saved_ranks = tp2_run
+    _assert_exact_resume(run_dir, saved_ranks, _cfg(tp=2, head_mode="column"))
     tracker = [r["draws"]["tracker"] for r in saved_ranks]
     assert not torch.equal(tracker[0], tracker[1])  # the per-TP-rank streams were really per rank
+
+
+def _saved_keys(dist_dir):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(dist_dir)).read_metadata().state_dict_metadata)
+
+
+def test_async_parallel_save_on_two_dp_ranks_resumes_exactly(tmp_path):
+    """DP=2: every tensor has two replicas; each rank writes about half of the checkpoint, in the
+    background while the next step trains; the resumed run still equals the uninterrupted one."""
+    cfg = _cfg()
+    saved_ranks = run_distributed(_save_rank, 2, args=(cfg, str(tmp_path), True), timeout_s=TIMEOUT_S)
+    assert not any(r["published_while_training"] for r in saved_ranks)  # save returned before the write ended
+    step1 = tmp_path / "checkpoints" / "step_1"
+    written = {rank: sum(f.stat().st_size for f in (step1 / "dist").glob(f"__{rank}_*.distcp")) for rank in (0, 1)}
+    assert min(written.values()) > 0.3 * sum(written.values()), written
+    _assert_exact_resume(tmp_path, saved_ranks, cfg)
+
+
+def test_reference_is_a_checked_pointer_not_a_copy(tp2_run, tmp_path):
+    """The step checkpoint holds no reference.* tensors; meta.json points to reference/ with its
+    SHA-256; a changed byte there stops the load."""
+    run_dir, _ = tp2_run
+    step1 = run_dir / "checkpoints" / "step_1"
+    assert not any(key.startswith("reference.") for key in _saved_keys(step1 / "dist"))
+    reference = run_dir / "checkpoints" / "reference" / "dist"
+    assert any(key.startswith("reference.") for key in _saved_keys(reference))
+    pointer = json.loads((step1 / "meta.json").read_text())["reference"]
+    assert pointer["kind"] == "dist" and pointer["path"] == "reference/dist"
+    assert pointer["sha256"] == hashlib.sha256(_directory_bytes(reference)).hexdigest()
+
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", copy)
+    shard = sorted((copy / "reference" / "dist").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    errors = run_distributed(_load_error_rank, 1, args=(_cfg(), str(copy / "step_1")), timeout_s=TIMEOUT_S)
+    assert "reference policy" in errors[0] and "changed since it was saved" in errors[0], errors[0]
+
+
+def _directory_bytes(path):
+    """The byte string reference_pointer.directory_sha256 hashes, rebuilt here as the oracle."""
+    out = b""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        out += str(file.relative_to(path)).encode() + b"\0" + file.read_bytes()
+    return out
+
+
+def _load_error_rank(rank, world, cfg, path):
+    from clipo_nemo.parallel.state import destroy_parallel_state
+    from clipo_nemo.trainer.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        actor, clipo = _build(cfg)
+        try:
+            load_checkpoint(None, actor, clipo, path=path)
+        except CheckpointError as err:
+            return str(err)
+        return "loaded"
+    finally:
+        destroy_parallel_state()
 
 
 def test_tp2_and_pp2_checkpoints_load_at_other_layouts(tp2_run, tmp_path):
@@ -339,3 +412,53 @@ def test_no_checkpoint_and_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="trainer_state"):
         save_checkpoint(tmp_path, 1, None, None, [1], keep_last=1)
     assert not (tmp_path / "checkpoints").exists()
+
+
+# --- helper processes die with a killed trainer -----------------------------------------------------
+def _killed_while_writing_rank(rank, world, cfg, run_dir):
+    """Save step 1, start an asynchronous save of step 2 whose file writers stall, then SIGKILL this
+    rank while they write; record the writer processes' pids first."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from clipo_nemo.trainer.checkpoint import save_checkpoint
+
+    actor, clipo = _build(cfg)
+    save_checkpoint(run_dir, 1, actor, clipo, {"step": 1}, keep_last=2)
+    pids = Path(run_dir) / "writer_pids"
+    pids.mkdir()
+
+    def stalled_write(*args, **kwargs):  # runs in megatron's per-file writer, a child of the writer process
+        (pids / f"{os.getppid()}_{os.getpid()}").touch()
+        time.sleep(600)
+
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(stalled_write)
+    save_checkpoint(run_dir, 2, actor, clipo, {"step": 2}, keep_last=2, asynchronous=True)
+    deadline = time.time() + 60
+    while not any(pids.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # a zombie is dead, only not yet reaped
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_writer_processes_die_with_a_killed_trainer(tmp_path):
+    with pytest.raises(DistributedRunError, match="exit code -9"):
+        run_distributed(_killed_while_writing_rank, 1, args=(_cfg(), str(tmp_path)), timeout_s=TIMEOUT_S)
+    pids = {int(pid) for f in (tmp_path / "writer_pids").iterdir() for pid in f.name.split("_")}
+    assert len(pids) >= 2  # the writer process and at least one per-file writer it forked
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _alive(pid)]
+    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path).name == "step_1"  # the killed save was never published
+    assert not (tmp_path / "checkpoints" / ".tmp-step_2" / "meta.json").exists()

@@ -76,16 +76,15 @@ def stored_form(pointer: Pointer, checkpoints_root: Path) -> Pointer:
     return {**pointer, "path": str(path.relative_to(root)) if path.is_relative_to(root) else str(path)}
 
 
-def pointer_for_run(run_dir: str | os.PathLike, init_from: str) -> Optional[Pointer]:
-    """The reference of a run about to train: the pointer of its latest checkpoint when resuming,
-    else that of ``init_from`` (a converted checkpoint, a run or a run's checkpoint), else None
-    (random init: the first save writes the run's own copy). Collective."""
+def pointer_for_run(resumed_from: Optional[Path], init_from: str) -> Optional[Pointer]:
+    """The reference of a run about to train: the pointer of the checkpoint it resumed from, else
+    that of ``init_from`` (a converted checkpoint, a run or a run's checkpoint), else None (random
+    init: the first save writes the run's own copy). Collective."""
     from clipo_nemo.conversion.weights import is_weights_checkpoint
     from clipo_nemo.trainer.checkpoint import latest_checkpoint
 
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:
-        return pointer_in_checkpoint(latest)
+    if resumed_from is not None:
+        return pointer_in_checkpoint(resumed_from)
     if not init_from:
         return None
     source = Path(init_from)
