@@ -64,6 +64,8 @@ def plot_embeddings(snapshots: Dict[str, Dict[str, torch.Tensor]], out_path: Pat
     markers, colours = "osD^vP*X", plt.get_cmap("tab10").colors
     fig, axes = plt.subplots(1, len(snapshots), figsize=(4.6 * len(snapshots), 4.2), squeeze=False)
     for ax, (title, snap) in zip(axes[0], snapshots.items()):
+        if "group_ids" not in snap:
+            raise KeyError(f"embedding snapshot {title!r} has no group_ids (saved before they were recorded)")
         group_ids, correct = snap["group_ids"].long(), snap["correct"].bool()
         chosen = chosen_groups(group_ids, correct, groups)
         rows = torch.cat([torch.nonzero(group_ids == g).flatten() for g in chosen])
@@ -102,7 +104,8 @@ def plot_bands(curves: Dict[str, Dict[str, Dict[str, List[float]]]], titles: Dic
     for ax, (metric, title) in zip(axes[0], titles.items()):
         for variant, per_metric in curves.items():
             curve = per_metric[metric]
-            ax.plot(curve["step"], curve["mean"], linewidth=1.8, label=variant)
+            sparse = len(curve["step"]) <= 20  # e.g. the validations: mark each point
+            ax.plot(curve["step"], curve["mean"], linewidth=1.8, marker="o" if sparse else None, label=variant)
             ax.fill_between(curve["step"], curve["lo"], curve["hi"], alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
