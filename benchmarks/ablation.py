@@ -3,6 +3,7 @@ change held-out (clean and perturbed) Pass@1?
 
     python benchmarks/ablation.py                                  # grpo, clipo; 5 seeds; 2 runs at a time
     python benchmarks/ablation.py --variants grpo clipo clipo_fixed supcon --seeds 5 --jobs 2 --out outputs/ablation
+    python benchmarks/ablation.py --from-runs --out outputs/ablation   # tables and plot again from its runs
 
 Every run is the real training loop (``examples/train_grpo_clipo.py --config-name=tiny``) in its own
 process with one torch thread; the variants differ only in their ``contrastive.*`` overrides, and seed
@@ -68,6 +69,14 @@ def run_overrides(variant: str, seed: int, run_dir: Path, steps: Optional[int]) 
             "verifier.num_workers=1", *seeds, *extra, *VARIANTS[variant]]
 
 
+def read_run(variant: str, seed: int, out: Path) -> List[Dict[str, float]]:
+    """The metrics rows of a finished run under ``out/runs``."""
+    path = out / "runs" / f"{variant}_seed{seed}" / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the ablation (without --from-runs) first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def train_one(variant: str, seed: int, out: Path, steps: Optional[int]) -> List[Dict[str, float]]:
     """One training run in its own process (one torch thread); returns its metrics rows."""
     run_dir = out / "runs" / f"{variant}_seed{seed}"
@@ -80,7 +89,7 @@ def train_one(variant: str, seed: int, out: Path, steps: Optional[int]) -> List[
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_run(variant, seed, out)
     print(f"  {variant:<12} seed {seed}: {time.perf_counter() - clock:6.1f} s, final held-out "
           f"{rows_final(rows, CLEAN):5.1f}%, perturbed {rows_final(rows, PERTURBED):5.1f}%", flush=True)
     return rows
@@ -118,7 +127,8 @@ def fmt(stat: Dict[str, float], digits: int) -> str:
 def report(results: Dict[str, List[List[Dict[str, float]]]], seeds: int, wall_s: float) -> (str, Dict):
     """The Markdown tables and the numbers behind them."""
     summary: Dict[str, Dict] = {"final": {}, "paired_minus_grpo": {}}
-    lines = [f"### Tiny task, {seeds} seeds per variant (mean [95% CI]; wall time {wall_s / 60:.1f} min)\n",
+    wall = "n/a" if math.isnan(wall_s) else f"{wall_s / 60:.1f} min"
+    lines = [f"### Tiny task, {seeds} seeds per variant (mean [95% CI]; wall time {wall})\n",
              "| variant | " + " | ".join(column for column, _ in FINAL_METRICS.values()) + " |",
              "|---|" + "---|" * len(FINAL_METRICS)]
     for variant, runs in results.items():
@@ -149,6 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: tiny.yaml's)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablation")
+    parser.add_argument("--from-runs", action="store_true", help="no training: report the runs already in --out")
     args = parser.parse_args(argv)
     if args.seeds < 2 or args.jobs < 1 or not {"grpo", "clipo"} <= set(args.variants):
         parser.error("need --seeds >= 2, --jobs >= 1 and at least the variants grpo and clipo")
@@ -158,11 +169,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
     jobs = [(variant, seed) for seed in range(args.seeds) for variant in args.variants]
-    print(f"{len(jobs)} runs ({', '.join(args.variants)} x {args.seeds} seeds), {args.jobs} at a time", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {job: pool.submit(train_one, *job, args.out, args.steps) for job in jobs}
-        finished = {job: future.result() for job, future in futures.items()}
-    wall_s = time.perf_counter() - clock
+    if not args.from_runs:
+        print(f"{len(jobs)} runs ({', '.join(args.variants)} x {args.seeds} seeds), {args.jobs} at a time", flush=True)
+    if args.from_runs:
+        finished, wall_s = {job: read_run(*job, args.out) for job in jobs}, float("nan")
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {job: pool.submit(train_one, *job, args.out, args.steps) for job in jobs}
+            finished = {job: future.result() for job, future in futures.items()}
+        wall_s = time.perf_counter() - clock
     results = {variant: [finished[(variant, seed)] for seed in range(args.seeds)] for variant in args.variants}
 
     table, summary = report(results, args.seeds, wall_s)
