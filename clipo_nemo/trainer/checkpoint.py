@@ -29,7 +29,7 @@ GPTModels' own ``sharded_state_dict``; ``head.proj.weight`` (or ``head.proj.0.we
 ``replicated`` and ``column`` modes load each other's checkpoints; optimizer moments are
 ``optimizer.state.<moment>.<parameter key>`` (megatron's own naming) and each optimizer's shared step
 and hyperparameters one ``ShardedObject``. On GPU the policy optimizer is megatron's and contributes its
-own ``sharded_state_dict`` (``MEGATRON_OPTIMIZER_SHARDING``); that path is written against megatron's API but is
+own ``sharded_state_dict`` (``MEGATRON_OPTIMIZER_METADATA``); that path is written against megatron's API but is
 not exercised on this CPU-only machine. Transformer Engine layers' ``_extra_state`` entries that a
 checkpoint lacks (one written with megatron's local layers) are not requested and stay as built.
 RNG states are restored only at the layout they were saved at (they are per rank); at another
@@ -69,10 +69,13 @@ from clipo_nemo.trainer.step import ClipoHead
 
 FORMAT_VERSION = 2  # 2: the reference policy is a pointer (format 1 stored it inline)
 READABLE_FORMATS = (1, 2)
-# megatron's distributed-optimizer format: each DP rank writes its own slice of every moment as a
-# slice of the global (model-shaped) tensor, reshardable at any layout; "fully_reshardable" would
-# first gather every moment on every DP rank.
-MEGATRON_OPTIMIZER_SHARDING = "fully_sharded_model_space"
+# megatron's distributed-optimizer checkpoint format: model-shaped moments, reshardable at any
+# TP/PP/DP, gathered over the DP group to DP rank 0 only (megatron's memory-efficient variant) instead of
+# to every DP rank. "fully_sharded_model_space" (each rank its own slice) relies on flattened sharded
+# tensors, which megatron-core 0.16 refuses ("flattened_range is not supported", seen on an H100), and
+# "dp_reshardable" cannot change TP/PP.
+MEGATRON_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                               "distrib_optim_fully_reshardable_mem_efficient": True}
 _EXTRA_STATE = "_extra_state"  # state-dict key suffix of a module's extra state (TE: its FP8 metadata)
 
 
@@ -250,8 +253,7 @@ def _contents(actor: Actor, clipo_head: Optional[ClipoHead]) -> Dict[str, Any]:
         "reference": actor.reference is not None,
         "head": None if clipo_head is None else {"type": clipo_head.head.head_type, "tp_mode": clipo_head.head.tp_mode},
         "policy_optimizer": {"kind": "megatron" if megatron_opt else type(actor.optimizer).__name__,
-                             "moments": [] if megatron_opt else _torch_optimizer_moment_keys(actor.optimizer),
-                             **({"sharding": MEGATRON_OPTIMIZER_SHARDING} if megatron_opt else {})},
+                             "moments": [] if megatron_opt else _torch_optimizer_moment_keys(actor.optimizer)},
         "head_optimizer": None if clipo_head is None or clipo_head.optimizer is None else
         {"kind": type(clipo_head.optimizer).__name__, "moments": head_moments},
     }
@@ -269,8 +271,7 @@ def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents:
         if _is_megatron_optimizer(actor.optimizer):
             _allocate_megatron_optimizer_state(actor.optimizer)
             sharded["policy_optimizer"] = actor.optimizer.sharded_state_dict(
-                policy, is_loading=loading,  # checkpoints before "sharding" was recorded: fully_reshardable
-                metadata={"distrib_optim_sharding_type": popt.get("sharding", "fully_reshardable")})
+                policy, is_loading=loading, metadata=dict(MEGATRON_OPTIMIZER_METADATA))
         else:
             sharded["policy_optimizer"] = torch_optimizer_sharded_state_dict(
                 actor.optimizer, policy, "policy_optimizer", popt["moments"], main_on_last_stage=False, loading=loading)
