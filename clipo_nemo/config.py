@@ -249,6 +249,11 @@ class TrainerConfig:
     prompts_per_step: int = 128  # prompts per step over all DP ranks (paper: 512)
     save_every_steps: int = 50  # checkpoint interval (0 = only at the end and on SIGTERM/SIGINT)
     keep_last: int = 2  # complete checkpoints kept
+    parallel_save: bool = True  # every data-parallel rank writes its share of a checkpoint (megatron's fully
+    #   parallel save strategy); false: the DP-rank-0 copies write everything
+    async_save: bool = False  # write checkpoints in a background process while training goes on; the
+    #   checkpoint is published (meta.json, rename, `latest`) once written on every rank, at the latest
+    #   by the next save or the end of the run
     max_consecutive_nonfinite: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient
     plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop

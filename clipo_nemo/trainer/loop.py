@@ -331,7 +331,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, object]:
         """Resume if the run directory has a checkpoint, train to ``trainer.max_steps``, save, plot."""
-        from clipo_nemo.trainer import checkpoint
+        from clipo_nemo.trainer import checkpoint, reference_pointer
         from clipo_nemo.trainer.metrics import MetricsLogger
 
         cfg = self.cfg
@@ -346,6 +346,8 @@ class Trainer:
         elif cfg.trainer.init_from:
             self._init_from(Path(cfg.trainer.init_from))
         weights_note = self._check_optimizer_copies()
+        self.reference_pointer = None if self.actor.reference is None else reference_pointer.pointer_for_run(
+            point.checkpoint if state is not None else None, cfg.trainer.init_from)
         logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger)
         for note in point.notes:
             logger.note(note)
@@ -381,12 +383,14 @@ class Trainer:
                 if stop.any_rank():
                     status = "stopped by signal"
                     break
+                checkpoint.finish_saves()  # publish a background save that every rank has written
                 if cfg.trainer.save_every_steps and self.step % cfg.trainer.save_every_steps == 0 \
                         and self.step < cfg.trainer.max_steps:
                     self._save(logger)
             # A diverged policy is not saved over the last good one; a resume with no step left saves nothing.
             if not status.startswith("stopped:") and not (state is not None and self.step == state["step"]):
                 self._save(logger)
+            checkpoint.wait_for_pending_save()  # a background save is complete and published before exit
         finally:
             self.pool.close()
         summary = logger.close()
@@ -462,7 +466,9 @@ class Trainer:
             logger.note(f"{target.name} of the earlier run moved to {moved.name} before saving step {self.step}")
         checkpoint.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
                                    {"step": self.step, "sampler": self.sampler.state_dict()},
-                                   keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints)
+                                   keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
+                                   reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
+                                   asynchronous=self.cfg.trainer.async_save)
 
     def _plots(self, history) -> None:
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves
