@@ -118,6 +118,9 @@ class ParallelConfig:
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by token budget (length-sorted, padded tokens
     #   rows * longest <= budget) instead of micro_batch_size rows; 0 = fixed micro_batch_size
     seed: int = 1234  # seeds weight init and megatron's per-TP-rank RNG streams
+    timeout_s: float = 1800.0  # process-group timeout (default group and megatron's groups): a rank that waits
+    #   longer than this in a collective (a peer hung, not dead) raises instead of blocking; long for NCCL at
+    #   scale (uneven rollouts, checkpoint saves), short in tests; it also bounds the rendezvous at start
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ class VerifierConfig:
     """The worker pool that turns responses into rewards."""
 
     timeout_s: float = 5.0  # hard limit per check; a check past it is killed and gets reward 0 ("timeout")
-    num_workers: int = 0  # verifier processes (0 = one per available CPU)
+    num_workers: int = 0  # verifier processes per rank (0 = the CPUs divided by the ranks on the node, >= 1)
     max_memory_mb: int = 4096  # address-space limit per verifier process (0 = none)
     chunk_size: int = 32  # most checks handed to one worker at a time
 
@@ -466,7 +469,8 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
                        ("rollout.max_new_tokens", roll.max_new_tokens), ("trainer.prompts_per_step", trainer.prompts_per_step),
                        ("trainer.max_consecutive_nonfinite", trainer.max_consecutive_nonfinite),
                        ("actor.logprob_chunk_size", act.logprob_chunk_size),
-                       ("parallel.micro_batch_size", cfg.parallel.micro_batch_size)):
+                       ("parallel.micro_batch_size", cfg.parallel.micro_batch_size),
+                       ("parallel.timeout_s", cfg.parallel.timeout_s)):
         positive(key, value)
     for key, value in (("rollout.temperature", roll.temperature), ("contrastive.warmup_steps", con.warmup_steps),
                        ("trainer.max_steps", trainer.max_steps), ("trainer.save_every_steps", trainer.save_every_steps),

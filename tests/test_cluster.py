@@ -92,13 +92,17 @@ def test_a_dead_rank_ends_every_process_with_a_non_zero_status_and_per_rank_logs
     assert "== clipo-nemo run" not in out  # rank 0 did not carry on to a summary
 
 
-def _hung_peer(rank, world_size, timeout_s):
+def _hung_peer(rank, world_size, timeout_s, meeting_dir):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from clipo_nemo.config import ParallelConfig
     from clipo_nemo.parallel.state import init_parallel_state
 
+    # The timeout bounds the rendezvous too: meet first, so a slow start on a loaded machine is not a hang.
+    Path(meeting_dir, f"rank{rank}").touch()
+    while len(list(Path(meeting_dir).iterdir())) < world_size:
+        time.sleep(0.05)
     init_parallel_state(ParallelConfig(timeout_s=timeout_s))
     if rank == 1:  # alive but never joins: a hung rank
         time.sleep(5 * timeout_s)  # outlasts rank 0's two timed-out collectives
@@ -114,13 +118,13 @@ def _hung_peer(rank, world_size, timeout_s):
     return waits
 
 
-def test_parallel_timeout_s_bounds_the_wait_on_a_hung_rank():
+def test_parallel_timeout_s_bounds_the_wait_on_a_hung_rank(tmp_path):
     """Item 14: a collective waiting on a hung peer raises after parallel.timeout_s, on megatron's
     groups and on the default group (before, 600 s and megatron's 30 minutes)."""
     from clipo_nemo.parallel.launcher import run_distributed
 
-    timeout_s = 2.0
-    waits = run_distributed(_hung_peer, 2, args=(timeout_s,), timeout_s=120)[0]
+    timeout_s = 3.0
+    waits = run_distributed(_hung_peer, 2, args=(timeout_s, str(tmp_path)), timeout_s=180)[0]
     for name, (elapsed, error) in waits.items():
         assert error is not None, f"{name}: the all-reduce with a hung peer returned"
         assert 0.5 * timeout_s <= elapsed <= 4 * timeout_s, f"{name}: raised after {elapsed:.1f} s"

@@ -30,17 +30,25 @@ from clipo_nemo.trainer.step import ClipoHead, Experience, learn_from_experience
 
 
 class StopRequested:
-    """Set by SIGTERM/SIGINT: the loop finishes the current step, saves and exits cleanly."""
+    """Set by SIGTERM, SIGINT or SIGUSR1 (SLURM's ``--signal=USR1@<s>`` warning before the time limit):
+    the loop finishes the current step, saves and exits cleanly (status 0).
+
+    A second SIGINT (Ctrl-C twice) stops at once. Repeated SIGTERM/SIGUSR1 are ignored: a scheduler may
+    deliver one request to every process of a job step and the launcher forwards it too
+    (``python -m clipo_nemo.parallel.launcher``), so one request can arrive more than once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.signal: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop now
+        if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal = self.signal or signum
 
     def any_rank(self) -> bool:
         """Whether any rank was signalled (all ranks must stop at the same step)."""
@@ -329,8 +337,9 @@ class Trainer:
         return flat
 
     # ----------------------------------------------------------------------------------------------
-    def run(self) -> Dict[str, object]:
-        """Resume if the run directory has a checkpoint, train to ``trainer.max_steps``, save, plot."""
+    def run(self, stop: Optional[StopRequested] = None) -> Dict[str, object]:
+        """Resume if the run directory has a checkpoint, train to ``trainer.max_steps``, save, plot.
+        ``stop``: a handler installed earlier (so a signal during the build is not lost)."""
         from clipo_nemo.trainer import checkpoint, reference_pointer
         from clipo_nemo.trainer.metrics import MetricsLogger
 
@@ -359,7 +368,7 @@ class Trainer:
         data_lines, data_counts = self._data_report()
         for line in data_lines:
             logger.note(line)
-        stop = StopRequested()
+        stop = stop or StopRequested()
         status = "completed"
         try:
             while self.step < cfg.trainer.max_steps:
@@ -520,6 +529,7 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state, validate_layout
     from clipo_nemo.planner import check_memory_plan
 
+    stop = StopRequested()  # first: a stop request while the model is built is kept for the first step
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     filled = use_converted_checkpoint(cfg)
     if filled and int(os.environ.get("RANK", "0")) == 0:
@@ -541,7 +551,7 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
             from omegaconf import OmegaConf
 
             OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-        return Trainer(cfg, run_dir).run()
+        return Trainer(cfg, run_dir).run(stop)
     finally:
         destroy_parallel_state()
 
