@@ -120,11 +120,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TORCHRUN_HANDLED = "SIGINT,SIGHUP,SIGQUIT"
 
 
-def _ignore_stop_signals() -> None:
+def _prepare_torchrun() -> None:
     """In torchrun's process before it starts: a stop request delivered to every process of the job
-    step must neither kill torchrun (SIGUSR1's default) nor make it stop its workers (SIGTERM)."""
+    step must neither kill torchrun (SIGUSR1's default) nor make it stop its workers (SIGTERM). Should
+    this launcher die, torchrun gets SIGINT and stops its workers as on Ctrl-C (Linux)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGINT))  # PR_SET_PDEATHSIG
 
 
 def catches_signal(pid: int, signum: int) -> bool:
@@ -177,7 +182,7 @@ def run_torchrun(torchrun_args: Sequence[str]) -> int:
     delivered: Set[int] = set()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_args], env=env,
-                                preexec_fn=_ignore_stop_signals)
+                                preexec_fn=_prepare_torchrun)
         while proc.poll() is None:
             if requested:
                 forward_to_workers(proc.pid, requested[0], delivered)
