@@ -53,7 +53,7 @@ class Recommendation:
     @property
     def needs_pipeline_rollout(self) -> bool:
         """PP > 1: the rollout engine generates pipelined (``clipo_nemo.rollout.pipeline``), whose stages
-        take turns on every decode step (a bubble of 1 - 1/PP; 56% at PP = 2 in ``benchmarks/rollout_pp.py``)."""
+        take turns on every decode step (a bubble of 1 - 1/PP; 52-56% at PP = 2 in ``benchmarks/rollout_pp.py``)."""
         return self.plan is not None and self.plan.layout.pp > 1
 
 

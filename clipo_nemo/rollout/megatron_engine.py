@@ -51,10 +51,11 @@ stage with megatron-core's inference p2p, the last stage samples and broadcasts 
 the pipeline group, and every stage then makes the same row, position and finish decisions. The
 last stage's logits and uniforms are PP=1's, so the tokens are PP=1's exactly (``tests/test_rollout_pp.py``).
 Chosen over resharding the PP-split weights into a TP-only layout for generation (NeMo-Aligner's
-way) by ``benchmarks/rollout_pp.py`` (2-core CPU, 4 layers, hidden 256, 32 x 32 tokens): PP=2 ran at
-0.94x PP=1's tokens/s with a 56% bubble (the stages take turns), while the resharded layout (TP=2 on
-the same two processes) ran at 0.55x plus a regather of the full weights after every update; and
-resharding holds PP times the weights per GPU, the memory that PP was chosen to save.
+way) by ``benchmarks/rollout_pp.py`` (one thread per process): PP=2 ran at 0.73-0.94x PP=1's
+tokens/s with a 52-56% bubble (the stages take turns); the resharded alternative (TP=2 on the same
+two processes plus a regather of the full weights after every update) took 0.94x-1.9x the pipelined
+time per call depending on model size and machine load: no clear speed winner, while resharding
+holds PP times the weights per GPU, the memory that PP was chosen to save.
 
 Limits: context parallel > 1 is not supported (raises); no micro-batch interleaving across pipeline
 stages (the bubble is ``1 - 1/PP`` of the decode time); a stop string is found when it lies within
