@@ -146,7 +146,6 @@ class RolloutConfig:
     trtllm_refit_bucket_mb: float = 512.0  # engine=trtllm: MiB of HF tensors per weight-update call of a refit
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Actor: the policy update (SPEC step 11)
 # --------------------------------------------------------------------------------------------------
@@ -169,8 +168,7 @@ class ActorConfig:
     reference_offload: bool = False  # keep the frozen reference policy's weights in CPU memory between uses
     tis_cap: Optional[float] = None  # truncated importance sampling against the rollout engine's log-prob mismatch:
     #   each token's policy loss times min(exp(old_logp - rollout_logp), tis_cap) (policy_losses
-    #   .truncated_importance_weights); null = off, the only value accepted until the update applies it
-
+    #   .truncated_importance_weights); null = off. Needs an engine that returns log-probs (trtllm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,9 +511,12 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
             problems.append(f"rollout.engine=trtllm generates with tensor parallel = TP x PP = {mp}, which must divide "
                             f"model.num_attention_heads={cfg.model.num_attention_heads}")
     if act.tis_cap is not None:
-        problems.append(f"actor.tis_cap={act.tis_cap}: the policy update does not apply the truncated importance-sampling "
-                        "correction yet (algorithms.policy_losses.truncated_importance_weights exists; the engine's "
-                        "log-probs do not reach the actor's loss); leave it null")
+        if not act.tis_cap >= 1:
+            problems.append(f"actor.tis_cap={act.tis_cap} must be >= 1 (or null: no correction)")
+        if roll.engine != "trtllm":
+            problems.append(f"actor.tis_cap={act.tis_cap} corrects the rollout engine's log-probs against the trainer's, "
+                            f"but rollout.engine={roll.engine} generates with the trainer's own model and returns none; "
+                            "leave it null")
     if cfg.parallel.context_parallel_size > 1 and roll.engine == "megatron":
         problems.append(f"parallel.context_parallel_size={cfg.parallel.context_parallel_size} cannot be served by "
                         "rollout.engine=megatron: its KV-cached decoding feeds whole sequences to each rank "

@@ -67,7 +67,7 @@ def test_params_and_registry_errors_name_the_problem():
         GenerationParams(top_p=0.0)
     with pytest.raises(ValueError, match="n=0"):
         GenerationParams(n=0)
-    assert "megatron" in ROLLOUT_ENGINES and "trtllm" not in ROLLOUT_ENGINES
+    assert "megatron" in ROLLOUT_ENGINES and "trtllm" in ROLLOUT_ENGINES
 
     class Rollout:
         engine = "nope"

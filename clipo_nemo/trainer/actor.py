@@ -204,6 +204,8 @@ class Actor:
             mask = mb.response_mask.to(device)
             extras = {k: v.to(device) for k, v in mb.extras.items()}
             advantages = extras["advantages"].to(outputs.logprobs.dtype).unsqueeze(-1).expand_as(outputs.logprobs)
+            if "tis_weights" in extras:  # every loss is linear in a token's advantage: this weights its loss
+                advantages = advantages * extras["tis_weights"].to(advantages.dtype)
             # The registry function directly, without compute_policy_loss's NaN refusal: a policy that
             # produced non-finite log-probs gets a non-finite grad norm, and the step is skipped.
             pg_loss, metrics = POLICY_LOSSES[algo.policy_loss](outputs.logprobs, extras["old_logprobs"],

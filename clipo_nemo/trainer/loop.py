@@ -107,7 +107,6 @@ def generate(engine, prompt_ids: Sequence[Sequence[int]], params, seeds: Sequenc
                     None if logprobs is None else [logprobs[row, : int(out.lengths[row])].tolist() for row in rows])
 
 
-
 @dataclass
 class SampledGroup:
     """One prompt's ``n`` responses with their verdicts."""
@@ -271,6 +270,7 @@ class Trainer:
         first_group = self.dp_rank * len(groups)
         exp, empty = build_experience(rollouts, scores, first_group, first_group * n, n,
                                       self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        exp.rollout_logprobs = rollout_logprobs(groups, exp)
         if hasattr(self.engine, "release"):  # the engine's KV cache and weights sleep while training
             self.engine.release()
         out = learn_from_experience(self.actor, self.clipo, exp, cfg, step)
@@ -291,7 +291,8 @@ class Trainer:
                    "rollout/truncated_frac": counts.pop("truncated") / responses, **counts,
                    "time/rollout_s": info["rollout_s"], "time/verify_s": info["verify_s"],
                    "dynamic_sampling/rollout_batches": float(info["batches"])}
-        metrics.update(_logprob_mismatch_metrics(groups, exp, out.old_logprobs))
+        if exp.rollout_logprobs is not None:
+            metrics.update(_logprob_mismatch_metrics(exp, out.old_logprobs))
         metrics["step_time_s"] = time.perf_counter() - clock
         if cfg.trainer.plot_embeddings and out.head_embeddings is not None and (
                 step == 0 or step == cfg.trainer.max_steps - 1):
@@ -490,19 +491,25 @@ class Trainer:
             plot_embeddings(chosen, self.run_dir / "embeddings.png")
 
 
-def _logprob_mismatch_metrics(groups: Sequence[SampledGroup], exp: Experience, train_logprobs) -> Dict[str, float]:
-    """Mean and max over all ranks of ``|logp_train - logp_gen|`` on the sampled tokens, for engines that
-    return log-probs (``{}`` otherwise); ``train_logprobs`` [b, S] (None on stages without outputs)."""
-    from clipo_nemo.algorithms.policy_losses import logprob_mismatch
-
+def rollout_logprobs(groups: Sequence[SampledGroup], exp: Experience) -> Optional[torch.Tensor]:
+    """The engine's token log-probs laid out like ``exp.tokens`` [b, S] (NaN where it gave none), or
+    None for engines that return none."""
     if not groups or any(g.logprobs is None for g in groups):
-        return {}
+        return None
     generated = torch.full(exp.tokens.shape, float("nan"))
     first = exp.response_mask.int().argmax(-1)  # where each response starts
     for row, logprobs in enumerate(lp for g in groups for lp in g.logprobs):
         generated[row, int(first[row]):int(first[row]) + len(logprobs)] = torch.tensor(logprobs)
+    return generated
+
+
+def _logprob_mismatch_metrics(exp: Experience, train_logprobs) -> Dict[str, float]:
+    """Mean and max over all ranks of ``|logp_train - logp_gen|`` on the sampled tokens;
+    ``train_logprobs`` [b, S] (None on stages without outputs)."""
+    from clipo_nemo.algorithms.policy_losses import logprob_mismatch
+
     total, count, peak = (0.0, 0.0, 0.0) if train_logprobs is None else logprob_mismatch(
-        train_logprobs.cpu(), generated, exp.response_mask)
+        train_logprobs.cpu(), exp.rollout_logprobs, exp.response_mask)
     total, count = all_reduce_values([total, count])
     return {"rollout/logprob_mismatch_mean": total / max(count, 1.0),
             "rollout/logprob_mismatch_max": all_reduce_values([peak], op=dist.ReduceOp.MAX)[0]}

@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from clipo_nemo.algorithms.advantages import compute_advantages
+from clipo_nemo.algorithms.policy_losses import truncated_importance_weights
 from clipo_nemo.config import ClipoConfig
 from clipo_nemo.models.forward import PolicyBatch
 from clipo_nemo.models.head import ParallelContrastiveHead, parallel_contrastive_step
@@ -31,7 +32,8 @@ class Experience:
 
     tokens [b, S] prompt + response (right padded); response_mask [b, S]; scores [b] verifier
     rewards; group_ids [b] the prompt each response answers; batch_index [b] its position in the
-    global batch (fixes a layout-independent order).
+    global batch (fixes a layout-independent order); rollout_logprobs [b, S] the rollout engine's
+    log-probs of the sampled tokens (NaN where it gave none), None for engines that return none.
     """
 
     tokens: torch.Tensor
@@ -39,6 +41,7 @@ class Experience:
     scores: torch.Tensor
     group_ids: torch.Tensor
     batch_index: torch.Tensor
+    rollout_logprobs: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -139,6 +142,10 @@ def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experie
         extras = {"old_logprobs": old.logprobs if old is not None else zeros, "advantages": advantages}
         if actor.reference is not None:
             extras["ref_logprobs"] = ref_logprobs if ref_logprobs is not None else zeros
+        if cfg.actor.tis_cap is not None and exp.rollout_logprobs is not None:
+            # The engine sampled from its own numerics: re-weight each token towards the trainer's.
+            extras["tis_weights"] = (zeros + 1 if old is None else truncated_importance_weights(
+                old.logprobs, exp.rollout_logprobs.to(old.logprobs.device), cfg.actor.tis_cap))
         metrics.update(actor.update(PolicyBatch(exp.tokens, exp.response_mask, extras)))
     metrics["time/update_s"] = time.perf_counter() - clock
     return StepOutputs(old.logprobs if old is not None else None, old.pooled_hidden if old is not None else None,
