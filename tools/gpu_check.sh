@@ -11,11 +11,12 @@
 # PASS|FAIL|SKIP <detail>`; the summary goes to $OUT/summary.txt; exit status 0 iff nothing FAILed.
 #
 # Checks (tools/gpu_checks.py unless noted):
-#   env        CUDA device, megatron-core import, Transformer Engine present or not
+#   env        CUDA device, megatron-core import, Transformer Engine present or not, and whether
+#              tensorrt_llm imports (rollout.engine=trtllm; SKIP when absent)
 #   guard      bf16 policy + megatron's optimizer: weights loaded after the optimizer was built; the load
 #              guard must notice the stale fp32 main copy, reload it, and the loaded weights survive a step
-#   tiny       examples/train_grpo_clipo.py --config-name=tiny on the GPU: 4 steps with checkpoints, then a
-#              resume to 6 (megatron's distributed optimizer saved and loaded)
+#   tiny       examples/train_grpo_clipo.py --config-name=tiny on the GPU: 4 steps with asynchronous
+#              checkpoints, then a resume to 6 (megatron's distributed optimizer saved and loaded)
 #   memprobe   peak memory of the log-prob + entropy pass at Qwen2.5-7B width (V=152064, S=4608): the
 #              chunked fused pass vs a full-vocabulary fp32 reference, forward and backward
 #   plan       the layout planner's per-component estimates vs torch.cuda memory measured on a few-layer
@@ -60,12 +61,12 @@ check() {  # check NAME TIMEOUT_S CMD...
 
 tiny() {
   local run=/tmp/clipo_gpu_tiny_$$ args=(--config-name=tiny trainer.plot_embeddings=false evaluation.every_steps=0
-                                         trainer.save_every_steps=2)
+                                         trainer.save_every_steps=2 trainer.async_save=true)
   $PY examples/train_grpo_clipo.py "${args[@]}" trainer.max_steps=4 trainer.output_dir=$run || return 1
   $PY examples/train_grpo_clipo.py "${args[@]}" trainer.max_steps=6 trainer.output_dir=$run 2>&1 | tee $run.log
   local rc=${PIPESTATUS[0]}
   if ((rc == 0)) && grep -q "resumed from" $run.log && [[ $(cat $run/checkpoints/latest) == step_6 ]]; then
-    echo "RESULT tiny PASS 4 steps, resumed at step 4 with megatron's distributed optimizer, latest=step_6"
+    echo "RESULT tiny PASS 4 steps, resumed at step 4 with megatron's distributed optimizer, latest=step_6 (async saves)"
   else
     echo "RESULT tiny FAIL rc=$rc (see tiny.log)"; return 1
   fi

@@ -47,6 +47,14 @@ def cmd_env(args) -> None:
     result("env", "PASS", f"{props.name}, {props.total_memory / GIB:.1f} GiB, sm_{props.major}{props.minor}, "
                           f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
                           f"Transformer Engine {'yes' if transformer_engine_available() else 'no'}")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_llm") is None:  # rollout.engine=trtllm needs it
+        result("trtllm", "SKIP", "tensorrt_llm is not installed here: rollout.engine=trtllm cannot run")
+    else:
+        import tensorrt_llm
+
+        result("trtllm", "PASS", f"tensorrt_llm {tensorrt_llm.__version__} imports")
 
 
 # ------------------------------------------------------------------------------------------------
