@@ -122,11 +122,16 @@ class ShardedCheckpointWriter:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
 
         self.wait()
-        # megatron's writer fetches its results channel from this module-level cache.
+        # megatron's writer takes its results channel from this module-level cache while it plans the
+        # save (and keeps it); restored afterwards, so other dist_checkpointing.save calls get megatron's own.
+        default_channel = filesystem_async._results_queue
         filesystem_async._results_queue = _WriteResultsFile(
             Path(checkpoint_dir) / f".write_results.rank_{dist.get_rank():05d}.pkl")
-        request = dist_checkpointing.save(sharded_state_dict, str(checkpoint_dir),
-                                          sharded_strategy=self._strategy(parallel), async_sharded_save=True)
+        try:
+            request = dist_checkpointing.save(sharded_state_dict, str(checkpoint_dir),
+                                              sharded_strategy=self._strategy(parallel), async_sharded_save=True)
+        finally:
+            filesystem_async._results_queue = default_channel
         if request.async_fn is not None:
             request = request._replace(async_fn=functools.partial(_write_as_child_of, os.getpid(), request.async_fn))
         request.add_finalize_fn(finalize)
