@@ -275,6 +275,14 @@ def test_async_parallel_save_on_two_dp_ranks_resumes_exactly(tmp_path):
     _assert_exact_resume(tmp_path, saved_ranks, cfg)
 
 
+def test_pp2_run_saves_and_resumes_exactly(tmp_path):
+    """PP=2 trained from scratch: the head trains on the last stage only, so the first stage's head
+    optimizer has no moments; the save must still work and the resume equal the uninterrupted run."""
+    cfg = _cfg(pp=2)
+    saved_ranks = run_distributed(_save_rank, 2, args=(cfg, str(tmp_path)), timeout_s=TIMEOUT_S)
+    _assert_exact_resume(tmp_path, saved_ranks, cfg)
+
+
 def test_reference_is_a_checked_pointer_not_a_copy(tp2_run, tmp_path):
     """The step checkpoint holds no reference.* tensors; meta.json points to reference/ with its
     SHA-256; a changed byte there stops the load."""

@@ -190,8 +190,13 @@ def torch_optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, params_
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor)
 
+    from megatron.core import parallel_state
+
     params = _torch_optimizer_params(optimizer)
     param_map = get_param_id_to_sharded_param_map(params_sharded, params)
+    # The head trains on the last stage only: elsewhere its optimizer has no moments, and its copies
+    # there are replicas that are never written (zeros stand in).
+    never_written = main_on_last_stage and not parallel_state.is_pipeline_last_stage()
     moments, steps = {}, []
     for index, param in enumerate(params):
         if index not in param_map:
@@ -199,7 +204,10 @@ def torch_optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, params_
                                   "model's sharded state dict")
         state = optimizer.state.get(param, {})
         for key in moment_keys:
-            value = torch.zeros_like(param) if loading else state[key]
+            if not (loading or key in state or never_written):
+                raise CheckpointError(f"{name}: optimizer parameter #{index} {tuple(param.shape)} has no "
+                                      f"{key!r} state while other parameters or ranks have it")
+            value = state[key] if key in state and not loading else torch.zeros_like(param)
             moments[f"{index}.{key}"] = make_sharded_optimizer_tensor(param_map[index], value, f"optimizer.state.{key}")
         if not loading and "step" in state:
             steps.append(state["step"])
