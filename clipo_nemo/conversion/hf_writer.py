@@ -42,7 +42,7 @@ from clipo_nemo.conversion.mapping import (
 from clipo_nemo.conversion.weights import TOKENIZER_FILES, has_tokenizer_files, is_weights_checkpoint, read_description
 from clipo_nemo.models.head import _layer_names
 from clipo_nemo.models.policy import TORCH_DTYPES
-from clipo_nemo.trainer.checkpoint import FORMAT_VERSION, latest_checkpoint
+from clipo_nemo.trainer.checkpoint import READABLE_FORMATS, latest_checkpoint
 
 HEAD_WEIGHTS, HEAD_DESCRIPTION = "clipo_head.safetensors", "clipo_head.json"
 HEAD_FORMAT, HEAD_VERSION = "clipo-head", 1
@@ -157,8 +157,8 @@ def resolve_export_source(path: str | os.PathLike, architecture: Optional[str] =
         raise ConversionError(f"{run_dir} has no config.yaml: the model description of {step} is unknown")
     cfg = load_config(config_path)
     meta = _read_json(step / "meta.json")
-    if meta.get("format") != FORMAT_VERSION:
-        raise ConversionError(f"{step}/meta.json: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+    if meta.get("format") not in READABLE_FORMATS:  # the policy's tensors are stored alike in all of them
+        raise ConversionError(f"{step}/meta.json: format {meta.get('format')!r}, this code reads {READABLE_FORMATS}")
     init_from = cfg.trainer.init_from
     converted = bool(init_from) and is_weights_checkpoint(init_from)
     description = read_description(init_from) if converted else {}
