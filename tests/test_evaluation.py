@@ -162,13 +162,13 @@ def test_hf_model_is_converted_and_sampled_like_a_checkpoint(tmp_path):
     write_tiny_arith_parquet(tmp_path / "data", max_operand=4)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "tools/evaluate.py", "--hf-model", str(tmp_path / "hf"), "--data-dir",
-                           str(tmp_path / "data"), "--benchmarks", "val", "--k", "1", "--temperature", "0",
+                           str(tmp_path / "data"), "--benchmarks", "heldout", "--k", "1", "--temperature", "0",
                            "--max-new-tokens", "4", "--workers", "1", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ours = {r.index: r.extracted[0] for r in read_per_problem(out / "per_problem.jsonl")}
 
-    problems = load_problems([tmp_path / "data" / "val.parquet"]).problems
+    problems = load_problems([tmp_path / "data" / "heldout.parquet"]).problems
     prompts = build_prompts(problems, tokenizer, max_prompt_length=64).prompts
     theirs = {}
     for prompt in prompts:

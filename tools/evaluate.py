@@ -20,7 +20,7 @@ Modes:
 Examples:
   python tools/evaluate.py --responses responses.jsonl --data-dir ../shared/data/clipo/test --out outputs/eval
   python tools/evaluate.py --per-problem outputs/eval/per_problem.jsonl --out outputs/eval2
-  python tools/evaluate.py --checkpoint outputs/tiny/run --data-dir outputs/tiny/run/data --benchmarks val --k 4 --out ev
+  python tools/evaluate.py --checkpoint outputs/tiny/run --data-dir outputs/tiny/run/data --benchmarks heldout heldout_perturbed --k 4 --out ev
   python tools/evaluate.py --hf-model /models/Qwen2.5-7B-Instruct --benchmarks math amc --k 16 --out ev_base
 """
 from __future__ import annotations
