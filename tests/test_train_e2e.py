@@ -84,7 +84,9 @@ def test_resume_is_exact(tmp_path):
     assert "resumed from" in proc.stdout + proc.stderr
     a, b = _metrics(straight), _metrics(resumed)
     assert [r["step"] for r in b] == [0, 1, 2, 3]
-    skip = lambda key: key.startswith("time/") or key == "step_time_s"  # noqa: E731
+    # Each process logs its data counts (data/<split>/...) in its first row: step 0, and 2 after the resume.
+    assert "data/train/prompts" in a[0] and "data/train/prompts" in b[2] and "data/train/prompts" not in a[2]
+    skip = lambda key: key.startswith(("time/", "data/")) or key == "step_time_s"  # noqa: E731
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if not skip(k)} == {k: v for k, v in rb.items() if not skip(k)}
     (step_a, policy_a, head_a), (step_b, policy_b, head_b) = _final_weights(straight), _final_weights(resumed)

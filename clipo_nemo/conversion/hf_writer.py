@@ -195,9 +195,9 @@ def _tokenizer_source(cfg: ClipoConfig, converted: bool) -> str:
 def _load_tokenizer(source: ExportSource):
     """The run's tokenizer; ConversionError if it has more tokens than the model's vocabulary."""
     if source.tokenizer == "tiny":
-        from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+        from clipo_nemo.data.tiny_tokenizer import build_task_tokenizer
 
-        tokenizer = build_tiny_tokenizer(source.cfg.task.max_operand)
+        tokenizer = build_task_tokenizer(source.cfg.task)
     else:
         from transformers import AutoTokenizer
 

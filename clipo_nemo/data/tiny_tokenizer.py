@@ -87,6 +87,11 @@ def build_tiny_tokenizer(max_operand: int = 4, operators: Sequence[str] = ARITHM
     return tokenizer
 
 
+def build_task_tokenizer(task) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer of the run's ``task.*`` config section (``TinyTaskConfig``)."""
+    return build_tiny_tokenizer(task.max_operand, tuple(task.operators), task.perturbed)
+
+
 def load_tiny_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer written by ``build_tiny_tokenizer(...).save_pretrained(path)``."""
     if not (Path(path) / "tokenizer.json").is_file():

@@ -489,19 +489,22 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
     drop_extra_state_missing_from(request, checkpoint / "dist")
     loaded = dist_checkpointing.load(request, str(checkpoint / "dist"))
     load_module_state(actor.module, _without_prefix(loaded["policy"], "policy."))
-    if "reference" in loaded:
+    # What was requested, not what came back: dist_checkpointing merges the checkpoint's common
+    # (non-tensor) state into the result, e.g. an empty head-optimizer moment dict of a save made
+    # before the head's first step, which a load without a head must not touch.
+    if "reference" in request:
         load_module_state(actor.reference, _without_prefix(loaded["reference"], "reference."))
-    if "policy_optimizer" in loaded:
+    if "policy_optimizer" in request:
         if _is_megatron_optimizer(actor.optimizer):
             load_megatron_optimizer(actor.optimizer, loaded["policy_optimizer"])
         else:
             _load_torch_optimizer(actor.optimizer, loaded["policy_optimizer"],
                                   contents["policy_optimizer"]["moments"], "policy_optimizer")
-    if "head" in loaded:
+    if "head" in request:
         with torch.no_grad():
             for name, param in head_parameters(clipo_head.head).items():
                 param.copy_(loaded["head"][name])
-    if "head_optimizer" in loaded:
+    if "head_optimizer" in request:
         _load_torch_optimizer(clipo_head.optimizer, loaded["head_optimizer"],
                               contents["head_optimizer"]["moments"], "head_optimizer")
     if meta["layout"] == _layout():

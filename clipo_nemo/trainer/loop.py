@@ -60,9 +60,9 @@ class StopRequested:
 # --------------------------------------------------------------------------------------------------
 def load_tokenizer(cfg: ClipoConfig):
     if cfg.trainer.tokenizer == "tiny":
-        from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+        from clipo_nemo.data.tiny_tokenizer import build_task_tokenizer
 
-        return build_tiny_tokenizer(cfg.task.max_operand, tuple(cfg.task.operators), cfg.task.perturbed)
+        return build_task_tokenizer(cfg.task)
     from transformers import AutoTokenizer
 
     if not Path(cfg.trainer.tokenizer).is_dir():
