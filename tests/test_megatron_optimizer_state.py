@@ -3,7 +3,7 @@
 On an H100 both a save right after the contrastive warm-up (no policy step yet) and the resume of a
 fresh run failed inside ``DistributedOptimizer.state_dict`` (``assert len(steps) == 1``): without
 Apex/Transformer Engine it reads each parameter's torch-Adam ``step``, which exists only after a step.
-``checkpoint._allocate_megatron_optimizer_state`` creates that state; it must be exactly Adam's fresh
+``sharded_state.allocate_megatron_optimizer_state`` creates that state; it must be exactly Adam's fresh
 state, so the next step equals the first step of an untouched Adam (the oracle).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clipo_nemo.trainer.checkpoint import _allocate_megatron_optimizer_state
+from clipo_nemo.trainer.sharded_state import allocate_megatron_optimizer_state
 
 
 def _distributed_optimizer(mains, init_state_fn):
@@ -56,7 +56,7 @@ def test_a_never_stepped_optimizer_cannot_build_its_state_dict_without_the_alloc
 def test_the_allocated_state_is_adams_fresh_state(chained):
     mains, fresh = _mains(0), _mains(0)
     opt = _distributed_optimizer(mains, _megatron_like_init_state)
-    _allocate_megatron_optimizer_state(SimpleNamespace(chained_optimizers=[opt]) if chained else opt)
+    allocate_megatron_optimizer_state(SimpleNamespace(chained_optimizers=[opt]) if chained else opt)
     state = opt.state_dict()
     assert state["optimizer"]["param_groups"][0]["step"] == 0
     oracle = torch.optim.Adam(fresh, lr=0.1)
@@ -78,7 +78,7 @@ def test_existing_state_is_left_alone():
         p.grad = torch.ones_like(p)
     opt.optimizer.step()
     before = {id(p): {k: v.clone() for k, v in opt.optimizer.state[p].items()} for p in mains}
-    _allocate_megatron_optimizer_state(opt)
+    allocate_megatron_optimizer_state(opt)
     for p in mains:
         for key, value in before[id(p)].items():
             assert torch.equal(opt.optimizer.state[p][key], value), key
@@ -91,7 +91,7 @@ def _loading_optimizer(mains, model_params):
     ends in, with ``step`` left out of the loaded tensors), and whose non-parameter
     ``load_state_dict`` gives every parameter the checkpoint's ``step`` as megatron's does."""
     opt = _distributed_optimizer(mains, _megatron_like_init_state)
-    _allocate_megatron_optimizer_state(opt)
+    allocate_megatron_optimizer_state(opt)
     opt.config = SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False)
     opt.model_param_group_index_map = {p: (0, i) for i, p in enumerate(model_params)}
 
@@ -112,7 +112,7 @@ def _loading_optimizer(mains, model_params):
 
 
 def test_loading_keeps_step_aside_while_megatron_loads_the_parameter_state():
-    from clipo_nemo.trainer.checkpoint import load_megatron_optimizer
+    from clipo_nemo.trainer.sharded_state import load_megatron_optimizer
 
     model_params = [torch.nn.Parameter(torch.zeros(5, 3)), torch.nn.Parameter(torch.zeros(7))]
     saved = [{"param": torch.full(p.shape, 1.5), "exp_avg": torch.full(p.shape, 0.25),

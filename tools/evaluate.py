@@ -129,7 +129,8 @@ def _generate_and_score(args, path: Path):
     from clipo_nemo.trainer.actor import Actor
     from clipo_nemo.trainer.checkpoint import load_checkpoint
     from clipo_nemo.trainer.evaluation import evaluate, load_prompt_sets
-    from clipo_nemo.trainer.loop import engine_generate_fn, load_tokenizer
+    from clipo_nemo.trainer.experience import engine_generate_fn
+    from clipo_nemo.trainer.loop import load_tokenizer
 
     cfg, run_dir = _run_config(path)
     cfg.parallel.tensor_parallel_size = cfg.parallel.pipeline_parallel_size = cfg.parallel.context_parallel_size = 1

@@ -50,13 +50,12 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Collection, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from clipo_nemo.models.head import ParallelContrastiveHead, _layer_names
 from clipo_nemo.trainer.actor import Actor
 from clipo_nemo.trainer.checkpoint_writer import checkpoint_writer
 from clipo_nemo.trainer.reference_pointer import (REFERENCE_DIR, Pointer, load_reference, pointer_in_checkpoint,
@@ -65,17 +64,14 @@ from clipo_nemo.trainer.recovery import STEP_PREFIX as _STEP_PREFIX
 from clipo_nemo.trainer.recovery import TMP_PREFIX as _TMP_PREFIX
 from clipo_nemo.trainer.recovery import (MANIFEST, CheckpointError, checkpoints_dir, complete_checkpoints,
                                          find_resume_point, verify_checkpoint, write_manifest)
+from clipo_nemo.trainer.sharded_state import (
+    MEGATRON_OPTIMIZER_METADATA, allocate_megatron_optimizer_state, head_parameters, head_sharded_state_dict,
+    is_megatron_optimizer, load_megatron_optimizer, load_torch_optimizer, moment_keys_over_ranks,
+    torch_optimizer_moment_keys, torch_optimizer_sharded_state_dict)
 from clipo_nemo.trainer.step import ClipoHead
 
 FORMAT_VERSION = 2  # 2: the reference policy is a pointer (format 1 stored it inline)
 READABLE_FORMATS = (1, 2)
-# megatron's distributed-optimizer checkpoint format: model-shaped moments, reshardable at any
-# TP/PP/DP, gathered over the DP group to DP rank 0 only (megatron's memory-efficient variant) instead of
-# to every DP rank. "fully_sharded_model_space" (each rank its own slice) relies on flattened sharded
-# tensors, which megatron-core 0.16 refuses ("flattened_range is not supported", seen on an H100), and
-# "dp_reshardable" cannot change TP/PP.
-MEGATRON_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                               "distrib_optim_fully_reshardable_mem_efficient": True}
 _EXTRA_STATE = "_extra_state"  # state-dict key suffix of a module's extra state (TE: its FP8 metadata)
 
 
@@ -124,144 +120,20 @@ def _layout() -> Dict[str, int]:
             "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
 
 
-def _replica_id(main_on_last_stage: bool, tp_replicated: bool) -> Tuple[int, int, int]:
-    """dist_checkpointing replica id (all zeros = the copy that is written).
-
-    The policy optimizer's scalars are written by the first stage; the head lives (is trained) on the
-    last pipeline stage, so its copies on the other stages are never the main replica.
-    """
-    from megatron.core import parallel_state as ps
-
-    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-    pp_id = pp_size - 1 - pp_rank if main_on_last_stage else pp_rank
-    tp_id = ps.get_tensor_model_parallel_rank() if tp_replicated else 0
-    return pp_id, tp_id, ps.get_data_parallel_rank(with_context_parallel=True)
-
-
-def head_parameters(head: ParallelContrastiveHead) -> Dict[str, torch.nn.Parameter]:
-    """The head's weights by their whole-head name (``proj.weight``, ...), in either TP mode."""
-    if head.tp_mode == "replicated":
-        return dict(head.head.named_parameters())
-    return {name: layer.weight for name, layer in zip(_layer_names(head.head_type), head.layers)}
-
-
-def head_sharded_state_dict(head: ParallelContrastiveHead) -> Dict[str, Any]:
-    """ShardedTensors ``head.<name>`` of global shape [out, in]: whole on every rank (``replicated``)
-    or split along dim 0 over TP (``column``), so either mode reads the other's checkpoint."""
-    from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
-
-    sharded = {}
-    for name, param in head_parameters(head).items():
-        if head.tp_mode == "column":
-            sharded[name] = make_tp_sharded_tensor_for_checkpoint(
-                param, f"head.{name}", tp_axis=0, replica_id=_replica_id(True, tp_replicated=False))
-        else:
-            sharded[name] = make_sharded_tensor_for_checkpoint(
-                param, f"head.{name}", replica_id=_replica_id(True, tp_replicated=True))
-    return sharded
-
-
-def _torch_optimizer_params(optimizer: torch.optim.Optimizer) -> List[torch.nn.Parameter]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _torch_optimizer_moment_keys(optimizer: torch.optim.Optimizer) -> List[str]:
-    """The per-parameter state tensors (e.g. AdamW's exp_avg, exp_avg_sq); [] before the first step.
-
-    Raises CheckpointError if only some parameters have state (it would not reshard)."""
-    states = [optimizer.state.get(p, {}) for p in _torch_optimizer_params(optimizer)]
-    keys = {tuple(sorted(k for k in s if k != "step")) for s in states}
-    if len(keys) > 1:
-        raise CheckpointError(f"{type(optimizer).__name__} has different state keys per parameter: {sorted(keys)}")
-    return list(keys.pop()) if keys else []
-
-
-def torch_optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, params_sharded: Dict[str, Any],
-                                       name: str, moment_keys: List[str], main_on_last_stage: bool,
-                                       loading: bool) -> Dict[str, Any]:
-    """A ``torch.optim`` optimizer's state as sharded tensors shaped like the parameters it updates.
-
-    ``params_sharded`` is the sharded state dict holding those parameters (matched by identity, as
-    megatron's own optimizers do). Each moment becomes ``optimizer.state.<moment>.<param key>``; the
-    step (shared by all parameters) and the param-group hyperparameters become one ShardedObject
-    ``<name>.scalars``. With ``loading`` the moments are zero placeholders to be filled by ``load``.
-    """
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor)
-
-    from megatron.core import parallel_state
-
-    params = _torch_optimizer_params(optimizer)
-    param_map = get_param_id_to_sharded_param_map(params_sharded, params)
-    # The head trains on the last stage only: elsewhere its optimizer has no moments, and its copies
-    # there are replicas that are never written (zeros stand in).
-    never_written = main_on_last_stage and not parallel_state.is_pipeline_last_stage()
-    moments, steps = {}, []
-    for index, param in enumerate(params):
-        if index not in param_map:
-            raise CheckpointError(f"{name}: optimizer parameter #{index} {tuple(param.shape)} is not in the "
-                                  "model's sharded state dict")
-        state = optimizer.state.get(param, {})
-        for key in moment_keys:
-            if not (loading or key in state or never_written):
-                raise CheckpointError(f"{name}: optimizer parameter #{index} {tuple(param.shape)} has no "
-                                      f"{key!r} state while other parameters or ranks have it")
-            value = state[key] if key in state and not loading else torch.zeros_like(param)
-            moments[f"{index}.{key}"] = make_sharded_optimizer_tensor(param_map[index], value, f"optimizer.state.{key}")
-        if not loading and "step" in state:
-            steps.append(state["step"])
-    if any(not torch.equal(torch.as_tensor(s), torch.as_tensor(steps[0])) for s in steps):
-        raise CheckpointError(f"{name}: the optimizer step differs between parameters")
-    scalars = {"step": steps[0].clone() if steps and torch.is_tensor(steps[0]) else (steps[0] if steps else None),
-               "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
-    return {"moments": moments,
-            "scalars": ShardedObject(f"{name}.scalars", scalars, (1,), (0,),
-                                     replica_id=_replica_id(main_on_last_stage, tp_replicated=True))}
-
-
-def _load_torch_optimizer(optimizer: torch.optim.Optimizer, loaded: Dict[str, Any], moment_keys: List[str], name: str):
-    """Put loaded moments, step and hyperparameters into ``optimizer`` (torch's own load_state_dict)."""
-    scalars = loaded["scalars"]
-    current = optimizer.state_dict()["param_groups"]
-    if len(scalars["param_groups"]) != len(current):
-        raise CheckpointError(f"{name}: checkpoint has {len(scalars['param_groups'])} parameter groups, "
-                              f"the optimizer {len(current)}")
-    state = {}
-    for index in range(len(_torch_optimizer_params(optimizer))):
-        state[index] = {key: loaded["moments"][f"{index}.{key}"] for key in moment_keys}
-        if scalars["step"] is not None:
-            state[index]["step"] = scalars["step"].clone() if torch.is_tensor(scalars["step"]) else scalars["step"]
-    groups = [{**saved, "params": group["params"]} for saved, group in zip(scalars["param_groups"], current)]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _is_megatron_optimizer(optimizer: Any) -> bool:
-    return not isinstance(optimizer, torch.optim.Optimizer)
-
-
 # ------------------------------------------------------------------------------------------------
 # What goes into the checkpoint
 # ------------------------------------------------------------------------------------------------
-def _moment_keys_over_ranks(optimizer: Optional[torch.optim.Optimizer]) -> List[str]:
-    """Moment keys of an optimizer that may have state on some ranks only (the head trains on the
-    last pipeline stage only). Collective."""
-    gathered: List[Optional[List[str]]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, _torch_optimizer_moment_keys(optimizer) if optimizer is not None else [])
-    return max(gathered, key=len)
-
-
 def _contents(actor: Actor, clipo_head: Optional[ClipoHead]) -> Dict[str, Any]:
     """meta.json's description of what this job saves (the same on every rank). Collective."""
-    head_moments = _moment_keys_over_ranks(clipo_head.optimizer if clipo_head is not None else None)
-    megatron_opt = _is_megatron_optimizer(actor.optimizer)
+    head_moments = moment_keys_over_ranks(clipo_head.optimizer if clipo_head is not None else None)
+    megatron_opt = is_megatron_optimizer(actor.optimizer)
     return {
         "format": FORMAT_VERSION,
         "layout": _layout(),
         "reference": actor.reference is not None,
         "head": None if clipo_head is None else {"type": clipo_head.head.head_type, "tp_mode": clipo_head.head.tp_mode},
         "policy_optimizer": {"kind": "megatron" if megatron_opt else type(actor.optimizer).__name__,
-                             "moments": [] if megatron_opt else _torch_optimizer_moment_keys(actor.optimizer)},
+                             "moments": [] if megatron_opt else torch_optimizer_moment_keys(actor.optimizer)},
         "head_optimizer": None if clipo_head is None or clipo_head.optimizer is None else
         {"kind": type(clipo_head.optimizer).__name__, "moments": head_moments},
     }
@@ -276,8 +148,8 @@ def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents:
         sharded["reference"] = actor.reference.sharded_state_dict(prefix="reference.")
     popt = contents["policy_optimizer"]
     if popt is not None:
-        if _is_megatron_optimizer(actor.optimizer):
-            _allocate_megatron_optimizer_state(actor.optimizer)
+        if is_megatron_optimizer(actor.optimizer):
+            allocate_megatron_optimizer_state(actor.optimizer)
             sharded["policy_optimizer"] = actor.optimizer.sharded_state_dict(
                 policy, is_loading=loading, metadata=dict(MEGATRON_OPTIMIZER_METADATA))
         else:
@@ -291,66 +163,6 @@ def _sharded_state_dict(actor: Actor, clipo_head: Optional[ClipoHead], contents:
             sharded["head_optimizer"] = torch_optimizer_sharded_state_dict(
                 clipo_head.optimizer, head, "head_optimizer", hopt["moments"], main_on_last_stage=True, loading=loading)
     return sharded
-
-
-def _allocate_megatron_optimizer_state(optimizer: Any) -> None:
-    """Give a megatron optimizer that has not stepped yet the per-parameter state a step would create.
-
-    Without Apex/Transformer Engine, megatron's optimizers wrap ``torch.optim.Adam``, and their
-    ``state_dict()`` (called to build both the save and the load request) reads each parameter's
-    ``step``, which torch only creates at the first step; megatron's own ``init_state_fn`` allocates
-    the moments but not ``step``. Found on an H100: a checkpoint saved after the contrastive warm-up
-    (head-only steps, no policy step yet) and the resume of a fresh run both failed in
-    ``DistributedOptimizer.state_dict``. Zero moments at step 0 are exactly Adam's fresh state (the
-    next step counts as the first), and when loading they are placeholders that ``load_state_dict``
-    replaces. Parameters that already have state are left alone.
-    """
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if inner is None:
-            continue
-        init_state_fn = getattr(sub, "init_state_fn", None)
-        if init_state_fn is not None:
-            init_state_fn(inner, getattr(sub, "config", None))
-        for group in inner.param_groups:
-            for param in group["params"]:
-                inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
-
-
-def load_megatron_optimizer(optimizer: Any, state_dict: Dict[str, Any]) -> None:
-    """megatron's own ``load_state_dict``, working around its torch-Adam path (no Apex/TE).
-
-    There, megatron-core 0.16's ``DistributedOptimizer.load_state_dict`` first gives every
-    parameter's state the checkpoint's ``step`` and then loads the sharded parameter state, whose
-    ``_set_main_param_and_optimizer_states`` copies *every* state key from the loaded tensors,
-    which never include ``step`` (it is skipped on purpose): ``KeyError: 'step'`` (seen on an H100
-    resuming the tiny run). So the non-parameter part is loaded by megatron, ``step`` is held aside
-    while megatron loads the parameter state with its own method for the saved sharding type, and
-    then put back. With Apex/TE (NGC containers) megatron's call is used unchanged.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    if (distrib_optimizer.HAVE_APEX_OR_TE or len(subs) != 1 or "param_state" not in state_dict
-            or not isinstance(subs[0], distrib_optimizer.DistributedOptimizer)):
-        optimizer.load_state_dict(state_dict)
-        return
-    sub = subs[0]
-    rest = {k: v for k, v in state_dict.items() if k not in ("param_state", "param_state_sharding_type")}
-    sharding = state_dict["param_state_sharding_type"]
-    load_parameter_state = getattr(sub, f"load_parameter_state_from_{_PARAM_STATE_LOADERS[sharding]}")
-    sub.load_state_dict(rest)
-    steps = {param: state.pop("step") for param, state in sub.optimizer.state.items() if "step" in state}
-    try:
-        load_parameter_state(state_dict["param_state"])
-    finally:
-        for param, step in steps.items():
-            sub.optimizer.state[param]["step"] = step
-
-
-# megatron's parameter-state sharding types and the suffix of their ``load_parameter_state_from_*``
-_PARAM_STATE_LOADERS = {"fully_reshardable": "fully_reshardable", "dp_reshardable": "dp_reshardable",
-                        "fully_sharded_model_space": "fs_model_space", "dp_zero_gather_scatter": "dp_zero"}
 
 
 def _rng_states() -> Dict[str, Any]:
@@ -495,17 +307,17 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: Actor, clipo_head: Option
     if "reference" in request:
         load_module_state(actor.reference, _without_prefix(loaded["reference"], "reference."))
     if "policy_optimizer" in request:
-        if _is_megatron_optimizer(actor.optimizer):
+        if is_megatron_optimizer(actor.optimizer):
             load_megatron_optimizer(actor.optimizer, loaded["policy_optimizer"])
         else:
-            _load_torch_optimizer(actor.optimizer, loaded["policy_optimizer"],
+            load_torch_optimizer(actor.optimizer, loaded["policy_optimizer"],
                                   contents["policy_optimizer"]["moments"], "policy_optimizer")
     if "head" in request:
         with torch.no_grad():
             for name, param in head_parameters(clipo_head.head).items():
                 param.copy_(loaded["head"][name])
     if "head_optimizer" in request:
-        _load_torch_optimizer(clipo_head.optimizer, loaded["head_optimizer"],
+        load_torch_optimizer(clipo_head.optimizer, loaded["head_optimizer"],
                               contents["head_optimizer"]["moments"], "head_optimizer")
     if meta["layout"] == _layout():
         _set_rng_states(torch.load(checkpoint / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False))
@@ -586,7 +398,7 @@ def _loadable_contents(meta: Dict[str, Any], actor: Actor, clipo_head: Optional[
     if clipo_head is not None and meta["head"]["type"] != clipo_head.head.head_type:
         raise CheckpointError(f"{checkpoint}: head type {meta['head']['type']!r} in the checkpoint, "
                               f"{clipo_head.head.head_type!r} configured")
-    popt, kind = meta["policy_optimizer"], ("megatron" if _is_megatron_optimizer(actor.optimizer)
+    popt, kind = meta["policy_optimizer"], ("megatron" if is_megatron_optimizer(actor.optimizer)
                                             else type(actor.optimizer).__name__)
     if popt["kind"] != kind:
         _warn(f"{checkpoint.name}: policy optimizer {popt['kind']} in the checkpoint, {kind} now: its state "
