@@ -3,8 +3,9 @@
 At the start the pytest process becomes a *child subreaper* (Linux ``prctl``), so a helper whose
 parent died (a checkpoint writer of a SIGKILLed rank, say) is re-parented to pytest instead of to
 init and stays visible as its descendant. At the end, after a short grace period, any descendant
-still alive (other than pytest's own multiprocessing resource tracker, which exits with pytest) is
-listed, killed, and the session fails.
+still alive (other than pytest's own multiprocessing resource tracker, which exits with pytest, and
+megatron's cached results Manager of pytest's own process, shut down first) is listed, killed, and
+the session fails.
 """
 from __future__ import annotations
 
@@ -76,9 +77,23 @@ def _own_resource_tracker() -> int:
     return getattr(resource_tracker._resource_tracker, "_pid", None) or -1
 
 
+def _stop_megatron_results_manager() -> None:
+    """Shut down the multiprocessing Manager that megatron-core caches, once per process, as the
+    results channel of its checkpoint writer (``filesystem_async._results_queue``). A test that calls
+    ``dist_checkpointing.save`` inside the pytest process itself (a NeMo-style save, say) starts it;
+    it is pytest's own child and would stop at interpreter exit, so it is not a survivor."""
+    module = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    channel = getattr(module, "_results_queue", None)
+    manager = getattr(channel, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+        module._results_queue = None
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not os.path.isdir("/proc"):
         return
+    _stop_megatron_results_manager()
     deadline = time.monotonic() + GRACE_S
     while True:
         _reap_zombies()
