@@ -101,6 +101,23 @@ def _pad_vocab(weight: torch.Tensor, vocab_size: int, padded_rows: int, name: st
     return padded
 
 
+def gather_tensor_parallel(param: torch.nn.Parameter, local_name: str, unwrapped: torch.nn.Module,
+                           tp_group, tp_size: int) -> torch.Tensor:
+    """The whole tensor of one TP-split parameter, all-gathered over ``tp_group`` and concatenated
+    along its ``partition_dim`` (SwiGLU's fused fc1 per half: [gate; up]); a parameter that is not
+    TP-split, or TP = 1, as it is. Every TP rank calls it for the same parameter."""
+    tensor = param.detach()
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+    dim = param.partition_dim
+    if _is_gated_fc1(local_name, unwrapped):
+        halves = [part.chunk(2, dim=dim) for part in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
 def gather_full_state_dict(model: torch.nn.Module, vocab_size: int) -> Dict[str, torch.Tensor]:
     """The inverse of :func:`load_full_state_dict`: every rank gets the full state dict (CPU tensors).
 
@@ -115,16 +132,7 @@ def gather_full_state_dict(model: torch.nn.Module, vocab_size: int) -> Dict[str,
     stage: Dict[str, torch.Tensor] = {}
     for local_name, param in _named_parameters(unwrapped).items():
         name = canonical_name(unwrapped, local_name)
-        tensor = param.detach()
-        if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(tp_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-            dim = param.partition_dim
-            if _is_gated_fc1(local_name, unwrapped):
-                halves = [p.chunk(2, dim=dim) for p in parts]
-                tensor = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-            else:
-                tensor = torch.cat(parts, dim=dim)
+        tensor = gather_tensor_parallel(param, local_name, unwrapped, tp_group, tp_size)
         if name in _PADDED_VOCAB:
             tensor = tensor[:vocab_size]
         stage[name] = tensor.cpu().clone()

@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import expected_hf_shapes, tensor_groups
-from clipo_nemo.models.sharding import _PADDED_VOCAB, _is_gated_fc1, _named_parameters, _unwrap, canonical_name
+from clipo_nemo.models.sharding import (_PADDED_VOCAB, _named_parameters, _unwrap, canonical_name,
+                                        gather_tensor_parallel)
 
 Named = Tuple[str, torch.Tensor]
 
@@ -44,20 +45,6 @@ def canonical_shapes(model_cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
         metas = group.to_megatron([torch.empty(hf_shapes[name], device="meta") for name in group.hf_names])
         shapes.update({name: tuple(t.shape) for name, t in zip(group.megatron_names, metas)})
     return shapes
-
-
-def _gather_tensor_parallel(param: torch.nn.Parameter, local_name: str, unwrapped, tp_group, tp_size: int) -> torch.Tensor:
-    """The whole tensor of one TP-split parameter (every TP rank calls it); others as they are."""
-    tensor = param.detach()
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(tp_size)]
-    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-    dim = param.partition_dim
-    if _is_gated_fc1(local_name, unwrapped):
-        halves = [part.chunk(2, dim=dim) for part in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-    return torch.cat(parts, dim=dim)
 
 
 class HFWeightStream:
@@ -112,7 +99,7 @@ class HFWeightStream:
         owner = self.owner[name]
         if owner == parallel_state.get_pipeline_model_parallel_rank():
             local_name, param = self.local[name]
-            tensor = _gather_tensor_parallel(param, local_name, self.unwrapped, self.tp_group, self.tp_size)
+            tensor = gather_tensor_parallel(param, local_name, self.unwrapped, self.tp_group, self.tp_size)
             if name in _PADDED_VOCAB:
                 tensor = tensor[: self.model_cfg.vocab_size]
             if tuple(tensor.shape) != self.shapes[name]:
