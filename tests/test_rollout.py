@@ -79,7 +79,10 @@ def test_params_and_registry_errors_name_the_problem():
 # ------------------------------------------------------------------------------------------------
 # Generation with a real megatron-core GPTModel
 # ------------------------------------------------------------------------------------------------
-def _build(tp: int, full_state):
+def _build(tp: int, full_state, pp: int = 1, model_cfg: ModelConfig = MODEL):
+    """``model_cfg`` at TP x PP with ``full_state`` loaded, or (None) seeded peaked weights, whose
+    full state is returned; the last stage's padding vocabulary rows poisoned. Also used by
+    ``tests/test_rollout_pp.py``."""
     from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
     from clipo_nemo.models.policy import build_policy_model
     from clipo_nemo.models.sharding import gather_full_state_dict, load_full_state_dict
@@ -87,10 +90,10 @@ def _build(tp: int, full_state):
     from clipo_nemo.rollout.megatron_engine import MegatronRolloutEngine
 
     warnings.filterwarnings("ignore")
-    parallel = ParallelConfig(tensor_parallel_size=tp)
+    parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp)
     init_parallel_state(parallel)
-    model = build_policy_model(MODEL, parallel)
-    if full_state is None:  # peaked, non-trivial weights: greedy has clear winners
+    model = build_policy_model(model_cfg, parallel)
+    if full_state is None:  # peaked, non-trivial weights: greedy has clear winners, samples vary
         gen = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for param in model.parameters():
@@ -104,7 +107,8 @@ def _build(tp: int, full_state):
         logits[..., VOCAB:] = 1e4
         return logits, bias
 
-    model.output_layer.register_forward_hook(poison_padding_rows)
+    if model.post_process:  # the stage that holds the output layer
+        model.output_layer.register_forward_hook(poison_padding_rows)
     tokenizer = build_tiny_tokenizer(4)
     assert len(tokenizer) == VOCAB
     return model, full_state, tokenizer, lambda **kw: MegatronRolloutEngine(model, tokenizer, vocab_size=VOCAB, **kw)

@@ -9,14 +9,13 @@ TP2 x PP2 against PP=1 is ``tests/test_parallel_equivalence.py`` (its layouts al
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-from clipo_nemo.config import ModelConfig, ParallelConfig
+from clipo_nemo.config import ModelConfig
 from clipo_nemo.parallel.launcher import run_distributed
 from clipo_nemo.rollout.base import GenerationParams
+from test_rollout import _build as build_generation_model  # tests/ is on sys.path under pytest
 
 VOCAB = 32  # the tiny tokenizer's size at max_operand=4
 MODEL = ModelConfig(
@@ -33,37 +32,10 @@ RUNS = ("greedy", "sampled", "sampled_chunked", "greedy_with_eos")
 def _generate_rank(rank, world_size, tp, pp, full_state):
     from megatron.core import parallel_state
 
-    from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
-    from clipo_nemo.models.policy import build_policy_model
-    from clipo_nemo.models.sharding import gather_full_state_dict, load_full_state_dict
-    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
-    from clipo_nemo.rollout.megatron_engine import MegatronRolloutEngine
+    from clipo_nemo.parallel.state import destroy_parallel_state
 
-    warnings.filterwarnings("ignore")
-    parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    init_parallel_state(parallel)
     try:
-        model = build_policy_model(MODEL, parallel)
-        if full_state is None:  # peaked weights: greedy has clear winners, samples vary
-            gen = torch.Generator().manual_seed(3)
-            with torch.no_grad():
-                for param in model.parameters():
-                    param.add_(0.5 * torch.randn(param.shape, generator=gen))
-            full_state = gather_full_state_dict(model, VOCAB)
-        else:
-            load_full_state_dict(model, full_state, VOCAB)
-        if model.post_process:
-            def poison_padding_rows(module, inputs, output):
-                logits, bias = output
-                logits[..., VOCAB:] = 1e4
-                return logits, bias
-
-            model.output_layer.register_forward_hook(poison_padding_rows)
-        tok = build_tiny_tokenizer(4)
-
-        def engine(**kw):
-            return MegatronRolloutEngine(model, tok, vocab_size=VOCAB, **kw)
-
+        model, full_state, _, engine = build_generation_model(tp, full_state, pp, MODEL)
         sampled = GenerationParams(n=3, max_new_tokens=MAX_NEW, temperature=0.8, top_k=6, top_p=0.9)
         res = {"state": full_state, "layers": len(model.decoder.layers), "has_output_layer": model.post_process,
                "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
