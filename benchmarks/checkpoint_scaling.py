@@ -43,7 +43,8 @@ def _rank(rank: int, world: int, cfg, run_dir: str):
 
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.trainer.checkpoint import load_checkpoint, save_checkpoint, wait_for_pending_save
+    from clipo_nemo.checkpoint.load import load_checkpoint
+    from clipo_nemo.checkpoint.save import save_checkpoint, wait_for_pending_save
     from clipo_nemo.trainer.step import ClipoHead
 
     torch.set_num_threads(1)

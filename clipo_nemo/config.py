@@ -7,7 +7,6 @@ Semantic checks that span sections live in :func:`validate_config`.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -427,15 +426,11 @@ def _anchor_problems(con: ContrastiveConfig, n: int, responses_per_step: int) ->
     return []
 
 
-def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
-    """Raise :class:`ConfigError` listing every key whose value cannot work."""
-    from clipo_nemo.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from clipo_nemo.algorithms.contrastive import ANCHORS, CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES
-    from clipo_nemo.algorithms.head import HEAD_TYPES
-    from clipo_nemo.algorithms.policy_losses import AGG_MODES, OWN_AGG_MODES, POLICY_LOSSES
-    from clipo_nemo.models.policy import RECOMPUTE_MODES, TORCH_DTYPES
-    from clipo_nemo.rollout import ROLLOUT_ENGINES
-
+def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
+    """Every value that cannot work, judged from the schema alone (ranges, cross-key arithmetic, the
+    layout's divisibility), one message per problem naming the key. The checks that need the
+    registries, the model tables or the file system are in :func:`clipo_nemo.validation.validate_config`,
+    which calls this one."""
     problems = []
 
     def choice(key, value, options):
@@ -447,20 +442,11 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
             problems.append(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
     algo, con, act, roll, trainer = cfg.algorithm, cfg.contrastive, cfg.actor, cfg.rollout, cfg.trainer
-    choice("algorithm.policy_loss", algo.policy_loss, POLICY_LOSSES)
-    choice("algorithm.loss_agg_mode", algo.loss_agg_mode, AGG_MODES)
     choice("algorithm.kl_loss_type", algo.kl_loss_type, ("k1", "k2", "k3", "low_var_kl"))
-    choice("algorithm.adv_estimator", algo.adv_estimator, ADVANTAGE_ESTIMATORS)
-    choice("contrastive.loss", con.loss, CONTRASTIVE_LOSSES)
-    choice("contrastive.level", con.level, LEVELS)
-    choice("contrastive.similarity", con.similarity, SIMILARITIES)
-    choice("contrastive.anchors", con.anchors, ANCHORS)
     if not con.eps >= 0:
         problems.append(f"contrastive.eps={con.eps} must be >= 0")
-    choice("contrastive.head.type", con.head.type, HEAD_TYPES)
     choice("contrastive.head.tp_mode", con.head.tp_mode, ("replicated", "column"))
     choice("actor.optimizer", act.optimizer, ("adamw", "sgd"))
-    choice("rollout.engine", roll.engine, ROLLOUT_ENGINES)
     for key, value in (("contrastive.temperature", con.temperature), ("contrastive.head.dim", con.head.dim),
                        ("actor.lr", act.lr), ("actor.ppo_epochs", act.ppo_epochs),
                        ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),
@@ -479,21 +465,14 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         problems.append(f"rollout.top_p={roll.top_p} must be in (0, 1]")
     if algo.dual_clip_c is not None and algo.dual_clip_c <= 1:
         problems.append(f"algorithm.dual_clip_c={algo.dual_clip_c} must be > 1 (or null)")
-    own_mode = OWN_AGG_MODES.get(algo.policy_loss)
-    if own_mode is not None and algo.loss_agg_mode != own_mode:
-        warnings.warn(f"algorithm.policy_loss={algo.policy_loss} aggregates its policy loss with {own_mode} (SPEC); "
-                      f"algorithm.loss_agg_mode={algo.loss_agg_mode} applies to the KL and entropy terms only",
-                      stacklevel=2)
     if act.optimizer == "sgd" and act.use_distributed_optimizer:
         problems.append("actor.optimizer=sgd needs actor.use_distributed_optimizer=false: megatron's distributed "
                         "optimizer supports Adam only (GPU runs)")
     if trainer.keep_last < 1:
         problems.append(f"trainer.keep_last={trainer.keep_last} must be >= 1")
-    choice("model.params_dtype", cfg.model.params_dtype, TORCH_DTYPES)
     if cfg.model.params_dtype == "float16":
         problems.append("model.params_dtype='float16' is not supported: fp16 training needs dynamic loss scaling, "
                         "which is not wired to the policy loss here; use 'bfloat16' (same memory, no loss scaling)")
-    choice("model.recompute", cfg.model.recompute, RECOMPUTE_MODES)
     stage_layers = cfg.model.num_layers // max(cfg.parallel.pipeline_parallel_size, 1)
     if cfg.model.recompute == "full" and (cfg.model.recompute_num_layers < 1
                                           or stage_layers % cfg.model.recompute_num_layers):
@@ -546,14 +525,6 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
             problems.append(f"data.max_prompt_length={data.max_prompt_length} + {new_tokens_key}={new_tokens} = "
                             f"{data.max_prompt_length + new_tokens} tokens exceeds model.max_position_embeddings="
                             f"{positions}: the longest prompt plus response must fit the model")
-    if trainer.init_from:
-        from clipo_nemo.conversion.weights import is_weights_checkpoint
-
-        source = Path(trainer.init_from)
-        if not (is_weights_checkpoint(source) or (source / "checkpoints").is_dir() or (source / "meta.json").is_file()):
-            problems.append(f"trainer.init_from={trainer.init_from!r} is not a clipo-nemo run, one of its "
-                            "checkpoints/step_N, or a converted checkpoint (a Hugging Face model directory must be "
-                            "converted first: tools/convert_hf_to_megatron.py --hf DIR --out CKPT)")
     if not trainer.tokenizer:
         problems.append("trainer.tokenizer is empty: give a Hugging Face tokenizer directory (or 'tiny'), or start "
                         "from a converted checkpoint that carries one (trainer.init_from)")
@@ -573,5 +544,4 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         problems.append(f"responses per DP rank ({responses} / {dp}) must divide into actor.num_mini_batches="
                         f"{act.num_mini_batches} mini-batches of whole parallel.micro_batch_size="
                         f"{cfg.parallel.micro_batch_size} micro-batches")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return problems

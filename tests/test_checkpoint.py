@@ -106,7 +106,7 @@ def _rng_draws():
 
 
 def _ours(caught):
-    from clipo_nemo.trainer.checkpoint import CheckpointWarning
+    from clipo_nemo.checkpoint.recovery import CheckpointWarning
 
     return [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
 
@@ -126,7 +126,8 @@ def _save_rank(rank, world, cfg, run_dir, asynchronous=False):
     """Two steps, save after step 1 (the checkpoint under test), then continue: the uninterrupted run.
     ``asynchronous``: step 2 trains (changing every weight and moment in place) while step 1 is written."""
     from clipo_nemo.parallel.state import destroy_parallel_state
-    from clipo_nemo.trainer.checkpoint import checkpoints_dir, save_checkpoint, wait_for_pending_save
+    from clipo_nemo.checkpoint.recovery import checkpoints_dir
+    from clipo_nemo.checkpoint.save import save_checkpoint, wait_for_pending_save
 
     try:
         actor, clipo = _build(cfg)
@@ -146,7 +147,7 @@ def _save_rank(rank, world, cfg, run_dir, asynchronous=False):
 
 def _resume_same_layout_rank(rank, world, cfg, run_dir):
     from clipo_nemo.parallel.state import destroy_parallel_state
-    from clipo_nemo.trainer.checkpoint import load_checkpoint
+    from clipo_nemo.checkpoint.load import load_checkpoint
 
     try:
         actor, clipo = _build(cfg)
@@ -166,7 +167,8 @@ def _resume_same_layout_rank(rank, world, cfg, run_dir):
 def _reshard_rank(rank, world, cfg, load_path, save_dir):
     """Load a checkpoint at this (other) layout; optionally save it again from here."""
     from clipo_nemo.parallel.state import destroy_parallel_state
-    from clipo_nemo.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from clipo_nemo.checkpoint.load import load_checkpoint
+    from clipo_nemo.checkpoint.save import save_checkpoint
 
     try:
         actor, clipo = _build(cfg)
@@ -185,7 +187,7 @@ def _reshard_rank(rank, world, cfg, load_path, save_dir):
 def _single_loads_rank(rank, world, cfg, paths):
     """TP=1 PP=1: load each checkpoint in turn into the same objects."""
     from clipo_nemo.parallel.state import destroy_parallel_state
-    from clipo_nemo.trainer.checkpoint import load_checkpoint
+    from clipo_nemo.checkpoint.load import load_checkpoint
 
     try:
         actor, clipo = _build(cfg)
@@ -306,7 +308,7 @@ def test_reference_is_a_checked_pointer_not_a_copy(tp2_run, tmp_path):
 
 
 def _directory_bytes(path):
-    """The byte string reference_pointer.directory_sha256 hashes, rebuilt here as the oracle."""
+    """The byte string clipo_nemo.checkpoint.reference.directory_sha256 hashes, rebuilt here as the oracle."""
     out = b""
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         out += str(file.relative_to(path)).encode() + b"\0" + file.read_bytes()
@@ -315,7 +317,8 @@ def _directory_bytes(path):
 
 def _load_error_rank(rank, world, cfg, path):
     from clipo_nemo.parallel.state import destroy_parallel_state
-    from clipo_nemo.trainer.checkpoint import CheckpointError, load_checkpoint
+    from clipo_nemo.checkpoint.load import load_checkpoint
+    from clipo_nemo.checkpoint.recovery import CheckpointError
 
     try:
         actor, clipo = _build(cfg)
@@ -355,27 +358,30 @@ def test_tp2_and_pp2_checkpoints_load_at_other_layouts(tp2_run, tmp_path):
 def _saves_then_killed_rank(rank, world, cfg, run_dir):
     """Save steps 1-3 (keep_last=2), record step 3's weights, then die by SIGKILL in the middle of
     saving step 4: after the sharded weights and RNG files are written, before meta.json."""
-    from clipo_nemo.trainer import checkpoint
+    from clipo_nemo.checkpoint import save
+    from clipo_nemo.checkpoint.recovery import checkpoints_dir
 
     actor, clipo = _build(cfg)
     listings = []
     for step in (1, 2, 3):
         _learn(actor, clipo, cfg, step)
-        checkpoint.save_checkpoint(run_dir, step, actor, clipo, {"step": step}, keep_last=2)
-        listings.append(sorted(p.name for p in checkpoint.checkpoints_dir(run_dir).iterdir()))
+        save.save_checkpoint(run_dir, step, actor, clipo, {"step": step}, keep_last=2)
+        listings.append(sorted(p.name for p in checkpoints_dir(run_dir).iterdir()))
     torch.save({"listings": listings, "step3": _snapshot(actor, clipo, cfg)}, Path(run_dir) / "before_kill.pt")
     _learn(actor, clipo, cfg, 4)
 
     def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint._write_atomically = killed
-    checkpoint.save_checkpoint(run_dir, 4, actor, clipo, {"step": 4}, keep_last=2)
+    save._write_atomically = killed  # fault injection: the first atomic write of the save's last part
+    save.save_checkpoint(run_dir, 4, actor, clipo, {"step": 4}, keep_last=2)
 
 
 def _restart_rank(rank, world, cfg, run_dir):
     from clipo_nemo.parallel.state import destroy_parallel_state
-    from clipo_nemo.trainer.checkpoint import checkpoints_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+    from clipo_nemo.checkpoint.load import load_checkpoint
+    from clipo_nemo.checkpoint.recovery import checkpoints_dir, latest_checkpoint
+    from clipo_nemo.checkpoint.save import save_checkpoint
 
     try:
         root = checkpoints_dir(run_dir)
@@ -412,7 +418,8 @@ def test_keep_last_and_sigkill_mid_save(tmp_path):
 
 
 def test_no_checkpoint_and_bad_arguments(tmp_path):
-    from clipo_nemo.trainer.checkpoint import latest_checkpoint, save_checkpoint
+    from clipo_nemo.checkpoint.recovery import latest_checkpoint
+    from clipo_nemo.checkpoint.save import save_checkpoint
 
     assert latest_checkpoint(tmp_path) is None
     with pytest.raises(ValueError, match="keep_last"):
@@ -428,7 +435,7 @@ def _killed_while_writing_rank(rank, world, cfg, run_dir):
     rank while they write; record the writer processes' pids first."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from clipo_nemo.trainer.checkpoint import save_checkpoint
+    from clipo_nemo.checkpoint.save import save_checkpoint
 
     actor, clipo = _build(cfg)
     save_checkpoint(run_dir, 1, actor, clipo, {"step": 1}, keep_last=2)
@@ -466,7 +473,7 @@ def test_writer_processes_die_with_a_killed_trainer(tmp_path):
     while any(_alive(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in pids if _alive(pid)]
-    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+    from clipo_nemo.checkpoint.recovery import latest_checkpoint
 
     assert latest_checkpoint(tmp_path).name == "step_1"  # the killed save was never published
     assert not (tmp_path / "checkpoints" / ".tmp-step_2" / "meta.json").exists()

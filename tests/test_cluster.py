@@ -62,7 +62,7 @@ def test_sigterm_to_the_launcher_saves_and_the_job_exits_zero(tmp_path):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-4000:]
     assert "stopped by signal" in out
-    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+    from clipo_nemo.checkpoint.recovery import latest_checkpoint
 
     assert latest_checkpoint(str(run)).name == f"step_{len(_metrics(run))}"
 
@@ -131,7 +131,8 @@ def test_parallel_timeout_s_bounds_the_wait_on_a_hung_rank(tmp_path):
 
 
 def test_parallel_timeout_s_must_be_positive():
-    from clipo_nemo.config import ClipoConfig, ConfigError, validate_config
+    from clipo_nemo.config import ClipoConfig, ConfigError
+    from clipo_nemo.validation import validate_config
 
     cfg = ClipoConfig()
     cfg.parallel.timeout_s = 0

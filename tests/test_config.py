@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from clipo_nemo.config import ClipoConfig, ConfigError, load_config, validate_config
+from clipo_nemo.config import ClipoConfig, ConfigError, load_config
+from clipo_nemo.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

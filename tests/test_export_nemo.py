@@ -88,7 +88,7 @@ def _save_at_tp2_pp2(rank, world_size, jobs):
     from clipo_nemo.conversion.weights import load_weights_into_model
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.trainer.checkpoint import save_checkpoint
+    from clipo_nemo.checkpoint.save import save_checkpoint
     from clipo_nemo.trainer.step import ClipoHead
 
     heads = []
@@ -249,7 +249,7 @@ def _our_logits_and_head(rank, world_size, run_dir, tokens):
     from clipo_nemo.conversion.verify import full_logits
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.trainer.checkpoint import load_checkpoint
+    from clipo_nemo.checkpoint.load import load_checkpoint
     from clipo_nemo.trainer.step import ClipoHead
 
     cfg = load_config(Path(run_dir) / "config.yaml")

@@ -13,7 +13,8 @@ import warnings
 import pytest
 import torch
 
-from clipo_nemo.config import ClipoConfig, ConfigError, ModelConfig, ParallelConfig, validate_config
+from clipo_nemo.config import ClipoConfig, ConfigError, ModelConfig, ParallelConfig
+from clipo_nemo.validation import validate_config
 from clipo_nemo.parallel.launcher import run_distributed
 
 TIMEOUT_S = 240
@@ -258,7 +259,7 @@ def _extra_state_rank(rank, world_size, ckpt_dir):
 
     from clipo_nemo.models.policy import build_policy_model
     from clipo_nemo.parallel.state import init_parallel_state
-    from clipo_nemo.trainer.checkpoint import drop_extra_state_missing_from, load_module_state
+    from clipo_nemo.checkpoint.sharded_state import drop_extra_state_missing_from, load_module_state
 
     warnings.filterwarnings("ignore")
     parallel = ParallelConfig()
@@ -303,7 +304,8 @@ def test_local_spec_checkpoint_loads_into_a_request_with_extra_state(tmp_path):
 
 
 def test_load_module_state_accepts_only_missing_extra_state():
-    from clipo_nemo.trainer.checkpoint import CheckpointError, load_module_state
+    from clipo_nemo.checkpoint.recovery import CheckpointError
+    from clipo_nemo.checkpoint.sharded_state import load_module_state
 
     module = _ModuleWithExtraState(2, 2)
     assert "_extra_state" in module.state_dict()

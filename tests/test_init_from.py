@@ -8,7 +8,7 @@ constructors set (bf16 model parameters, fp32 main copies made *before* the load
 import pytest
 import torch
 
-from clipo_nemo.trainer.load_guard import (
+from clipo_nemo.checkpoint.load_guard import (
     StaleOptimizerError, check_optimizer_matches_model, sync_optimizer_with_model)
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clipo_nemo.trainer.sharded_state import allocate_megatron_optimizer_state
+from clipo_nemo.checkpoint.sharded_state import allocate_megatron_optimizer_state
 
 
 def _distributed_optimizer(mains, init_state_fn):
@@ -112,7 +112,7 @@ def _loading_optimizer(mains, model_params):
 
 
 def test_loading_keeps_step_aside_while_megatron_loads_the_parameter_state():
-    from clipo_nemo.trainer.sharded_state import load_megatron_optimizer
+    from clipo_nemo.checkpoint.sharded_state import load_megatron_optimizer
 
     model_params = [torch.nn.Parameter(torch.zeros(5, 3)), torch.nn.Parameter(torch.zeros(7))]
     saved = [{"param": torch.full(p.shape, 1.5), "exp_avg": torch.full(p.shape, 0.25),

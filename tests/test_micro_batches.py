@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from clipo_nemo.config import ClipoConfig, ConfigError, load_config, validate_config
+from clipo_nemo.config import ClipoConfig, ConfigError, load_config
+from clipo_nemo.validation import validate_config
 from clipo_nemo.models.forward import PolicyBatch, pack_by_token_budget, sequence_lengths
 from clipo_nemo.parallel.launcher import run_distributed
 from clipo_nemo.trainer.equivalence import tiny_check_config

@@ -8,7 +8,8 @@ import torch
 
 from clipo_nemo.algorithms.policy_losses import (
     AGG_MODES, POLICY_LOSSES, LossNormalizer, PolicyLossConfig, aggregate_loss, compute_policy_loss, kl_penalty)
-from clipo_nemo.config import AlgorithmConfig, load_config, validate_config
+from clipo_nemo.config import AlgorithmConfig, load_config
+from clipo_nemo.validation import validate_config
 
 LN = math.log
 

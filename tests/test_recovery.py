@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 from test_train_e2e import _metrics, _train  # tests/ is on sys.path under pytest
 
-from clipo_nemo.trainer.checkpoint import CheckpointWarning, latest_checkpoint
+from clipo_nemo.checkpoint.recovery import (CheckpointError, CheckpointWarning, check_fresh_start, find_resume_point,
+                                            latest_checkpoint, verify_checkpoint, write_manifest)
 from clipo_nemo.trainer.metrics import MetricsLogger
-from clipo_nemo.trainer.recovery import (CheckpointError, check_fresh_start, find_resume_point, verify_checkpoint,
-                                         write_manifest)
 
 COMMON = ["evaluation.every_steps=0", "trainer.save_every_steps=2", "trainer.plot_embeddings=false"]
 

@@ -179,7 +179,7 @@ def _metrics(run_dir):
 def test_usr1_saves_requeues_and_the_requeued_job_resumes(fake_slurm, tmp_path):
     """SLURM's B:USR1 warning reaches the batch script: the ranks save and exit 0, the script requeues the
     job, and the requeued job (same output_dir, SLURM_RESTART_COUNT=1) resumes from the checkpoint."""
-    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+    from clipo_nemo.checkpoint.recovery import latest_checkpoint
 
     run = tmp_path / "run"
     fast = ["trainer.prompts_per_step=8", "rollout.n=4", "parallel.micro_batch_size=8", "actor.num_mini_batches=2",

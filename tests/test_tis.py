@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from clipo_nemo.config import ConfigError, validate_config
+from clipo_nemo.config import ConfigError
+from clipo_nemo.validation import validate_config
 from clipo_nemo.parallel.launcher import run_distributed
 from clipo_nemo.trainer.equivalence import make_global_batch, tiny_check_config
 

@@ -103,7 +103,7 @@ def _load_weights(rank, world_size, run_dir):
     from clipo_nemo.models.sharding import gather_full_state_dict
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.trainer.checkpoint import load_checkpoint
+    from clipo_nemo.checkpoint.load import load_checkpoint
     from clipo_nemo.trainer.step import ClipoHead
 
     cfg = load_config(Path(run_dir) / "config.yaml")  # what the run itself used
@@ -133,7 +133,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "stopped by signal" in out
     steps = len(_metrics(run))
-    from clipo_nemo.trainer.checkpoint import latest_checkpoint
+    from clipo_nemo.checkpoint.recovery import latest_checkpoint
 
     assert latest_checkpoint(str(run)).name == f"step_{steps}"
 

@@ -54,7 +54,7 @@ def stub(monkeypatch):
 # Without TensorRT-LLM, the arguments, the seeds, the outputs
 # ------------------------------------------------------------------------------------------------
 def test_without_tensorrt_llm_the_engine_names_the_container(monkeypatch, tmp_path):
-    from clipo_nemo.config import validate_config
+    from clipo_nemo.validation import validate_config
     from clipo_nemo.rollout import build_rollout_engine
 
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # not importable, stub or not
@@ -160,7 +160,7 @@ def _stream_and_save(rank, world_size, cfg, run_dir):
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.rollout.refit import HFWeightStream
     from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.trainer.checkpoint import save_checkpoint
+    from clipo_nemo.checkpoint.save import save_checkpoint
 
     init_parallel_state(cfg.parallel)
     try:

@@ -127,7 +127,7 @@ def _generate_and_score(args, path: Path):
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.rollout import GenerationParams, build_rollout_engine
     from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.trainer.checkpoint import load_checkpoint
+    from clipo_nemo.checkpoint.load import load_checkpoint
     from clipo_nemo.trainer.evaluation import evaluate, load_prompt_sets
     from clipo_nemo.trainer.experience import engine_generate_fn
     from clipo_nemo.trainer.loop import load_tokenizer

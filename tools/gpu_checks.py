@@ -63,7 +63,7 @@ def cmd_guard(args) -> None:
     from clipo_nemo.models.sharding import gather_full_state_dict, load_full_state_dict
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.trainer.load_guard import StaleOptimizerError, check_optimizer_matches_model, sync_optimizer_with_model
+    from clipo_nemo.checkpoint.load_guard import StaleOptimizerError, check_optimizer_matches_model, sync_optimizer_with_model
 
     cfg = tiny_config(["model.params_dtype=bfloat16", "algorithm.kl_loss_coef=0"])
     init_parallel_state(cfg.parallel)

@@ -36,11 +36,11 @@ import torch.distributed as dist
 
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import ConversionError, expected_hf_shapes, tensor_groups
-from clipo_nemo.models.sharding import _LOCAL_TO_CANONICAL, _PADDED_VOCAB
+from clipo_nemo.models.sharding import LOCAL_TO_CANONICAL, PADDED_VOCAB
 
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _STACKED_PREFIX = "decoder.layers."
-_CANONICAL_TO_LOCAL = {canonical: local for local, canonical in _LOCAL_TO_CANONICAL.items()}
+_CANONICAL_TO_LOCAL = {canonical: local for local, canonical in LOCAL_TO_CANONICAL.items()}
 
 
 @contextmanager
@@ -120,7 +120,7 @@ class DistCheckpointReader:
             return None
         shapes = [self._metadata[self.prefix + key].global_shape[0 if layer is None else 1:] for key, layer in located]
         rows = sum(shape[0] for shape in shapes)
-        if name in _PADDED_VOCAB and rows >= self.vocab_size:
+        if name in PADDED_VOCAB and rows >= self.vocab_size:
             rows = self.vocab_size
         return (rows, *shapes[0][1:])
 
@@ -167,7 +167,7 @@ class DistCheckpointReader:
         for name, keys in pieces.items():
             parts = [loaded[key][0] if stacked else loaded[key] for key, stacked in keys]
             tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-            if name in _PADDED_VOCAB:
+            if name in PADDED_VOCAB:
                 if tensor.shape[0] < self.vocab_size:
                     raise ConversionError(f"{self.checkpoint_dir}: {name!r} has {tensor.shape[0]} vocabulary rows, "
                                           f"fewer than vocab_size={self.vocab_size}")

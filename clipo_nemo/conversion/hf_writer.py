@@ -34,15 +34,16 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from clipo_nemo.checkpoint.contents import READABLE_FORMATS
+from clipo_nemo.checkpoint.recovery import latest_checkpoint
 from clipo_nemo.config import ClipoConfig, ModelConfig, load_config
 from clipo_nemo.conversion.dist_reader import (
     DistCheckpointReader, check_checkpoint_matches, iter_canonical_tensors, single_process_group)
 from clipo_nemo.conversion.mapping import (
-    SUPPORTED_ARCHITECTURES, ConversionError, hf_config_from_model, tensor_groups)
+    SUPPORTED_ARCHITECTURES, ConversionError, hf_config_from_model, infer_architecture, tensor_groups)
 from clipo_nemo.conversion.weights import TOKENIZER_FILES, has_tokenizer_files, is_weights_checkpoint, read_description
-from clipo_nemo.models.head import _layer_names
+from clipo_nemo.models.head import layer_names
 from clipo_nemo.models.policy import TORCH_DTYPES
-from clipo_nemo.trainer.checkpoint import READABLE_FORMATS, latest_checkpoint
 
 HEAD_WEIGHTS, HEAD_DESCRIPTION = "clipo_head.safetensors", "clipo_head.json"
 HEAD_FORMAT, HEAD_VERSION = "clipo-head", 1
@@ -144,11 +145,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Tuple[Path, Path]:
                           "directory (with meta.json and dist/)")
 
 
-def infer_architecture(model: ModelConfig) -> str:
-    """The HF architecture a model without a recorded one is written as: QKV bias = Qwen2, else Llama."""
-    return "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"
-
-
 def resolve_export_source(path: str | os.PathLike, architecture: Optional[str] = None) -> ExportSource:
     """Find the checkpoint, its run's config, architecture, HF configs and tokenizer; check them."""
     step, run_dir = resolve_checkpoint(path)
@@ -236,7 +232,7 @@ def _read_head(source: ExportSource) -> Optional[Tuple[Dict[str, Any], Dict[str,
     if head is None:
         return None
     reader = DistCheckpointReader(source.checkpoint / "dist", "head.", vocab_size=0)
-    names = _layer_names(head["type"])
+    names = layer_names(head["type"])
     weights = reader.read(names)
     first, last = weights[names[0]], weights[names[-1]]
     con = source.cfg.contrastive
@@ -273,7 +269,7 @@ def load_head_file(directory: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[s
                               f"{description.get('version')!r}, expected {HEAD_FORMAT!r} version {HEAD_VERSION}")
     state = load_file(str(directory / HEAD_WEIGHTS))
     expected = {name: tuple(shape) for name, shape in description["tensors"].items()}
-    if set(state) != set(_layer_names(description["type"])) or {k: tuple(v.shape) for k, v in state.items()} != expected:
+    if set(state) != set(layer_names(description["type"])) or {k: tuple(v.shape) for k, v in state.items()} != expected:
         found = sorted((k, tuple(v.shape)) for k, v in state.items())
         raise ConversionError(f"{directory / HEAD_WEIGHTS}: tensors {found} "
                               f"do not match the {description['type']!r} head described as {sorted(expected.items())}")

@@ -308,3 +308,7 @@ def expected_hf_shapes(model: ModelConfig) -> Dict[str, Tuple[int, ...]]:
                            f"{p}self_attn.v_proj.bias": (kv,)})
     return shapes
 
+
+def infer_architecture(model: ModelConfig) -> str:
+    """The HF architecture a model without a recorded one is written as: QKV bias = Qwen2, else Llama."""
+    return "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"

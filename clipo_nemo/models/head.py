@@ -42,8 +42,9 @@ def reference_head(hidden_size: int, dim: int, head_type: str, seed: int) -> Con
         return ContrastiveHead(hidden_size, dim, head_type)
 
 
-def _layer_names(head_type: str) -> List[str]:
-    """Parameter names of the reference head's linear layers, in order."""
+def layer_names(head_type: str) -> List[str]:
+    """Parameter names of the reference head's linear layers, in order (also the names under which
+    checkpoints and Hugging Face exports store the head)."""
     return ["proj.weight"] if head_type == "linear" else ["proj.0.weight", "proj.2.weight"]
 
 
@@ -109,7 +110,7 @@ class ParallelContrastiveHead(nn.Module):
 
         group = parallel_state.get_tensor_model_parallel_group()
         full = {}
-        for name, layer in zip(_layer_names(self.head_type), self.layers):
+        for name, layer in zip(layer_names(self.head_type), self.layers):
             shards = [torch.empty_like(layer.weight) for _ in range(dist.get_world_size(group))]
             dist.all_gather(shards, layer.weight.detach().contiguous(), group=group)
             full[name] = torch.cat(shards)
@@ -124,7 +125,7 @@ class ParallelContrastiveHead(nn.Module):
 
         rank = parallel_state.get_tensor_model_parallel_rank()
         with torch.no_grad():
-            for name, layer in zip(_layer_names(self.head_type), self.layers):
+            for name, layer in zip(layer_names(self.head_type), self.layers):
                 rows = layer.weight.shape[0]
                 layer.weight.copy_(full[name][rank * rows: (rank + 1) * rows])
 

@@ -19,15 +19,19 @@ import torch
 import torch.distributed as dist
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-# local-spec parameter name -> megatron checkpoint name (same mapping as the spec's keys map)
-_LOCAL_TO_CANONICAL = {
+# local-spec parameter name -> megatron checkpoint name (same mapping as the spec's keys map); the
+# converted-checkpoint reader maps back with it.
+LOCAL_TO_CANONICAL = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
-_PADDED_VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
+# The vocabulary-sized parameters: megatron pads their rows to a multiple of
+# make_vocab_size_divisible_by x TP, the full state dict holds exactly vocab_size rows.
+PADDED_VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def _named_parameters(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+def named_parameters(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    """``model``'s parameters by local name, without the ``module.`` prefix that DDP wrappers add."""
     return {name.removeprefix("module."): p for name, p in model.named_parameters()}
 
 
@@ -36,19 +40,20 @@ def canonical_name(model: torch.nn.Module, local_name: str) -> str:
     match = _LAYER.match(local_name)
     if match is None:
         return local_name
-    layer = _unwrap(model).decoder.layers[int(match.group(1))]
-    suffix = _LOCAL_TO_CANONICAL.get(match.group(2), match.group(2))
+    layer = unwrap(model).decoder.layers[int(match.group(1))]
+    suffix = LOCAL_TO_CANONICAL.get(match.group(2), match.group(2))
     return f"decoder.layers.{layer.layer_number - 1}.{suffix}"
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (megatron's ``unwrap_model``)."""
     from megatron.core.utils import unwrap_model
 
     return unwrap_model(model)
 
 
 def _is_gated_fc1(name: str, model: torch.nn.Module) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") and _unwrap(model).config.gated_linear_unit
+    return name.endswith("mlp.linear_fc1.weight") and unwrap(model).config.gated_linear_unit
 
 
 def _tp_split(full: torch.Tensor, param: torch.nn.Parameter, gated: bool, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -71,8 +76,8 @@ def load_full_state_dict(model: torch.nn.Module, full: Dict[str, torch.Tensor], 
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    unwrapped = _unwrap(model)
-    for local_name, param in _named_parameters(unwrapped).items():
+    unwrapped = unwrap(model)
+    for local_name, param in named_parameters(unwrapped).items():
         name = canonical_name(unwrapped, local_name)
         source_name = name
         if name == "output_layer.weight" and name not in full and unwrapped.share_embeddings_and_output_weights:
@@ -80,7 +85,7 @@ def load_full_state_dict(model: torch.nn.Module, full: Dict[str, torch.Tensor], 
         if source_name not in full:
             raise KeyError(f"full state dict has no {source_name!r} (needed for parameter {local_name!r})")
         source = full[source_name].detach().to(dtype=param.dtype, device="cpu")
-        if name in _PADDED_VOCAB:
+        if name in PADDED_VOCAB:
             padded_rows = param.shape[0] * (tp_size if getattr(param, "tensor_model_parallel", False) else 1)
             source = _pad_vocab(source, vocab_size, padded_rows, source_name)
         shard = _tp_split(source, param, _is_gated_fc1(local_name, unwrapped), tp_rank, tp_size)
@@ -128,12 +133,12 @@ def gather_full_state_dict(model: torch.nn.Module, vocab_size: int) -> Dict[str,
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    unwrapped = _unwrap(model)
+    unwrapped = unwrap(model)
     stage: Dict[str, torch.Tensor] = {}
-    for local_name, param in _named_parameters(unwrapped).items():
+    for local_name, param in named_parameters(unwrapped).items():
         name = canonical_name(unwrapped, local_name)
         tensor = gather_tensor_parallel(param, local_name, unwrapped, tp_group, tp_size)
-        if name in _PADDED_VOCAB:
+        if name in PADDED_VOCAB:
             tensor = tensor[:vocab_size]
         stage[name] = tensor.cpu().clone()
     if unwrapped.share_embeddings_and_output_weights:

@@ -26,8 +26,7 @@ import torch.distributed as dist
 
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import expected_hf_shapes, tensor_groups
-from clipo_nemo.models.sharding import (_PADDED_VOCAB, _named_parameters, _unwrap, canonical_name,
-                                        gather_tensor_parallel)
+from clipo_nemo.models.sharding import PADDED_VOCAB, canonical_name, gather_tensor_parallel, named_parameters, unwrap
 
 Named = Tuple[str, torch.Tensor]
 
@@ -58,12 +57,12 @@ class HFWeightStream:
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig):
         from megatron.core import parallel_state
 
-        self.unwrapped = _unwrap(model)
+        self.unwrapped = unwrap(model)
         self.model_cfg = model_cfg
         self.groups = tensor_groups(model_cfg)
         self.shapes = canonical_shapes(model_cfg)
         self.local = {canonical_name(self.unwrapped, name): (name, param)
-                      for name, param in _named_parameters(self.unwrapped).items()}
+                      for name, param in named_parameters(self.unwrapped).items()}
         if model_cfg.tie_word_embeddings:
             self.local.pop("output_layer.weight", None)  # tied: the embedding is the one source
         first = next(iter(self.unwrapped.parameters()))
@@ -100,7 +99,7 @@ class HFWeightStream:
         if owner == parallel_state.get_pipeline_model_parallel_rank():
             local_name, param = self.local[name]
             tensor = gather_tensor_parallel(param, local_name, self.unwrapped, self.tp_group, self.tp_size)
-            if name in _PADDED_VOCAB:
+            if name in PADDED_VOCAB:
                 tensor = tensor[: self.model_cfg.vocab_size]
             if tuple(tensor.shape) != self.shapes[name]:
                 raise RefitError(f"{name}: gathered shape {tuple(tensor.shape)}, the model description says "

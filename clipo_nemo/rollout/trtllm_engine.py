@@ -212,8 +212,7 @@ class TrtllmRolloutEngine:
         import json
 
         from clipo_nemo.config import max_sequence_length
-        from clipo_nemo.conversion.hf_writer import infer_architecture
-        from clipo_nemo.conversion.mapping import hf_config_from_model
+        from clipo_nemo.conversion.mapping import hf_config_from_model, infer_architecture
         from tensorrt_llm.llmapi import KvCacheConfig
 
         self._workdir = tempfile.TemporaryDirectory(prefix="clipo-trtllm-")

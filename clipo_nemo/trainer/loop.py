@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from clipo_nemo.algorithms.advantages import zero_variance_groups
-from clipo_nemo.config import ClipoConfig, apply_checkpoint_model, validate_config
+from clipo_nemo.config import ClipoConfig, apply_checkpoint_model
+from clipo_nemo.validation import validate_config
 from clipo_nemo.data.prompts import Prompt
 from clipo_nemo.parallel.gather import all_reduce_values, broadcast_object
 from clipo_nemo.trainer.experience import (Rollouts, SampledGroup, build_experience, engine_generate_fn, generate,
@@ -128,7 +129,7 @@ class Trainer:
                                  cfg.verifier.chunk_size)
         self.step = 0
         self.nonfinite_in_a_row = 0
-        self.weights_check = None  # the load guard's report (clipo_nemo.trainer.load_guard), set by run()
+        self.weights_check = None  # the load guard's report (clipo_nemo.checkpoint.load_guard), set by run()
         self.old_checkpoints: List[Path] = []  # step_N directories found at resume: never saved over (set aside)
         self.kept_checkpoints: List[Path] = []  # never pruned: the old checkpoints when resume fell back
 
@@ -262,14 +263,16 @@ class Trainer:
     def run(self, stop: Optional[StopRequested] = None) -> Dict[str, object]:
         """Resume if the run directory has a checkpoint, train to ``trainer.max_steps``, save, plot.
         ``stop``: a handler installed earlier (so a signal during the build is not lost)."""
-        from clipo_nemo.trainer import checkpoint, reference_pointer
+        from clipo_nemo.checkpoint.load import load_checkpoint
+        from clipo_nemo.checkpoint.reference import pointer_for_run
+        from clipo_nemo.checkpoint.save import finish_saves, wait_for_pending_save
         from clipo_nemo.trainer.metrics import MetricsLogger
 
         cfg = self.cfg
         point = self._resume_point()
         self.old_checkpoints = point.old_checkpoints
         self.kept_checkpoints = point.old_checkpoints if point.fell_back else []
-        state = None if point.checkpoint is None else checkpoint.load_checkpoint(
+        state = None if point.checkpoint is None else load_checkpoint(
             str(self.run_dir), self.actor, self.clipo, path=point.checkpoint, verify=False)
         if state is not None:
             self.step = state["step"]
@@ -277,7 +280,7 @@ class Trainer:
         elif cfg.trainer.init_from:
             self._init_from(Path(cfg.trainer.init_from))
         weights_note = self._check_optimizer_copies()
-        self.reference_pointer = None if self.actor.reference is None else reference_pointer.pointer_for_run(
+        self.reference_pointer = None if self.actor.reference is None else pointer_for_run(
             point.checkpoint if state is not None else None, cfg.trainer.init_from)
         logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger)
         for note in point.notes:
@@ -314,14 +317,14 @@ class Trainer:
                 if stop.any_rank():
                     status = "stopped by signal"
                     break
-                checkpoint.finish_saves()  # publish a background save that every rank has written
+                finish_saves()  # publish a background save that every rank has written
                 if cfg.trainer.save_every_steps and self.step % cfg.trainer.save_every_steps == 0 \
                         and self.step < cfg.trainer.max_steps:
                     self._save(logger)
             # A diverged policy is not saved over the last good one; a resume with no step left saves nothing.
             if not status.startswith("stopped:") and not (state is not None and self.step == state["step"]):
                 self._save(logger)
-            checkpoint.wait_for_pending_save()  # a background save is complete and published before exit
+            wait_for_pending_save()  # a background save is complete and published before exit
         finally:
             self.pool.close()
         summary = logger.close()
@@ -344,22 +347,23 @@ class Trainer:
         """A fresh run (step 0) from other weights: a converted checkpoint (policy, and the reference
         made equal to it; the head stays freshly initialised) or another run's checkpoint (its weights,
         reference, head and optimizer states; its step is not kept)."""
+        from clipo_nemo.checkpoint.load import load_checkpoint
+        from clipo_nemo.checkpoint.recovery import CheckpointError
         from clipo_nemo.conversion.weights import is_weights_checkpoint, load_weights_into_model
-        from clipo_nemo.trainer import checkpoint
 
         if is_weights_checkpoint(source):
             load_weights_into_model(self.actor.module, source, self.cfg.model.vocab_size)
             self.actor.sync_reference()
             return
         is_step_dir = source.parent.name == "checkpoints"
-        if checkpoint.load_checkpoint(str(source.parent.parent if is_step_dir else source), self.actor, self.clipo,
-                                      path=source if is_step_dir else None) is None:
-            raise checkpoint.CheckpointError(f"trainer.init_from={source}: the run has no complete checkpoint")
+        if load_checkpoint(str(source.parent.parent if is_step_dir else source), self.actor, self.clipo,
+                           path=source if is_step_dir else None) is None:
+            raise CheckpointError(f"trainer.init_from={source}: the run has no complete checkpoint")
 
     def _check_optimizer_copies(self) -> str:
         """After any load: the optimizers' copies of the weights must be the models' (stale megatron main
         copies are reloaded), or the first step would undo the load. Raises StaleOptimizerError."""
-        from clipo_nemo.trainer.load_guard import sync_optimizer_with_model
+        from clipo_nemo.checkpoint.load_guard import sync_optimizer_with_model
 
         self.weights_check = sync_optimizer_with_model(self.actor.optimizer, self.actor.model)
         checked = self.weights_check.tensors_checked
@@ -369,10 +373,10 @@ class Trainer:
         return f"optimizer copies of the weights equal the model's ({checked} tensors on this rank{reloaded})"
 
     def _resume_point(self):
-        """Rank 0 decides where to resume (:func:`clipo_nemo.trainer.recovery.find_resume_point`) and
+        """Rank 0 decides where to resume (:func:`clipo_nemo.checkpoint.recovery.find_resume_point`) and
         tells the others. A run directory with checkpoints none of which loads, or with logged steps
         and no checkpoint, is a CheckpointError on every rank (never a fresh start over its files)."""
-        from clipo_nemo.trainer import recovery
+        from clipo_nemo.checkpoint import recovery
 
         decision = None
         if self.is_logger:
@@ -389,17 +393,17 @@ class Trainer:
         return point
 
     def _save(self, logger) -> None:
-        from clipo_nemo.trainer import checkpoint, recovery
+        from clipo_nemo.checkpoint import recovery, save
 
-        target = checkpoint.checkpoints_dir(self.run_dir) / f"step_{self.step}"
+        target = recovery.checkpoints_dir(self.run_dir) / f"step_{self.step}"
         if self.is_logger and target in self.old_checkpoints and target.is_dir():
             moved = recovery.set_aside(target)  # an old checkpoint (skipped at resume) is kept, not replaced
             logger.note(f"{target.name} of the earlier run moved to {moved.name} before saving step {self.step}")
-        checkpoint.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
-                                   {"step": self.step, "sampler": self.sampler.state_dict()},
-                                   keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
-                                   reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
-                                   asynchronous=self.cfg.trainer.async_save)
+        save.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
+                             {"step": self.step, "sampler": self.sampler.state_dict()},
+                             keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
+                             reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
+                             asynchronous=self.cfg.trainer.async_save)
 
     def _plots(self, history) -> None:
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves

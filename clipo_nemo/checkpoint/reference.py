@@ -28,6 +28,10 @@ from typing import Any, Callable, Dict, Optional
 
 import torch.distributed as dist
 
+from clipo_nemo.checkpoint.recovery import CheckpointError, latest_checkpoint
+from clipo_nemo.checkpoint.sharded_state import drop_extra_state_missing_from, load_module_state, without_prefix
+from clipo_nemo.checkpoint.writer import checkpoint_writer
+
 REFERENCE_DIR = "reference"  # under run_dir/checkpoints: a random-init run's own reference
 Pointer = Dict[str, Any]  # {"kind": "weights" | "dist", "path": str, "sha256": str}
 
@@ -81,7 +85,6 @@ def pointer_for_run(resumed_from: Optional[Path], init_from: str) -> Optional[Po
     that of ``init_from`` (a converted checkpoint, a run or a run's checkpoint), else None (random
     init: the first save writes the run's own copy). Collective."""
     from clipo_nemo.conversion.weights import is_weights_checkpoint
-    from clipo_nemo.trainer.checkpoint import latest_checkpoint
 
     if resumed_from is not None:
         return pointer_in_checkpoint(resumed_from)
@@ -98,9 +101,6 @@ def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: 
     that the directory is there and unchanged. Collective."""
     from megatron.core import dist_checkpointing
 
-    from clipo_nemo.trainer.checkpoint import (
-        CheckpointError, _without_prefix, drop_extra_state_missing_from, load_module_state)
-
     path = Path(pointer["path"])
     if not path.is_dir():
         raise CheckpointError(f"{named_by}: its reference policy {path} is missing")
@@ -116,15 +116,13 @@ def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: 
     request = {"reference": reference.sharded_state_dict(prefix="reference.")}
     drop_extra_state_missing_from(request, path)
     loaded = dist_checkpointing.load(request, str(path))
-    load_module_state(reference, _without_prefix(loaded["reference"], "reference."))
+    load_module_state(reference, without_prefix(loaded["reference"], "reference."))
 
 
 def save_own_reference(checkpoints_root: Path, reference: Any, parallel: bool) -> Pointer:
     """The run's own copy of a randomly initialised reference: written once to
     ``checkpoints_root/reference`` (under ``.tmp-reference`` until complete), reused afterwards.
     Collective."""
-    from clipo_nemo.trainer.checkpoint_writer import checkpoint_writer
-
     final, tmp = checkpoints_root / REFERENCE_DIR, checkpoints_root / f".tmp-{REFERENCE_DIR}"
     if not (final / "meta.json").is_file():
         if dist.get_rank() == 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ _HASH_THREADS = 8  # zlib releases the GIL: files are checksummed in parallel
 
 class CheckpointError(RuntimeError):
     """A checkpoint does not fit the model it is loaded into, or the checkpoint directory is unusable."""
+
+
+class CheckpointWarning(UserWarning):
+    """Part of a checkpoint could not be restored at this layout or configuration (and was skipped), or
+    a checkpoint was skipped at resume."""
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
@@ -234,6 +240,16 @@ def find_resume_point(run_dir: str | os.PathLike) -> ResumePoint:
         f"{root} holds checkpoints but none can be resumed from:\n  " + "\n  ".join(notes) +
         "\nNothing was changed. To resume, restore one of them (or write the name of a whole step_N into "
         f"{root / 'latest'}); to start over, use a new trainer.output_dir or move {root} and metrics.jsonl aside.")
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint to resume from (:func:`find_resume_point`): the one ``latest`` names if it
+    verifies, else the newest one that does, with a :class:`CheckpointWarning` per checkpoint
+    skipped; None when the run has none yet. Raises CheckpointError when none can be used."""
+    point = find_resume_point(run_dir)
+    for note in point.notes:
+        warnings.warn(note, CheckpointWarning, stacklevel=2)
+    return point.checkpoint
 
 
 def check_fresh_start(run_dir: str | os.PathLike) -> None:

@@ -1,18 +1,19 @@
 """What of the policy, head and optimizers goes into a checkpoint, as megatron ``dist_checkpointing``
 sharded state: the head's whole-head sharded tensors, a ``torch.optim`` optimizer's moments shaped like
 its parameters, megatron's own optimizer (its format, its state allocation and its load), and which
-rank's copy of a replicated value is written. :mod:`clipo_nemo.trainer.checkpoint` assembles these into
-a save or load request.
+rank's copy of a replicated value is written, and loading a requested state back into modules.
+:mod:`clipo_nemo.checkpoint.contents` assembles these into a save or load request.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from clipo_nemo.models.head import ParallelContrastiveHead, _layer_names
-from clipo_nemo.trainer.recovery import CheckpointError
+from clipo_nemo.checkpoint.recovery import CheckpointError
+from clipo_nemo.models.head import ParallelContrastiveHead, layer_names
 
 # megatron's distributed-optimizer checkpoint format: model-shaped moments, reshardable at any
 # TP/PP/DP, gathered over the DP group to DP rank 0 only (megatron's memory-efficient variant) instead of
@@ -21,6 +22,7 @@ from clipo_nemo.trainer.recovery import CheckpointError
 # "dp_reshardable" cannot change TP/PP.
 MEGATRON_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                                "distrib_optim_fully_reshardable_mem_efficient": True}
+_EXTRA_STATE = "_extra_state"  # state-dict key suffix of a module's extra state (TE: its FP8 metadata)
 
 
 def replica_id(main_on_last_stage: bool, tp_replicated: bool) -> Tuple[int, int, int]:
@@ -41,7 +43,7 @@ def head_parameters(head: ParallelContrastiveHead) -> Dict[str, torch.nn.Paramet
     """The head's weights by their whole-head name (``proj.weight``, ...), in either TP mode."""
     if head.tp_mode == "replicated":
         return dict(head.head.named_parameters())
-    return {name: layer.weight for name, layer in zip(_layer_names(head.head_type), head.layers)}
+    return {name: layer.weight for name, layer in zip(layer_names(head.head_type), head.layers)}
 
 
 def head_sharded_state_dict(head: ParallelContrastiveHead) -> Dict[str, Any]:
@@ -205,3 +207,48 @@ def load_megatron_optimizer(optimizer: Any, state_dict: Dict[str, Any]) -> None:
 # megatron's parameter-state sharding types and the suffix of their ``load_parameter_state_from_*``
 _PARAM_STATE_LOADERS = {"fully_reshardable": "fully_reshardable", "dp_reshardable": "dp_reshardable",
                         "fully_sharded_model_space": "fs_model_space", "dp_zero_gather_scatter": "dp_zero"}
+
+
+def drop_extra_state_missing_from(request: Dict[str, Any], checkpoint_dir: str | os.PathLike) -> List[str]:
+    """Remove (in place, at any depth) the ``_extra_state`` entries of a requested sharded state dict
+    that the checkpoint at ``checkpoint_dir`` does not hold; return their state-dict keys.
+
+    Transformer Engine layers add one ``_extra_state`` ShardedObject per module (their FP8
+    metadata); a checkpoint written with megatron's local layers has none, and requesting them would
+    fail the load. The modules keep their freshly built extra state (see :func:`load_module_state`).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    saved: Optional[set] = None  # the checkpoint's keys, read only once an _extra_state entry is requested
+    dropped: List[str] = []
+
+    def visit(node: Dict[str, Any]) -> None:
+        nonlocal saved
+        for key, value in list(node.items()):
+            if isinstance(value, dict):
+                visit(value)
+            elif isinstance(value, ShardedBase) and value.key.endswith(_EXTRA_STATE):
+                if saved is None:
+                    saved = {entry.key for entry in load_sharded_metadata(str(checkpoint_dir)).values()}
+                if value.key not in saved:
+                    dropped.append(key)
+                    del node[key]
+
+    visit(request)
+    return dropped
+
+
+def load_module_state(module: torch.nn.Module, state_dict: Dict[str, Any]) -> None:
+    """``module.load_state_dict`` that accepts missing ``_extra_state`` entries (a checkpoint of
+    megatron's local layers loaded into Transformer Engine layers) and nothing else missing or extra."""
+    result = module.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith(_EXTRA_STATE)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{type(module).__name__}: checkpoint lacks {missing[:5]} and has unexpected "
+                              f"{result.unexpected_keys[:5]} (of {len(missing)} / {len(result.unexpected_keys)})")
+
+
+def without_prefix(state_dict: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    """A module's state dict from its sharded state dict's keys (which carry the save prefix)."""
+    return {key.removeprefix(prefix): value for key, value in state_dict.items()}

@@ -1,0 +1,119 @@
+"""Saving a step checkpoint: every rank writes its share under ``.tmp-step_<N>``, then rank 0 writes
+the manifest and ``meta.json``, renames the directory, points ``latest`` at it and prunes old ones
+(the sequence is described in :mod:`clipo_nemo.checkpoint`)."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Collection, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from clipo_nemo.checkpoint.contents import (HeadState, PolicyState, checkpoint_sharded_state_dict, describe_contents,
+                                            rng_states)
+from clipo_nemo.checkpoint.recovery import STEP_PREFIX, TMP_PREFIX, checkpoints_dir, complete_checkpoints, write_manifest
+from clipo_nemo.checkpoint.reference import REFERENCE_DIR, Pointer, save_own_reference, stored_form
+from clipo_nemo.checkpoint.writer import checkpoint_writer
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: PolicyState, clipo_head: Optional[HeadState],
+                    trainer_state: Dict[str, Any], keep_last: int, keep: Collection[Path] = (), *,
+                    reference: Optional[Pointer] = None, parallel: bool = True, asynchronous: bool = False) -> Path:
+    """Save everything needed to resume after ``step`` to ``run_dir/checkpoints/step_<step>``.
+
+    Collective: every rank calls it with the same arguments (``trainer_state`` is taken from rank
+    0). Written under ``.tmp-step_<step>`` and renamed when every rank has finished; then ``latest``
+    is replaced atomically and all but the newest ``keep_last`` complete checkpoints (and those in
+    ``keep``: the old checkpoints of a run that fell back at resume) are deleted. A
+    leftover ``.tmp-*`` from a killed save is removed first. Saving a step that already exists
+    replaces it. Returns the checkpoint directory.
+
+    ``reference``: where the frozen reference policy lives
+    (:func:`clipo_nemo.checkpoint.reference.pointer_for_run`); None: this run's own copy in
+    ``checkpoints/reference``, written by the first save that needs it. ``parallel``: every
+    data-parallel rank writes its share of the sharded tensors. ``asynchronous``: return once the
+    sharded write has started in the background; the manifest, meta.json, the rename, ``latest``
+    and pruning follow when every rank's write is complete, at :func:`finish_saves` or
+    :func:`wait_for_pending_save` (the next save waits for a pending one first).
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if not isinstance(trainer_state, dict):
+        raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
+    writer = checkpoint_writer()
+    writer.wait()
+    root = checkpoints_dir(run_dir)
+    final, tmp = root / f"{STEP_PREFIX}{step}", root / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        if not complete_checkpoints(root):  # a reference/ of a run killed before its first checkpoint
+            shutil.rmtree(root / REFERENCE_DIR, ignore_errors=True)
+        (tmp / "dist").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    dist.barrier()
+    contents = describe_contents(actor, clipo_head)
+    contents["reference"] = None if actor.reference is None else stored_form(
+        reference if reference is not None else save_own_reference(root, actor.reference, parallel), root)
+    torch.save(rng_states(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    publish = functools.partial(_publish, root, tmp, final, {"step": step, **contents}, keep_last, keep)
+    writer.save(checkpoint_sharded_state_dict(actor, clipo_head, contents, loading=False), tmp / "dist", publish,
+                parallel=parallel, asynchronous=asynchronous)
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, meta: Dict[str, Any], keep_last: int, keep: Collection[Path]) -> None:
+    """A save's last part, once every rank's files are complete (collective): rank 0 writes the
+    manifest and meta.json, renames ``tmp`` to ``final``, points ``latest`` at it and prunes."""
+    if dist.get_rank() == 0:
+        write_manifest(tmp)
+        _write_atomically(tmp / "meta.json", json.dumps(meta, indent=1))
+        if final.exists():  # re-saving a step: move the old copy aside first (rename cannot overwrite)
+            replaced = root / f"{TMP_PREFIX}replaced-{final.name}"
+            os.replace(final, replaced)
+            os.replace(tmp, final)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(tmp, final)
+        _write_atomically(root / "latest", final.name)
+        _prune(root, keep_last, final, keep)
+    dist.barrier()
+
+
+def wait_for_pending_save() -> None:
+    """Block until a pending asynchronous save is written on every rank, then publish it. Collective."""
+    checkpoint_writer().wait()
+
+
+def finish_saves() -> bool:
+    """Publish a pending asynchronous save if every rank has finished writing it (does not block).
+    True when no save is pending any more. Collective (one all-reduce while a save is pending)."""
+    return checkpoint_writer().poll()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old or the new content, never a mix."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int, just_saved: Path, keep: Collection[Path] = ()) -> None:
+    """Delete complete checkpoints older than the newest ``keep_last`` ones (never ``just_saved``,
+    which ``latest`` names, even when a higher-numbered checkpoint exists, nor those in ``keep``)."""
+    for old in complete_checkpoints(root)[:-keep_last]:
+        if old != just_saved and old not in keep:
+            shutil.rmtree(old)

@@ -1,0 +1,64 @@
+"""The whole configuration check, run before anything is built: the schema's own checks
+(:func:`clipo_nemo.config.schema_problems`) plus those that need what sits above the schema: the
+registries (policy losses, advantage estimators, contrastive losses, heads, rollout engines), the
+model tables (dtypes, recompute modes) and the file system (``trainer.init_from``).
+
+It lives above :mod:`clipo_nemo.config` so that the schema imports nothing of the package: every
+module may import the schema, and only the trainer's start-up (and tests) import this one.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import List
+
+from clipo_nemo.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from clipo_nemo.algorithms.contrastive import ANCHORS, CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES
+from clipo_nemo.algorithms.head import HEAD_TYPES
+from clipo_nemo.algorithms.policy_losses import AGG_MODES, OWN_AGG_MODES, POLICY_LOSSES
+from clipo_nemo.config import ClipoConfig, ConfigError, schema_problems
+from clipo_nemo.conversion.weights import is_weights_checkpoint
+from clipo_nemo.models.policy import RECOMPUTE_MODES, TORCH_DTYPES
+from clipo_nemo.rollout import ROLLOUT_ENGINES
+
+
+def registry_problems(cfg: ClipoConfig) -> List[str]:
+    """Every key naming a registered variant that is not registered (one message each)."""
+    choices = (("algorithm.policy_loss", cfg.algorithm.policy_loss, POLICY_LOSSES),
+               ("algorithm.loss_agg_mode", cfg.algorithm.loss_agg_mode, AGG_MODES),
+               ("algorithm.adv_estimator", cfg.algorithm.adv_estimator, ADVANTAGE_ESTIMATORS),
+               ("contrastive.loss", cfg.contrastive.loss, CONTRASTIVE_LOSSES),
+               ("contrastive.level", cfg.contrastive.level, LEVELS),
+               ("contrastive.similarity", cfg.contrastive.similarity, SIMILARITIES),
+               ("contrastive.anchors", cfg.contrastive.anchors, ANCHORS),
+               ("contrastive.head.type", cfg.contrastive.head.type, HEAD_TYPES),
+               ("rollout.engine", cfg.rollout.engine, ROLLOUT_ENGINES),
+               ("model.params_dtype", cfg.model.params_dtype, TORCH_DTYPES),
+               ("model.recompute", cfg.model.recompute, RECOMPUTE_MODES))
+    return [f"{key}={value!r} is not one of {sorted(options)}" for key, value, options in choices if value not in options]
+
+
+def init_from_problems(cfg: ClipoConfig) -> List[str]:
+    """Why ``trainer.init_from`` cannot be a starting point (empty when it can, or is not set)."""
+    init_from = cfg.trainer.init_from
+    if not init_from:
+        return []
+    source = Path(init_from)
+    if is_weights_checkpoint(source) or (source / "checkpoints").is_dir() or (source / "meta.json").is_file():
+        return []
+    return [f"trainer.init_from={init_from!r} is not a clipo-nemo run, one of its checkpoints/step_N, or a converted "
+            "checkpoint (a Hugging Face model directory must be converted first: tools/convert_hf_to_megatron.py "
+            "--hf DIR --out CKPT)"]
+
+
+def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
+    """Raise :class:`~clipo_nemo.config.ConfigError` listing every key whose value cannot work."""
+    algo = cfg.algorithm
+    own_mode = OWN_AGG_MODES.get(algo.policy_loss)
+    if own_mode is not None and algo.loss_agg_mode != own_mode:
+        warnings.warn(f"algorithm.policy_loss={algo.policy_loss} aggregates its policy loss with {own_mode} (SPEC); "
+                      f"algorithm.loss_agg_mode={algo.loss_agg_mode} applies to the KL and entropy terms only",
+                      stacklevel=2)
+    problems = registry_problems(cfg) + schema_problems(cfg, world_size) + init_from_problems(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
