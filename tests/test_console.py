@@ -123,6 +123,19 @@ def test_a_tiny_run_starts_quietly_and_ends_with_commands_that_work(tmp_path):
     assert (run / "hf" / "config.json").is_file() and "Warning" not in exported.stdout
 
 
+def test_a_two_process_run_prints_once_and_no_warning(tmp_path):
+    from clipo_nemo.parallel.launcher import free_port
+
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                 "examples/train_grpo_clipo.py", "--config-name=tiny", f"trainer.output_dir={tmp_path / 'run'}",
+                 "trainer.max_steps=1", "parallel.tensor_parallel_size=2", *FAST])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    start = _lines_before_bar(proc.stdout)
+    assert len(start) <= 12 and "Warning" not in proc.stdout, proc.stdout[-4000:]
+    assert sum(line.startswith("run directory:") for line in start) == 1  # rank 0 alone
+    assert any("TP 2 x PP 1 x CP 1 x DP 1; 2 processes on CPU" in line for line in start)
+
+
 def test_debug_log_level_shows_the_library_messages_again(tmp_path):
     proc = _run([sys.executable, "examples/train_grpo_clipo.py", "--config-name=tiny",
                  f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=0", "trainer.log_level=debug", *FAST])
