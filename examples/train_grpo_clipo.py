@@ -12,6 +12,7 @@ checkpoint. ``trainer.log_level=debug`` shows the library messages filtered at s
 """
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,7 +44,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if {"--help", "-h"} & set(sys.argv[1:]):  # Hydra's own help: --hydra-help
-        print(__doc__.strip())
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        configs = sorted(p.stem for p in (Path(__file__).parent / "conf").glob("*.yaml"))
+        print(f"{__doc__.strip()}\n\n--config-name: {', '.join(configs)} (examples/conf/); Hydra's own help: --hydra-help")
         sys.exit(0)
     main()

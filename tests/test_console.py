@@ -1,5 +1,6 @@
 """What a run prints: library noise filtered by message (clipo_nemo.console), a short start-up, no
 warning with the default verbosity, and closing commands that work as printed (issue 25)."""
+import importlib.util
 import io
 import logging
 import os
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from clipo_nemo.config import ClipoConfig
 from clipo_nemo.console import setup_console
+from clipo_nemo.trainer.run_report import next_steps, python_command
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 prompts x 4 responses, one step, validation on the held-out splits with one sample.
@@ -81,6 +84,29 @@ def test_other_ranks_show_warnings_only_and_prefixed(console, monkeypatch):
 def test_a_log_level_that_does_not_exist_is_refused(console):
     with pytest.raises(ValueError, match="log level 'loud' is not one of"):
         setup_console("loud")
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_closing_commands_of_a_real_data_run_parse_as_the_tools_read_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = ClipoConfig()  # task disabled: the evaluation.* benchmarks
+    cfg.evaluation.temperature, cfg.evaluation.k = 1.0, 16
+    run = tmp_path / "my run"  # a space: the commands quote it
+    assert [line.split(":")[0] for line in next_steps(cfg, run)] == ["metrics"]  # no checkpoint: nothing to run
+    (run / "checkpoints" / "step_3").mkdir(parents=True)
+    commands = {line.split(":")[0]: shlex.split(line.split(":", 1)[1]) for line in next_steps(cfg, run)}
+    evaluate = commands["evaluate"]
+    assert evaluate[:2] == [python_command(), "tools/evaluate.py"]
+    args = _tool("evaluate").parse_args(evaluate[2:])
+    assert (args.checkpoint, args.data_dir, args.benchmarks) == (str(run), cfg.evaluation.data_dir, cfg.evaluation.benchmarks)
+    assert (args.k, args.temperature, args.top_p, args.out) == (16, 1.0, cfg.evaluation.top_p, str(run / "eval"))
+    assert commands["export"][1:] == ["tools/export_to_hf.py", str(run), "--out", str(run / "hf")]
 
 
 def _run(args):
