@@ -256,6 +256,8 @@ class TrainerConfig:
     #   by the next save or the end of the run
     max_consecutive_nonfinite: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient
     plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
+    log_level: str = "info"  # "info": our start-up lines, the progress bar and the summary, with the library
+    #   messages listed in clipo_nemo/console.py filtered out; "debug": those shown too (tools: --log-level)
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
     gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
     require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
@@ -338,6 +340,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
 
+
+# trainer.log_level's values (clipo_nemo.console applies them).
+LOG_LEVELS = ("info", "debug")
 
 # The model.* keys that fix a converted checkpoint's weights: a config may only repeat them.
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -447,6 +452,7 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
         problems.append(f"contrastive.eps={con.eps} must be >= 0")
     choice("contrastive.head.tp_mode", con.head.tp_mode, ("replicated", "column"))
     choice("actor.optimizer", act.optimizer, ("adamw", "sgd"))
+    choice("trainer.log_level", trainer.log_level, LOG_LEVELS)
     for key, value in (("contrastive.temperature", con.temperature), ("contrastive.head.dim", con.head.dim),
                        ("actor.lr", act.lr), ("actor.ppo_epochs", act.ppo_epochs),
                        ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),
