@@ -371,20 +371,23 @@ class TrtllmRolloutEngine:
         """The engine's log-probs of a fixed probe (T=1, seed 0) against the trainer's own; a mean
         difference above ``rollout.trtllm_refit_check_tolerance`` means a tensor did not land
         (TensorRT-LLM ignores unknown names) and stops the run."""
-        from clipo_nemo.conversion.verify import full_logits
+        from clipo_nemo.models.forward import PolicyBatch, compute_policy_outputs
 
         prompt = probe_prompt(self.vocab_size)
         out = self._run([prompt], GenerationParams(n=1, max_new_tokens=PROBE_TOKENS, temperature=1.0), [0],
                         "the post-refit probe")
         tokens = torch.tensor([prompt + out.response(0)])
-        logits = full_logits(self.model, tokens, self.vocab_size)  # last pipeline stage only
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        mask[0, len(prompt):] = True
+        trainer = compute_policy_outputs(  # the trainer's own log-prob pass (last pipeline stage only)
+            self.model, PolicyBatch(tokens, mask), micro_batch_size=1, temperature=1.0, vocab_size=self.vocab_size,
+            logprob_chunk_size=self.cfg.actor.logprob_chunk_size)
         mismatch = None
-        if logits is not None:
-            trainer = torch.log_softmax(logits[0, len(prompt) - 1: -1].double(), -1)
-            trainer = trainer.gather(-1, tokens[0, len(prompt):, None].to(trainer.device))[:, 0].cpu()
+        if trainer is not None:
             engine = out.logprobs[0, : int(out.lengths[0])].double()
             known = ~torch.isnan(engine)
-            mismatch = float((engine[known] - trainer[known]).abs().mean()) if known.any() else 0.0
+            trainer_logprobs = trainer.logprobs[0, len(prompt):].double().cpu()
+            mismatch = float((engine[known] - trainer_logprobs[known]).abs().mean()) if known.any() else 0.0
         every = [None] * self.group_size
         dist.all_gather_object(every, mismatch, group=self.cpu_group)
         self.probe_mismatch = next(m for m in every if m is not None)
