@@ -14,14 +14,18 @@ ARG BASE=nvcr.io/nvidia/pytorch:25.12-py3
 # the same API. rollout.engine=trtllm refuses versions outside [1.2, 1.3). Not pulled or built here.
 ARG TRTLLM_BASE=nvcr.io/nvidia/tensorrt-llm/release:1.2.0rc6
 
+# ---- the sources both images install ---------------------------------------------------------------------
+FROM scratch AS source
+COPY setup.py README.md /src/
+COPY clipo_nemo /src/clipo_nemo
+COPY examples /src/examples
+COPY tools /src/tools
+COPY benchmarks /src/benchmarks
+
 # ---- rollout.engine=trtllm: TensorRT-LLM 1.2 + megatron-core 0.16.1 + clipo-nemo --------------------------
 FROM ${TRTLLM_BASE} AS trtllm
 WORKDIR /workspace/clipo-nemo
-COPY setup.py README.md ./
-COPY clipo_nemo ./clipo_nemo
-COPY examples ./examples
-COPY tools ./tools
-COPY benchmarks ./benchmarks
+COPY --from=source /src ./
 # Ray (the engine's orchestrator) is not installed by every 1.2 image; the version check reads package
 # metadata only (importing tensorrt_llm at build time would need a GPU driver).
 RUN bash tools/container_install.sh && \
@@ -38,11 +42,7 @@ CMD ["bash", "tools/gpu_check.sh", "trtllm"]
 # TensorRT-LLM is not in this image.
 FROM ${BASE} AS megatron
 WORKDIR /workspace/clipo-nemo
-COPY setup.py README.md ./
-COPY clipo_nemo ./clipo_nemo
-COPY examples ./examples
-COPY tools ./tools
-COPY benchmarks ./benchmarks
+COPY --from=source /src ./
 RUN bash tools/container_install.sh && python -c "import transformer_engine"
 ENV PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 CMD ["python", "examples/train_grpo_clipo.py", "--config-name=tiny"]

@@ -240,24 +240,15 @@ def test_refit_stream_is_the_hf_export_at_every_layout(tmp_path, layout, world):
 def _megatron_logprobs(model, prompts, out, temperature, vocab_size, dtype=torch.bfloat16):
     """The policy's own log-prob of every generated token (the oracle), [N, T] NaN-padded, with its
     weights rounded to the engine's ``dtype`` for the pass (and restored after)."""
-    from clipo_nemo.conversion.verify import full_logits
+    from clipo_nemo.conversion.verify import response_logprobs
 
-    rows = [list(prompts[int(i)]) + out.response(r) for r, i in enumerate(out.prompt_index)]
-    width = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])
     saved = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(param.to(dtype).float())
-        logits = full_logits(model, tokens, vocab_size)
+        result = response_logprobs(model, prompts, out, temperature, vocab_size)
         for param, value in zip(model.parameters(), saved):
             param.copy_(value)
-    logp = torch.log_softmax(logits.double() / temperature, -1)
-    result = torch.full(out.logprobs.shape, float("nan"), dtype=torch.float64)
-    for r, row in enumerate(rows):
-        start = len(prompts[int(out.prompt_index[r])])
-        for t in range(start, len(row)):
-            result[r, t - start] = logp[r, t - 1, row[t]]
     return result
 
 

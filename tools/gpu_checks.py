@@ -209,22 +209,6 @@ def cmd_plan(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-def _trainer_logprobs(model, prompts, out, temperature, vocab_size):
-    """The trainer's log-prob of every engine token, [N, T] NaN-padded (megatron forward, T-scaled)."""
-    from clipo_nemo.conversion.verify import full_logits
-
-    rows = [list(prompts[int(i)]) + out.response(r) for r, i in enumerate(out.prompt_index)]
-    width = max(len(r) for r in rows)
-    logits = full_logits(model, torch.tensor([r + [0] * (width - len(r)) for r in rows]), vocab_size)
-    logp = torch.log_softmax(logits.double().cpu() / temperature, -1)
-    result_ = torch.full(out.logprobs.shape, float("nan"), dtype=torch.float64)
-    for r, row in enumerate(rows):
-        start = len(prompts[int(out.prompt_index[r])])
-        for t in range(start, len(row)):
-            result_[r, t - start] = logp[r, t - 1, row[t]]
-    return result_
-
-
 def _mean_abs(a, b) -> float:
     known = ~torch.isnan(a.double()) & ~torch.isnan(b)
     return float((a.double()[known] - b[known]).abs().mean())
@@ -233,6 +217,7 @@ def _mean_abs(a, b) -> float:
 def cmd_trtllm(args) -> None:
     """rollout.engine=trtllm at TP1 on one GPU (random weights, a small Qwen2 shape, nothing converted):
     placement, the sampled tokens' log-probs vs the trainer's, a refit, memory after wake-up."""
+    from clipo_nemo.conversion.verify import response_logprobs
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.planner import GIB, plan_memory
     from clipo_nemo.rollout import GenerationParams, build_rollout_engine
@@ -259,11 +244,11 @@ def cmd_trtllm(args) -> None:
         for temperature in (1.0, 0.6):
             params = GenerationParams(n=4, max_new_tokens=24, temperature=temperature)
             outs[temperature] = out = engine.generate(prompts, params, seeds)
-            diff = _mean_abs(out.logprobs, _trainer_logprobs(actor.module, prompts, out, temperature,
+            diff = _mean_abs(out.logprobs, response_logprobs(actor.module, prompts, out, temperature,
                                                              cfg.model.vocab_size))
             ends = sum(int(r == "stop") for r in out.finish_reasons)
             # the same check against the untempered distribution must fail, or it proves nothing
-            raw = _mean_abs(out.logprobs, _trainer_logprobs(actor.module, prompts, out, 1.0, cfg.model.vocab_size))
+            raw = _mean_abs(out.logprobs, response_logprobs(actor.module, prompts, out, 1.0, cfg.model.vocab_size))
             telling = temperature == 1.0 or raw > 0.1
             result(f"trtllm-logprobs-T{temperature:g}", "PASS" if diff < 0.05 and telling else "FAIL",
                    f"mean|logp_engine - logp_trainer| = {diff:.4f} over {int((~out.logprobs.isnan()).sum())} sampled "
@@ -283,11 +268,11 @@ def cmd_trtllm(args) -> None:
                 param.mul_(1.25)
         params = GenerationParams(n=4, max_new_tokens=24, temperature=1.0)
         changed = engine.generate(prompts, params, seeds)
-        trainer_after = _trainer_logprobs(actor.module, prompts, changed, 1.0, cfg.model.vocab_size)
+        trainer_after = response_logprobs(actor.module, prompts, changed, 1.0, cfg.model.vocab_size)
         with torch.no_grad():
             for param in actor.module.parameters():
                 param.div_(1.25)
-        trainer_before = _trainer_logprobs(actor.module, prompts, changed, 1.0, cfg.model.vocab_size)
+        trainer_before = response_logprobs(actor.module, prompts, changed, 1.0, cfg.model.vocab_size)
         follows, stale = _mean_abs(changed.logprobs, trainer_after), _mean_abs(changed.logprobs, trainer_before)
         result("trtllm-refit", "PASS" if follows < 0.05 and stale > 4 * max(follows, 0.01) else "FAIL",
                f"after the trainer's weights changed: mean|engine - trainer(new)| = {follows:.4f}, "
