@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="verifier processes (0 = one per CPU)")
     parser.add_argument("--engine", choices=("megatron", "trtllm"), default=None,
                         help="rollout engine to sample with (default: the run's rollout.engine; megatron for converted "
-                             "checkpoints); trtllm needs TensorRT-LLM >= 1.2 (its NGC container)")
+                             "checkpoints); trtllm needs TensorRT-LLM 1.2.x (the Dockerfile's trtllm image)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: the run's evaluation.max_new_tokens (2048 for --hf-model)")
     parser.add_argument("--skip-bad-lines", action="store_true", help="--responses: leave out lines that are not "
