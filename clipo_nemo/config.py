@@ -139,7 +139,9 @@ class RolloutConfig:
     stop: List[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS
     seed: int = 1234  # base seed; each request's sampling is seeded from it
     max_batch_size: Optional[int] = None  # most responses decoded together; None = as many as kv_cache_gb allows
-    kv_cache_gb: float = 16.0  # KV-cache budget per GPU for one generation chunk (GiB); sets the rows decoded together
+    kv_cache_gb: float = 16.0  # KV-cache budget per GPU (GiB); sets the rows decoded together
+    batching: str = "continuous"  # engine=megatron: "continuous" (a finished response's KV slot takes the next
+    #   waiting response) or "static" (chunks of rows decoded one after another, each until its longest ends)
     trtllm_kv_cache_fraction: float = 0.4  # engine=trtllm: share of the GPU memory left free after the weights
     #   that TensorRT-LLM's KV cache takes (KvCacheConfig.free_gpu_memory_fraction); released while training
     trtllm_refit_bucket_mb: float = 512.0  # engine=trtllm: MiB of HF tensors per weight-update call of a refit
@@ -481,6 +483,8 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
     positive("rollout.kv_cache_gb", roll.kv_cache_gb)
     if roll.max_batch_size is not None and roll.max_batch_size < 1:
         problems.append(f"rollout.max_batch_size={roll.max_batch_size} must be >= 1 (or null: kv_cache_gb decides)")
+    if roll.batching not in ("continuous", "static"):
+        problems.append(f"rollout.batching={roll.batching!r} must be 'continuous' or 'static'")
     if roll.engine == "trtllm":
         mp = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
         if not 0 < roll.trtllm_kv_cache_fraction < 1:
