@@ -142,6 +142,8 @@ class RolloutConfig:
     kv_cache_gb: float = 16.0  # KV-cache budget per GPU (GiB); sets the rows decoded together
     batching: str = "continuous"  # engine=megatron: "continuous" (a finished response's KV slot takes the next
     #   waiting response) or "static" (chunks of rows decoded one after another, each until its longest ends)
+    finish_check_every: int = 8  # engine=megatron, continuous: decode steps between looks for finished responses
+    #   (each look is one host synchronisation; the tokens do not depend on it; 1 = every step)
     trtllm_kv_cache_fraction: float = 0.4  # engine=trtllm: share of the GPU memory left free after the weights
     #   that TensorRT-LLM's KV cache takes (KvCacheConfig.free_gpu_memory_fraction); released while training
     trtllm_refit_bucket_mb: float = 512.0  # engine=trtllm: MiB of HF tensors per weight-update call of a refit
@@ -485,6 +487,8 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
         problems.append(f"rollout.max_batch_size={roll.max_batch_size} must be >= 1 (or null: kv_cache_gb decides)")
     if roll.batching not in ("continuous", "static"):
         problems.append(f"rollout.batching={roll.batching!r} must be 'continuous' or 'static'")
+    if roll.finish_check_every < 1:
+        problems.append(f"rollout.finish_check_every={roll.finish_check_every} must be >= 1")
     if roll.engine == "trtllm":
         mp = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
         if not 0 < roll.trtllm_kv_cache_fraction < 1:

@@ -199,6 +199,8 @@ def _single_process_rank(rank, world_size):
         stop_word = tok.convert_ids_to_tokens(res["greedy_oracle"][0][2])
         res["stop_word"] = stop_word
         res["with_stop"] = engine().generate(PROMPTS, GenerationParams(n=1, max_new_tokens=MAX_NEW, temperature=0.0, stop=(stop_word,)), SEEDS)
+        res["with_stop_every_3"] = engine(finish_check_every=3, max_batch_size=2).generate(
+            PROMPTS, GenerationParams(n=1, max_new_tokens=MAX_NEW, temperature=0.0, stop=(stop_word,)), SEEDS)
         res["decoded_oracle"] = [[tok.decode(o[: k + 1]) for k in range(MAX_NEW)] for o in res["greedy_oracle"]]
         res["continuous_vs_static"] = _continuous_against_static_chunks(engine, eos_id)
         return res
@@ -208,7 +210,8 @@ def _single_process_rank(rank, world_size):
 
 def _continuous_against_static_chunks(engine, eos_id):
     """Static chunks (today's engine) and continuous batching with 1-9 slots, the same seeds; an EOS
-    that ends some responses early, so slots free at different steps and take waiting responses.
+    that ends some responses early, so slots free at different steps and take waiting responses;
+    continuous also with finished rows looked for only every 3rd decode step.
     Records the timeline shifts of the slot cache and the decode passes of each run."""
     from clipo_nemo.rollout import kv_slots
 
@@ -224,10 +227,11 @@ def _continuous_against_static_chunks(engine, eos_id):
     try:
         for label, params in (("sampled", GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED)),
                               ("greedy", GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0))):
-            for batching in ("static", "continuous"):
+            for batching, every in (("static", 1), ("continuous", 1), ("continuous_check_every_3", 3)):
                 for slots in (None, 1, 2, 4):
                     shifts.clear()
-                    eng = engine(batching=batching, max_batch_size=slots, eos_token_ids=[eos_id])
+                    eng = engine(batching=batching.split("_")[0], max_batch_size=slots, eos_token_ids=[eos_id],
+                                 finish_check_every=every)
                     runs[label, batching, slots] = (eng.generate(PROMPTS, params, SEEDS), eng.decode_passes, list(shifts))
     finally:
         kv_slots.SlotCache.shift_to = real_shift
@@ -296,6 +300,9 @@ def test_eos_stop_strings_and_length_give_the_right_finish_reasons(single):
     assert out.finish_reasons[0] == "stop" and int(out.lengths[0]) <= 3 and out.response(0)[-1] != eos
     # padding after each response
     assert (out.tokens[0, int(out.lengths[0]):] == out.pad_token_id).all()
+    # finished rows looked for every 3rd step (they ran on in between): cut at the same token
+    late = single["with_stop_every_3"]
+    assert torch.equal(late.tokens, out.tokens) and late.finish_reasons == out.finish_reasons
 
 
 def test_seeded_determinism_independent_of_batch_order_and_chunking(single):
@@ -315,7 +322,7 @@ def test_continuous_batching_gives_the_static_chunks_tokens(single):
     for label in ("sampled", "greedy"):
         expected = runs[label, "static", None][0]
         assert "stop" in expected.finish_reasons and "length" in expected.finish_reasons  # early and full-length rows
-        for batching in ("static", "continuous"):
+        for batching in ("static", "continuous", "continuous_check_every_3"):
             for slots in (None, 1, 2, 4):
                 out = runs[label, batching, slots][0]
                 assert torch.equal(out.tokens, expected.tokens), f"{label} {batching} slots={slots}"
@@ -327,6 +334,8 @@ def test_continuous_batching_gives_the_static_chunks_tokens(single):
     assert sampled["continuous", 1][1] == sum(sampled["continuous", None][0].lengths.tolist()) - 9
     assert any(new_end < end for end, new_end in sampled["continuous", 2][2])
     assert all(new_end >= 12 for _, new_end in sampled["continuous", 2][2])  # the longest prompt always fits
+    # looking for finished rows every 3rd step only: same tokens (above), slots refilled a little later
+    assert sampled["continuous", 2][1] <= sampled["continuous_check_every_3", 2][1] < sampled["static", 2][1]
 
 
 def _assert_logits_only_where_sampled(shapes, batching="continuous"):

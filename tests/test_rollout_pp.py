@@ -4,7 +4,7 @@ Oracle: the single-process engine (PP=1, TP=1; itself checked against no-cache f
 ``tests/test_rollout.py``) with the same weights and seeds. PP=2 (2 gloo processes) and TP=2 x PP=2
 (4 processes) must return exactly its tokens, lengths and finish reasons on every rank: greedy,
 sampled (temperature, top-k, top-p), continuous batching with 4 and 2 slots (finished responses'
-slots refilled on every stage) and static chunks with rows cut across prompts, and with an EOS that
+slots refilled on every stage; finished rows looked for every 3rd step) and static chunks with rows cut across prompts, and with an EOS that
 ends responses early (rows dropped from every stage's KV cache). A training step at PP=2 and
 TP2 x PP2 against PP=1 is ``tests/test_parallel_equivalence.py`` (its layouts also generate).
 """
@@ -49,7 +49,7 @@ def _generate_rank(rank, world_size, tp, pp, full_state):
         eos = first[res["eos_at"] - 1]  # ends prompt 0's greedy response after eos_at (> 1) tokens
         res["greedy_with_eos"] = engine(eos_token_ids=[eos]).generate(
             PROMPTS, GenerationParams(n=1, max_new_tokens=MAX_NEW, temperature=0.0), SEEDS)
-        res["greedy_with_eos_2_slots"] = engine(eos_token_ids=[eos], max_batch_size=2).generate(
+        res["greedy_with_eos_2_slots"] = engine(eos_token_ids=[eos], max_batch_size=2, finish_check_every=3).generate(
             PROMPTS, GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0), SEEDS)
         return res
     finally:

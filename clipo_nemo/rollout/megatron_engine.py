@@ -112,6 +112,7 @@ def build_megatron_engine(model: torch.nn.Module, tokenizer, cfg) -> "MegatronRo
     return MegatronRolloutEngine(
         model, tokenizer, vocab_size=cfg.model.vocab_size, max_batch_size=cfg.rollout.max_batch_size,
         kv_cache_bytes=int(cfg.rollout.kv_cache_gb * _GIB), batching=cfg.rollout.batching,
+        finish_check_every=cfg.rollout.finish_check_every,
     )
 
 
@@ -130,6 +131,8 @@ class MegatronRolloutEngine:
             :func:`kv_cache_bytes_per_row`); None = unbounded.
         batching: "continuous" (a finished response's slot takes the next waiting one) or "static"
             (chunks decoded one after another, each until its longest response ends).
+        finish_check_every: continuous batching looks for finished responses every this many decode
+            steps (one host synchronisation each time); the tokens do not depend on it.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class MegatronRolloutEngine:
         max_batch_size: Optional[int] = None,
         kv_cache_bytes: Optional[int] = None,
         batching: str = "continuous",
+        finish_check_every: int = 1,
     ) -> None:
         from megatron.core.utils import get_model_config, unwrap_model
 
@@ -169,6 +173,9 @@ class MegatronRolloutEngine:
         if batching not in BATCHING:
             raise ValueError(f"batching={batching!r}: expected one of {BATCHING}")
         self.batching = batching
+        if finish_check_every < 1:
+            raise ValueError(f"finish_check_every={finish_check_every} must be >= 1")
+        self.finish_check_every = finish_check_every if batching == "continuous" else 1
         self.decode_passes = 0  # decode forward passes of the last generate call (benchmarks read it)
 
     def rows_per_chunk(self, seq_len: int) -> Optional[int]:
@@ -203,18 +210,20 @@ class MegatronRolloutEngine:
                 f"{self.gpt.max_sequence_length}"
             )
         device = next(self.gpt.parameters()).device
+        run_on = self.finish_check_every - 1  # steps a response may run past its end before a check
         uniforms = torch.stack(
             [response_uniforms(int(s), j, params.max_new_tokens) for s in seeds for j in range(params.n)]
-        ).to(device)
+        )
+        uniforms = torch.cat([uniforms, torch.zeros(len(uniforms), run_on, dtype=uniforms.dtype)], 1).to(device)
         total = len(prompts) * params.n
-        out = _Responses(total, params.max_new_tokens, self.pad_token_id, device)
+        out = _Responses(total, params.max_new_tokens + run_on, self.pad_token_id, device)
         self.decode_passes = 0
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode(), _sequence_parallel_off(self.gpt, self.config):
                 if self.batching == "continuous":
-                    buffer_len = timeline_length(longest)
+                    buffer_len = timeline_length(longest + run_on)
                     self._generate_continuous(prompts, params, uniforms, out,
                                               min(self.rows_per_chunk(buffer_len) or total, total), buffer_len)
                 else:
@@ -223,6 +232,8 @@ class MegatronRolloutEngine:
             self.model.train(was_training)
         lengths = out.lengths.cpu()
         tokens = out.tokens[:, : int(lengths.max())].cpu()
+        for row, length in enumerate(lengths.tolist()):  # what ran on past an end is not returned
+            tokens[row, length:] = self.pad_token_id
         prompt_index = torch.arange(len(prompts)).repeat_interleave(params.n)
         return RolloutOutput(tokens, lengths, list(out.reasons), prompt_index, self.pad_token_id)
 
@@ -253,15 +264,14 @@ class MegatronRolloutEngine:
 
     def _sample_and_record(self, logits, rows: torch.Tensor, uniforms, out: "_Responses", params) -> torch.Tensor:
         """Sample the next token of ``rows`` (global row ids, long [k]) from ``logits`` [k, V] (None
-        before the last pipeline stage), append it to their responses and mark finished rows;
-        returns the tokens [k] on every stage."""
+        before the last pipeline stage) and append it to their responses (no finish check: see
+        :meth:`_mark_finished`); returns the tokens [k] on every stage."""
         device = rows.device
         sampled = None if logits is None else sample_next_tokens(
             logits, uniforms[rows, out.lengths[rows]], params.temperature, params.top_k, params.top_p)
         sampled = pipeline.broadcast_from_last_stage(sampled, [len(rows)], torch.long, device)
         out.tokens[rows, out.lengths[rows]] = sampled
         out.lengths[rows] += 1
-        self._mark_finished(rows, out, params)
         return sampled
 
     def _prefill(self, prompt: Sequence[int], device):
@@ -278,18 +288,23 @@ class MegatronRolloutEngine:
     def _generate_continuous(self, prompts, params: GenerationParams, uniforms, out: "_Responses", slots: int,
                              buffer_len: int) -> None:
         """Continuous batching (``clipo_nemo.rollout.kv_slots``): ``slots`` responses decode together;
-        a finished response's slot takes the next waiting one at once (its prompt prefilled once and
-        its KV cache copied to each of its ``n`` responses). Every decode step feeds every slot."""
+        a finished response's slot takes the next waiting one (its prompt prefilled once and its KV
+        cache copied to each of its ``n`` responses). Every decode step feeds every slot.
+
+        Finished responses are looked for every ``finish_check_every`` decode steps (the only host
+        synchronisation of the loop besides admissions); a response that ended in between has run on
+        for a few throw-away steps, cut off by the check at exactly the token that ended it."""
         device, n = uniforms.device, params.n
         cache = SlotCache(slots, buffer_len, device)
         waiting = list(range(out.rows))[::-1]  # pop() gives rows in order
         slot_row = [-1] * slots  # the row each slot decodes (-1: free)
         prompt_caches: dict = {}  # prompt -> (KV cache, last logits) while some of its responses wait
         logits = None  # [slots, V]: each live slot's next-token logits (last pipeline stage)
-        fresh = []  # slots whose logits are not sampled yet
+        fresh: List[int] = []  # slots whose logits are not sampled yet
         next_tokens = torch.full((slots,), self.pad_token_id, dtype=torch.long, device=device)
+        steps = 0
         while True:
-            while True:  # admit into free slots, sample, until no slot is free or no response waits
+            while True:  # admit into free slots, sample, check, until no slot is free or no response waits
                 free = [s for s in range(cache.slots) if slot_row[s] < 0]
                 if free and waiting:
                     admitted = [(s, waiting.pop()) for s in free[: len(waiting)]]
@@ -297,16 +312,19 @@ class MegatronRolloutEngine:
                     for s, row in admitted:
                         slot_row[s] = row
                     fresh += [s for s, _ in admitted]
-                if not fresh:
+                if fresh:
+                    fresh_t = torch.tensor(fresh, device=device)
+                    rows = torch.tensor([slot_row[s] for s in fresh], device=device)
+                    next_tokens[fresh_t] = self._sample_and_record(
+                        None if logits is None else logits[fresh_t], rows, uniforms, out, params)
+                    fresh = []
+                live = [s for s in range(cache.slots) if slot_row[s] >= 0]
+                if steps % self.finish_check_every and live:
                     break
-                fresh_t = torch.tensor(fresh, device=device)
-                rows = torch.tensor([slot_row[s] for s in fresh], device=device)
-                sampled = self._sample_and_record(None if logits is None else logits[fresh_t], rows, uniforms, out, params)
-                next_tokens[fresh_t] = sampled
-                for s, done in zip(fresh, out.finished[rows].tolist()):
-                    if done:
-                        slot_row[s] = -1
-                fresh = []
+                self._mark_finished(torch.tensor([slot_row[s] for s in live], device=device), out, params)
+                slot_row = [-1 if row >= 0 and out.reasons[row] is not None else row for row in slot_row]
+                if not (waiting and any(row < 0 for row in slot_row)):
+                    break
             live = [s for s in range(cache.slots) if slot_row[s] >= 0]
             if not live:
                 break
@@ -323,7 +341,7 @@ class MegatronRolloutEngine:
             with slot_forward_hooks(self.gpt, cache):
                 logits = self._forward_last_logits(next_tokens[:, None], cache.end, cache.context,
                                                    cache.attention_mask(), positions)
-            fresh = live
+            fresh, steps = live, steps + 1
 
     def _admit(self, admitted, prompts, n: int, cache: SlotCache, prompt_caches: dict, logits, device):
         """Put waiting rows into free slots (``admitted``: (slot, row) pairs): prefill each new prompt
@@ -386,7 +404,9 @@ class MegatronRolloutEngine:
             sampled = torch.zeros(len(rows), dtype=torch.long, device=device)
             if bool(generating.any()):
                 gen_logits = None if logits is None else logits[generating]
-                sampled[generating] = self._sample_and_record(gen_logits, row_ids[rows[generating]], uniforms, out, params)
+                gen_rows = row_ids[rows[generating]]
+                sampled[generating] = self._sample_and_record(gen_logits, gen_rows, uniforms, out, params)
+                self._mark_finished(gen_rows, out, params)
             next_tokens = torch.where(in_prompt, prompt_tokens[row_prompt[rows], min(position, longest)], sampled)
             if bool(out.finished[row_ids].all()):
                 break
@@ -399,33 +419,47 @@ class MegatronRolloutEngine:
             position += 1
 
     def _mark_finished(self, rows: torch.Tensor, out: "_Responses", params) -> None:
-        """Finish rows (global ids) that just produced an EOS token, completed a stop string, or hit the length cap."""
-        last = out.tokens[rows, out.lengths[rows] - 1]
-        hit_eos = torch.isin(last, self.eos_token_ids.to(last.device))
-        at_cap = out.lengths[rows] >= params.max_new_tokens
+        """Finish rows (global ids) whose tokens since their last check hold an EOS token, complete a
+        stop string, or reach the length cap: the response is cut right after the first such token.
+        One host synchronisation for all ``rows``."""
+        if len(rows) == 0:
+            return
         window = max((len(s) for s in params.stop), default=0) + _STOP_WINDOW_SLACK
-        for row, is_eos, capped in zip(rows.tolist(), hit_eos.tolist(), at_cap.tolist()):
-            if is_eos or (params.stop and self._ends_with_stop(out.tokens[row, : int(out.lengths[row])], params.stop, window)):
-                out.reasons[row] = FINISH_STOP
-            elif capped:
-                out.reasons[row] = FINISH_LENGTH
-            out.finished[row] = out.reasons[row] is not None
+        row_list, lengths = rows.tolist(), out.lengths[rows].tolist()
+        first = min(out.checked[row] for row in row_list)
+        low = max(0, first - window)
+        tokens = out.tokens[rows, low : max(lengths)].tolist()  # the part any check below reads
+        eos = set(self.eos_token_ids.tolist())
+        for row, length, row_tokens in zip(row_list, lengths, tokens):
+            for end in range(out.checked[row] + 1, length + 1):  # the response cut after `end` tokens
+                if row_tokens[end - 1 - low] in eos or (params.stop and self._ends_with_stop(
+                        row_tokens[max(0, end - window) - low : end - low], params.stop)):
+                    out.reasons[row] = FINISH_STOP
+                elif end >= params.max_new_tokens:
+                    out.reasons[row] = FINISH_LENGTH
+                if out.reasons[row] is not None:
+                    out.lengths[row] = end
+                    out.finished[row] = True
+                    break
+            out.checked[row] = length
 
-    def _ends_with_stop(self, response: torch.Tensor, stop: Sequence[str], window: int) -> bool:
-        text = self.tokenizer.decode(response[-window:].tolist())
+    def _ends_with_stop(self, tail: List[int], stop: Sequence[str]) -> bool:
+        text = self.tokenizer.decode(tail)
         return any(s in text for s in stop)
 
 
 class _Responses:
     """The responses of one ``generate`` call, filled row by row (global row ids): ``tokens`` [rows,
-    max_new] long (pad after each response), ``lengths`` and ``finished`` [rows], ``reasons``."""
+    columns] long (pad after each response; ``columns`` > max_new_tokens leaves room for the steps a
+    response runs on between finish checks), ``lengths`` and ``finished`` [rows], ``reasons``."""
 
-    def __init__(self, rows: int, max_new: int, pad: int, device: torch.device) -> None:
+    def __init__(self, rows: int, columns: int, pad: int, device: torch.device) -> None:
         self.rows = rows
-        self.tokens = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
+        self.tokens = torch.full((rows, columns), pad, dtype=torch.long, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.reasons: List[Optional[str]] = [None] * rows
+        self.checked = [0] * rows  # tokens of each response already looked at for an end (host)
 
 
 @contextlib.contextmanager
