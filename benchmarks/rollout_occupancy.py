@@ -10,7 +10,9 @@ ratio: 512 responses of a DP rank, 130 rows in its 16 GiB KV budget (``examples/
 
 Ideal: ``max(longest response, ceil(total response tokens / slots))`` with ``slots`` = the rows the
 KV budget holds for static chunks (continuous batching holds slightly fewer in the same budget: its
-shared timeline has 1/16 of slack). Prints both engines' passes; the last two lines are
+shared timeline has 1/16 of slack). ``--finish-check-every`` defaults to 1: the configured 8 steps
+of a 4,096-token run scaled down with the cap like the lengths (at a 256 cap, 8 steps would be as
+much of a response as 128 steps at full scale). Prints both engines' passes; the last two lines are
 ``static_decode_passes_over_ideal: <x>`` and ``decode_passes_over_ideal: <x>`` (continuous).
 
     PYTHONPATH=. .venv/bin/python benchmarks/rollout_occupancy.py [--responses 512] [--slots 130] [--cap 256]
@@ -62,7 +64,7 @@ class _Tokenizer:
 def main() -> None:
     parser = argparse.ArgumentParser()
     for name, default in (("responses", 512), ("slots", 130), ("cap", 256), ("n", 16), ("prompt", 16),
-                          ("layers", 2), ("hidden", 64), ("vocab", 64), ("finish_check_every", 8)):
+                          ("layers", 2), ("hidden", 64), ("vocab", 64), ("finish_check_every", 1)):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=default)
     parser.add_argument("--data", default=MATH75)
     args = parser.parse_args()

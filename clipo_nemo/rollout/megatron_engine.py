@@ -17,15 +17,15 @@ that ``GPTModel.forward`` fills and reads), the model's TP logit gather
 lengths (prefill up to the shortest prompt, then one token per step, feeding the remaining prompt
 tokens of longer prompts instead of samples) — no padding ever enters attention.
 
-Memory: responses are generated in chunks of rows whose KV cache fits ``rollout.kv_cache_gb``
-(:func:`kv_cache_bytes_per_row` per response at the call's longest prompt + ``max_new_tokens``),
-capped by ``rollout.max_batch_size``; a chunk may hold part of a prompt's ``n`` responses. The cache
-is reallocated one layer at a time when rows are added or dropped, so the peak stays within the
-budget plus one layer's share.
-
-Steps per chunk: prefill each of its prompts once, copy its KV cache to its responses in the chunk,
-then decode one token per step for all rows; rows that finished are dropped from the cache once
-they are at least half of it.
+Batching (``rollout.batching``): "continuous" (default) keeps a fixed set of KV slots, as many as
+``rollout.kv_cache_gb`` holds (:func:`kv_cache_bytes_per_row` at ``kv_slots.timeline_length`` of
+the longest prompt + ``max_new_tokens``), capped by ``rollout.max_batch_size``; a finished
+response's slot takes the next waiting response (its prompt prefilled alone, once, its KV copied to
+each of its ``n`` responses); every decode step feeds every slot, each at its own positions
+(``clipo_nemo.rollout.kv_slots``); once nothing waits, free slots are dropped when they are half.
+"static" decodes chunks of rows one after another: prefill each prompt of the chunk up to the
+shortest one, copy its KV cache to its responses, then one token per step for all rows until the
+chunk's longest response ends; finished rows are dropped once they are at least half of the cache.
 
 Logits exist only where a token is sampled: megatron's ``StaticInferenceContext`` sets
 ``materialize_only_last_token_logits``, so ``GPTModel.forward`` (in eval mode, with that context)
