@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, get_type_hints
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, get_type_hints
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +139,9 @@ class RolloutConfig:
     stop: List[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS
     seed: int = 1234  # base seed; each request's sampling is seeded from it
     max_batch_size: Optional[int] = None  # most responses decoded together; None = as many as kv_cache_gb allows
-    kv_cache_gb: float = 16.0  # KV-cache budget per GPU (GiB); sets the rows decoded together
+    kv_cache_gb: Union[float, int, str] = 16.0  # KV-cache budget per GPU (GiB), sets the rows decoded together;
+    #   "auto": what the memory plan's rollout phase leaves of trainer.gpu_memory_gib after the weights, the
+    #   training state that stays, the generation logits and the overhead (planner.plan.derived_kv_cache_gib)
     batching: str = "continuous"  # engine=megatron: "continuous" (a finished response's KV slot takes the next
     #   waiting response) or "static" (chunks of rows decoded one after another, each until its longest ends)
     finish_check_every: int = 8  # engine=megatron, continuous: decode steps between looks for finished responses
@@ -482,7 +484,14 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
                                           or stage_layers % cfg.model.recompute_num_layers):
         problems.append(f"model.recompute_num_layers={cfg.model.recompute_num_layers} must be >= 1 and divide the "
                         f"{stage_layers} layers of a pipeline stage (recompute=full recomputes blocks of that many)")
-    positive("rollout.kv_cache_gb", roll.kv_cache_gb)
+    if roll.kv_cache_gb == "auto":
+        if trainer.gpu_memory_gib <= 0:
+            problems.append("rollout.kv_cache_gb=auto derives the budget from trainer.gpu_memory_gib, which is 0: "
+                            "set the GPU's memory there or a number of GiB here")
+    elif isinstance(roll.kv_cache_gb, str):
+        problems.append(f"rollout.kv_cache_gb={roll.kv_cache_gb!r} must be a number of GiB or 'auto'")
+    else:
+        positive("rollout.kv_cache_gb", roll.kv_cache_gb)
     if roll.max_batch_size is not None and roll.max_batch_size < 1:
         problems.append(f"rollout.max_batch_size={roll.max_batch_size} must be >= 1 (or null: kv_cache_gb decides)")
     if roll.batching not in ("continuous", "static"):

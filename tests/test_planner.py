@@ -450,3 +450,51 @@ def test_cli_refuses_an_oversized_layout_with_exit_1():
                "parallel.max_tokens_per_micro_batch=73728", "--gpu-mem-gib", "80", "--no-recommendations")
     assert run.returncode == 1, run.stdout + run.stderr
     assert run.stdout.strip().splitlines()[-1].startswith("fits: no (")
+
+
+def test_auto_kv_budget_fills_the_rollout_phase_to_the_headroom_and_no_further():
+    """Oracle: the rollout phase's own parts (hand-checked above) and the overhead rule, solved by hand:
+    at the derived budget the phase is within 90% of 80 GiB; one more MiB of KV per row would not be;
+    the rows are what the engine's slots hold (hand-computed bytes of a continuous-batching slot)."""
+    from clipo_nemo.planner.plan import OVERHEAD_FIXED_GIB, OVERHEAD_FRACTION, derived_kv_cache_gib
+
+    cfg = _track("track2")
+    assert cfg.rollout.kv_cache_gb == "auto"
+    kv = derived_kv_cache_gib(cfg, 8, 80)
+    plan = plan_memory(cfg, 8, 80)
+    parts = plan.phases["rollout"]
+    others = sum(parts.values()) - parts["overhead"] - parts["kv_cache"]
+    by_hand = ((0.9 * 80 - OVERHEAD_FIXED_GIB) / (1 + OVERHEAD_FRACTION) * GIB - others) / GIB
+    # the logits are subtracted at the rows of a first, larger estimate: kv is short of the exact
+    # solution by less than the logits themselves, and by at most 1 MiB of rounding otherwise
+    assert by_hand - parts["generation_logits"] / GIB - 1 / 1024 < kv <= by_hand
+    assert plan.totals["rollout"] <= 0.9 * 80 * GIB < plan.totals["rollout"] + 2 * parts["generation_logits"]
+    # a slot: K, V x 28 layers x 2 KV heads (4 / TP 2) x 128 x the timeline (4,608 + 7 run-on, + 1/16) x 2 B
+    timeline = 4615 + -(-4615 // 16)
+    slot = 2 * 28 * 2 * 128 * timeline * 2
+    assert plan.layout.generation_rows == int(kv * GIB // slot) and plan.layout.kv_cache_gib == kv
+    assert parts["kv_cache"] == plan.layout.generation_rows * slot
+
+
+def test_auto_kv_budget_errors_name_the_key():
+    cfg = _track("llama3_70b")
+    with pytest.raises(ValueError, match="rollout.kv_cache_gb=auto: the rollout phase leaves"):
+        from clipo_nemo.planner.plan import derived_kv_cache_gib
+        derived_kv_cache_gib(cfg, 32, 80)
+    assert not plan_memory(cfg, 32, 80).fits  # planned with one row, and said so
+    assert any("no room for one response" in note for note in plan_memory(cfg, 32, 80).notes)
+    from clipo_nemo.validation import validate_config
+
+    bad = _track("track2", "trainer.gpu_memory_gib=0")
+    with pytest.raises(ValueError, match="rollout.kv_cache_gb=auto derives the budget from trainer.gpu_memory_gib"):
+        validate_config(bad)
+    with pytest.raises(ValueError, match="rollout.kv_cache_gb='lots' must be a number of GiB or 'auto'"):
+        validate_config(_track("track2", "rollout.kv_cache_gb=lots"))
+
+
+def test_cli_prints_the_rollout_phase_and_rollout_rows():
+    run = _cli("--config-name=llama3_70b", "--world-size", "64", "--no-recommendations")
+    lines = run.stdout.strip().splitlines()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert lines[-2] == f"rollout_rows: {plan_memory(_track('llama3_70b'), 64, 80).layout.generation_rows}"
+    assert lines[-3].startswith("rollout phase, GiB per GPU (KV budget ") and "kv_cache" in lines[-3]

@@ -109,6 +109,9 @@ def kv_cache_bytes_per_row(model_cfg: ModelConfig, tp: int, pp: int, seq_len: in
 @register_rollout_engine("megatron")
 def build_megatron_engine(model: torch.nn.Module, tokenizer, cfg) -> "MegatronRolloutEngine":
     """The registry's factory: the engine for a :class:`clipo_nemo.config.ClipoConfig`."""
+    if isinstance(cfg.rollout.kv_cache_gb, str):
+        raise ValueError(f"rollout.kv_cache_gb={cfg.rollout.kv_cache_gb!r} reached the rollout engine: the trainer "
+                         "resolves 'auto' from the memory plan at start; elsewhere set a number of GiB")
     return MegatronRolloutEngine(
         model, tokenizer, vocab_size=cfg.model.vocab_size, max_batch_size=cfg.rollout.max_batch_size,
         kv_cache_bytes=int(cfg.rollout.kv_cache_gb * _GIB), batching=cfg.rollout.batching,

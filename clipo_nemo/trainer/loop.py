@@ -447,6 +447,8 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
                     batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n, group_size=cfg.rollout.n)
     # Before anything is built: refuse a layout whose planned peak exceeds trainer.gpu_memory_gib.
     plan = check_memory_plan(cfg, world_size, on_gpu=torch.cuda.is_available())
+    if cfg.rollout.kv_cache_gb == "auto":  # validate_config: auto needs the plan (gpu_memory_gib > 0)
+        cfg.rollout.kv_cache_gb = plan.layout.kv_cache_gib
     if plan is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"memory plan ({plan.peak_phase} phase peak): {plan.verdict()}", flush=True)
     init_parallel_state(cfg.parallel)
