@@ -498,3 +498,25 @@ def test_cli_prints_the_rollout_phase_and_rollout_rows():
     assert run.returncode == 0, run.stdout + run.stderr
     assert lines[-2] == f"rollout_rows: {plan_memory(_track('llama3_70b'), 64, 80).layout.generation_rows}"
     assert lines[-3].startswith("rollout phase, GiB per GPU (KV budget ") and "kv_cache" in lines[-3]
+
+
+def test_the_trainer_resolves_auto_from_its_plan_before_building(tmp_path, monkeypatch):
+    import clipo_nemo.parallel.state as state
+    from clipo_nemo.planner.plan import derived_kv_cache_gib
+    from clipo_nemo.trainer.loop import train
+
+    cfg = load_config(ROOT / "examples" / "conf" / "tiny.yaml",
+                      [f"trainer.output_dir={tmp_path / 'run'}", "rollout.kv_cache_gb=auto"])
+    expected = derived_kv_cache_gib(cfg, 1, cfg.trainer.gpu_memory_gib, on_gpu=False, flash_attention=False)
+
+    class Built(Exception):
+        pass
+
+    def stop_at_build(parallel):
+        raise Built
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(state, "init_parallel_state", stop_at_build)
+    with pytest.raises(Built):
+        train(cfg)
+    assert cfg.rollout.kv_cache_gb == expected > 0
