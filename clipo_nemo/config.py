@@ -171,6 +171,9 @@ class ActorConfig:
     logprob_chunk_size: int = 1024  # response positions per chunk of the log-prob/entropy pass (bounds the
     #   fp32 [chunk, V/TP] temporaries; forward and backward)
     reference_offload: bool = False  # keep the frozen reference policy's weights in CPU memory between uses
+    release_for_rollout: bool = True  # while generating (rollouts, validation): optimizer state in (pinned) host
+    #   memory, DDP gradient buffers freed, an on-GPU reference moved to the host; all back, bit for bit, before
+    #   the log-prob passes (trainer/memory_release.py); the planner's rollout phase then holds none of them
     tis_cap: Optional[float] = None  # truncated importance sampling against the rollout engine's log-prob mismatch:
     #   each token's policy loss times min(exp(old_logp - rollout_logp), tis_cap) (policy_losses
     #   .truncated_importance_weights); null = off. Needs an engine that returns log-probs (trtllm)

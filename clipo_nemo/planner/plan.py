@@ -2,9 +2,10 @@
 
 A step has three phases with different residents (:func:`plan_memory`):
 
-- ``rollout``: generation. Weights, gradient buffer, optimizer state, head, the reference (unless
-  offloaded), the KV cache of one generation chunk (training or validation, whichever is larger) and
-  the generation logits.
+- ``rollout``: generation. Weights, head, the KV cache of the rows decoded together (training or
+  validation, whichever is larger) and the generation logits; the gradient buffer, the optimizer
+  state and the reference (unless offloaded) too, unless ``actor.release_for_rollout`` moves them
+  off the GPU while generating.
 - ``logprobs``: the no-grad old-policy and reference passes. The same static state plus the
   reference weights (on the GPU during its own pass even when offloaded), one layer's transient
   activations and the fused log-prob pass's chunk buffers (no full logits).
@@ -318,8 +319,11 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
                                           scored_tokens=tokens, logprob_chunk=chunk,
                                           sequence_parallel=sequence_parallel, score_buffer_allocated=True)
 
+    rollout_static = static
+    if cfg.actor.release_for_rollout:  # trainer/memory_release.py: off the GPU while generating
+        rollout_static = {**static, "gradients": 0, "optimizer": 0}
     phases = {
-        "rollout": {**static, "reference": resident_reference,
+        "rollout": {**rollout_static, "reference": 0 if cfg.actor.release_for_rollout else resident_reference,
                     "generation_logits": generation.logits_bytes if last else 0, "kv_cache": generation.kv_bytes},
         "logprobs": {**static, "reference": reference,
                      "activations": c.forward_only_activation_bytes(model, tp, tokens, seq_len, flash_attention=flash),
