@@ -458,7 +458,7 @@ def test_auto_kv_budget_fills_the_rollout_phase_to_the_headroom_and_no_further()
     the rows are what the engine's slots hold (hand-computed bytes of a continuous-batching slot)."""
     from clipo_nemo.planner.plan import OVERHEAD_FIXED_GIB, OVERHEAD_FRACTION, derived_kv_cache_gib
 
-    cfg = _track("track2")
+    cfg = _track("track2", "actor.release_for_rollout=false")
     assert cfg.rollout.kv_cache_gb == "auto"
     kv = derived_kv_cache_gib(cfg, 8, 80)
     plan = plan_memory(cfg, 8, 80)
@@ -477,7 +477,7 @@ def test_auto_kv_budget_fills_the_rollout_phase_to_the_headroom_and_no_further()
 
 
 def test_auto_kv_budget_errors_name_the_key():
-    cfg = _track("llama3_70b")
+    cfg = _track("llama3_70b", "actor.release_for_rollout=false")  # DP 4: the optimizer share doubles
     with pytest.raises(ValueError, match="rollout.kv_cache_gb=auto: the rollout phase leaves"):
         from clipo_nemo.planner.plan import derived_kv_cache_gib
         derived_kv_cache_gib(cfg, 32, 80)
@@ -520,3 +520,17 @@ def test_the_trainer_resolves_auto_from_its_plan_before_building(tmp_path, monke
     with pytest.raises(Built):
         train(cfg)
     assert cfg.rollout.kv_cache_gb == expected > 0
+
+
+def test_released_training_state_leaves_the_rollout_phase_and_the_kv_budget_grows():
+    """With actor.release_for_rollout the rollout phase holds no gradient buffer, optimizer state or
+    reference (the other phases keep them), and the derived budget grows by what they took."""
+    kept, released = (plan_memory(_track("track2", f"actor.release_for_rollout={flag}"), 8, 80) for flag in ("false", "true"))
+    for name in ("gradients", "optimizer", "reference"):
+        assert kept.phases["rollout"][name] > 0 and released.phases["rollout"][name] == 0
+        assert released.phases["update"][name] == kept.phases["update"][name]
+    freed = sum(kept.phases["rollout"][name] for name in ("gradients", "optimizer", "reference")) / GIB
+    assert released.layout.kv_cache_gib > kept.layout.kv_cache_gib + 0.9 * freed
+    assert released.layout.generation_rows > 2 * kept.layout.generation_rows
+    # issue 19's aim at 70B: at least 128 of a rank's 256 responses decoded at once on 64 GPUs
+    assert plan_memory(_track("llama3_70b"), 64, 80).layout.generation_rows >= 128
