@@ -203,6 +203,7 @@ def _single_process_rank(rank, world_size):
             PROMPTS, GenerationParams(n=1, max_new_tokens=MAX_NEW, temperature=0.0, stop=(stop_word,)), SEEDS)
         res["decoded_oracle"] = [[tok.decode(o[: k + 1]) for k in range(MAX_NEW)] for o in res["greedy_oracle"]]
         res["continuous_vs_static"] = _continuous_against_static_chunks(engine, eos_id)
+        res["finish_checks"] = _finish_checks(engine)
         return res
     finally:
         destroy_parallel_state()
@@ -235,6 +236,19 @@ def _continuous_against_static_chunks(engine, eos_id):
                     runs[label, batching, slots] = (eng.generate(PROMPTS, params, SEEDS), eng.decode_passes, list(shifts))
     finally:
         kv_slots.SlotCache.shift_to = real_shift
+    return runs
+
+
+def _finish_checks(engine):
+    """(looks for finished rows, decode passes, tokens) with finished rows looked for every 1 and every 4 steps."""
+    runs = {}
+    for every in (1, 4):
+        eng = engine(finish_check_every=every)
+        calls = []
+        real = eng._mark_finished
+        eng._mark_finished = lambda rows, out, params: (calls.append(len(rows)), real(rows, out, params))
+        out = eng.generate(PROMPTS, GenerationParams(n=2, max_new_tokens=MAX_NEW, **SAMPLED), SEEDS)
+        runs[every] = (len(calls), eng.decode_passes, out.tokens)
     return runs
 
 
@@ -336,6 +350,15 @@ def test_continuous_batching_gives_the_static_chunks_tokens(single):
     assert all(new_end >= 12 for _, new_end in sampled["continuous", 2][2])  # the longest prompt always fits
     # looking for finished rows every 3rd step only: same tokens (above), slots refilled a little later
     assert sampled["continuous", 2][1] <= sampled["continuous_check_every_3", 2][1] < sampled["static", 2][1]
+
+
+def test_finished_rows_are_looked_for_every_few_steps_only(single):
+    """Each look is the loop's one host synchronisation; the tokens do not depend on how often."""
+    (every_step, passes, tokens), (every_4th, passes_4, tokens_4) = single["finish_checks"][1], single["finish_checks"][4]
+    assert torch.equal(tokens, tokens_4) and passes == passes_4 == MAX_NEW - 1  # all 6 rows decode at once
+    assert every_step == passes + 1  # after the prefill's token and after every decode step
+    # steps 0 and 4, then at step 7 where the host's count says every row reached MAX_NEW
+    assert every_4th == 3
 
 
 def _assert_logits_only_where_sampled(shapes, batching="continuous"):

@@ -294,9 +294,10 @@ class MegatronRolloutEngine:
         a finished response's slot takes the next waiting one (its prompt prefilled once and its KV
         cache copied to each of its ``n`` responses). Every decode step feeds every slot.
 
-        Finished responses are looked for every ``finish_check_every`` decode steps (the only host
-        synchronisation of the loop besides admissions); a response that ended in between has run on
-        for a few throw-away steps, cut off by the check at exactly the token that ended it."""
+        Finished responses are looked for every ``finish_check_every`` decode steps, and at once when
+        a response reaches ``max_new_tokens`` (counted on the host): the only host synchronisation of
+        the loop besides admissions; a response that ended in between has run on for a few throw-away
+        steps, cut off by the check at exactly the token that ended it."""
         device, n = uniforms.device, params.n
         cache = SlotCache(slots, buffer_len, device)
         waiting = list(range(out.rows))[::-1]  # pop() gives rows in order
@@ -306,6 +307,15 @@ class MegatronRolloutEngine:
         fresh: List[int] = []  # slots whose logits are not sampled yet
         next_tokens = torch.full((slots,), self.pad_token_id, dtype=torch.long, device=device)
         steps = 0
+        made = [0] * out.rows  # tokens sampled for each response, counted on the host (no synchronisation)
+        last: list = [None, None]  # (slots, rows) and their device copies, made again only when they change
+
+        def on_device(fresh_slots, rows):  # a host -> device copy waits for the device: not on every step
+            key = (tuple(fresh_slots), tuple(rows))
+            if last[0] != key:
+                last[:] = [key, (torch.tensor(key[0], device=device), torch.tensor(key[1], device=device))]
+            return last[1]
+
         while True:
             while True:  # admit into free slots, sample, check, until no slot is free or no response waits
                 free = [s for s in range(cache.slots) if slot_row[s] < 0]
@@ -316,13 +326,15 @@ class MegatronRolloutEngine:
                         slot_row[s] = row
                     fresh += [s for s, _ in admitted]
                 if fresh:
-                    fresh_t = torch.tensor(fresh, device=device)
-                    rows = torch.tensor([slot_row[s] for s in fresh], device=device)
+                    fresh_t, rows = on_device(fresh, [slot_row[s] for s in fresh])
                     next_tokens[fresh_t] = self._sample_and_record(
                         None if logits is None else logits[fresh_t], rows, uniforms, out, params)
+                    for s in fresh:
+                        made[slot_row[s]] += 1
                     fresh = []
                 live = [s for s in range(cache.slots) if slot_row[s] >= 0]
-                if steps % self.finish_check_every and live:
+                capped = any(made[slot_row[s]] >= params.max_new_tokens for s in live)
+                if steps % self.finish_check_every and live and not capped:
                     break
                 self._mark_finished(torch.tensor([slot_row[s] for s in live], device=device), out, params)
                 slot_row = [-1 if row >= 0 and out.reasons[row] is not None else row for row in slot_row]
