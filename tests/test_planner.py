@@ -469,8 +469,8 @@ def test_auto_kv_budget_fills_the_rollout_phase_to_the_headroom_and_no_further()
     # solution by less than the logits themselves, and by at most 1 MiB of rounding otherwise
     assert by_hand - parts["generation_logits"] / GIB - 1 / 1024 < kv <= by_hand
     assert plan.totals["rollout"] <= 0.9 * 80 * GIB < plan.totals["rollout"] + 2 * parts["generation_logits"]
-    # a slot: K, V x 28 layers x 2 KV heads (4 / TP 2) x 128 x the timeline (4,608 + 7 run-on, + 1/16) x 2 B
-    timeline = 4615 + -(-4615 // 16)
+    # a slot: K, V x 28 layers x 2 KV heads (4 / TP 2) x 128 x the timeline (4,608 + 1/16) x 2 B
+    timeline = 4608 + 4608 // 16
     slot = 2 * 28 * 2 * 128 * timeline * 2
     assert plan.layout.generation_rows == int(kv * GIB // slot) and plan.layout.kv_cache_gib == kv
     assert parts["kv_cache"] == plan.layout.generation_rows * slot

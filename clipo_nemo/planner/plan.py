@@ -226,11 +226,10 @@ def _max_new_tokens(cfg: ClipoConfig) -> List[int]:
 
 def _per_row_bytes(cfg: ClipoConfig, tp: int, pp: int, max_new_tokens: int) -> int:
     """KV bytes of one response row on one rank, as the rollout engine sizes its rows: the longest
-    prompt + ``max_new_tokens`` (continuous batching: its timeline, with slack and the steps a
-    response runs on between finish checks)."""
+    prompt + ``max_new_tokens`` (continuous batching: its timeline, with slack)."""
     longest = cfg.data.max_prompt_length + max_new_tokens
     if cfg.rollout.engine == "megatron" and cfg.rollout.batching == "continuous":
-        longest = timeline_length(longest + cfg.rollout.finish_check_every - 1)
+        longest = timeline_length(longest)
     return c.kv_cache_bytes_per_row(cfg.model, tp, pp, longest, c.dtype_bytes(cfg.model))
 
 

@@ -213,20 +213,18 @@ class MegatronRolloutEngine:
                 f"{self.gpt.max_sequence_length}"
             )
         device = next(self.gpt.parameters()).device
-        run_on = self.finish_check_every - 1  # steps a response may run past its end before a check
         uniforms = torch.stack(
             [response_uniforms(int(s), j, params.max_new_tokens) for s in seeds for j in range(params.n)]
-        )
-        uniforms = torch.cat([uniforms, torch.zeros(len(uniforms), run_on, dtype=uniforms.dtype)], 1).to(device)
+        ).to(device)
         total = len(prompts) * params.n
-        out = _Responses(total, params.max_new_tokens + run_on, self.pad_token_id, device)
+        out = _Responses(total, params.max_new_tokens, self.pad_token_id, device)
         self.decode_passes = 0
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode(), _sequence_parallel_off(self.gpt, self.config):
                 if self.batching == "continuous":
-                    buffer_len = timeline_length(longest + run_on)
+                    buffer_len = timeline_length(longest)
                     self._generate_continuous(prompts, params, uniforms, out,
                                               min(self.rows_per_chunk(buffer_len) or total, total), buffer_len)
                 else:
@@ -465,12 +463,12 @@ class MegatronRolloutEngine:
 
 class _Responses:
     """The responses of one ``generate`` call, filled row by row (global row ids): ``tokens`` [rows,
-    columns] long (pad after each response; ``columns`` > max_new_tokens leaves room for the steps a
-    response runs on between finish checks), ``lengths`` and ``finished`` [rows], ``reasons``."""
+    max_new] long (pad after each response; a response that ran on past its end between finish
+    checks has junk there until it is cut), ``lengths`` and ``finished`` [rows], ``reasons``."""
 
-    def __init__(self, rows: int, columns: int, pad: int, device: torch.device) -> None:
+    def __init__(self, rows: int, max_new: int, pad: int, device: torch.device) -> None:
         self.rows = rows
-        self.tokens = torch.full((rows, columns), pad, dtype=torch.long, device=device)
+        self.tokens = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.reasons: List[Optional[str]] = [None] * rows
