@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, get_type_hints
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, get_type_hints
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +139,13 @@ class RolloutConfig:
     stop: List[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS
     seed: int = 1234  # base seed; each request's sampling is seeded from it
     max_batch_size: Optional[int] = None  # most responses decoded together; None = as many as kv_cache_gb allows
-    kv_cache_gb: float = 16.0  # KV-cache budget per GPU for one generation chunk (GiB); sets the rows decoded together
+    kv_cache_gb: Union[float, int, str] = 16.0  # KV-cache budget per GPU (GiB), sets the rows decoded together;
+    #   "auto": what the memory plan's rollout phase leaves of trainer.gpu_memory_gib after the weights, the
+    #   training state that stays, the generation logits and the overhead (planner.plan.derived_kv_cache_gib)
+    batching: str = "continuous"  # engine=megatron: "continuous" (a finished response's KV slot takes the next
+    #   waiting response) or "static" (chunks of rows decoded one after another, each until its longest ends)
+    finish_check_every: int = 8  # engine=megatron, continuous: decode steps between looks for finished responses
+    #   (each look is one host synchronisation; the tokens do not depend on it; 1 = every step)
     trtllm_kv_cache_fraction: float = 0.4  # engine=trtllm: upper bound on the share of the GPU memory free at engine
     #   start that TensorRT-LLM's KV cache takes (KvCacheConfig.free_gpu_memory_fraction); released while training
     trtllm_kv_cache_gb: float = 16.0  # engine=trtllm: the engine's KV cache per GPU in GiB (KvCacheConfig.max_tokens
@@ -175,6 +181,9 @@ class ActorConfig:
     logprob_chunk_size: int = 1024  # response positions per chunk of the log-prob/entropy pass (bounds the
     #   fp32 [chunk, V/TP] temporaries; forward and backward)
     reference_offload: bool = False  # keep the frozen reference policy's weights in CPU memory between uses
+    release_for_rollout: bool = True  # while generating (rollouts, validation): optimizer state in (pinned) host
+    #   memory, DDP gradient buffers freed, an on-GPU reference moved to the host; all back, bit for bit, before
+    #   the log-prob passes (trainer/memory_release.py); the planner's rollout phase then holds none of them
     tis_cap: Optional[float] = None  # truncated importance sampling against the rollout engine's log-prob mismatch:
     #   each token's policy loss times min(exp(old_logp - rollout_logp), tis_cap) (policy_losses
     #   .truncated_importance_weights); null = off. Needs an engine that returns log-probs (trtllm)
@@ -494,9 +503,20 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
                                           or stage_layers % cfg.model.recompute_num_layers):
         problems.append(f"model.recompute_num_layers={cfg.model.recompute_num_layers} must be >= 1 and divide the "
                         f"{stage_layers} layers of a pipeline stage (recompute=full recomputes blocks of that many)")
-    positive("rollout.kv_cache_gb", roll.kv_cache_gb)
+    if roll.kv_cache_gb == "auto":
+        if trainer.gpu_memory_gib <= 0:
+            problems.append("rollout.kv_cache_gb=auto derives the budget from trainer.gpu_memory_gib, which is 0: "
+                            "set the GPU's memory there or a number of GiB here")
+    elif isinstance(roll.kv_cache_gb, str):
+        problems.append(f"rollout.kv_cache_gb={roll.kv_cache_gb!r} must be a number of GiB or 'auto'")
+    else:
+        positive("rollout.kv_cache_gb", roll.kv_cache_gb)
     if roll.max_batch_size is not None and roll.max_batch_size < 1:
         problems.append(f"rollout.max_batch_size={roll.max_batch_size} must be >= 1 (or null: kv_cache_gb decides)")
+    if roll.batching not in ("continuous", "static"):
+        problems.append(f"rollout.batching={roll.batching!r} must be 'continuous' or 'static'")
+    if roll.finish_check_every < 1:
+        problems.append(f"rollout.finish_check_every={roll.finish_check_every} must be >= 1")
     if roll.engine == "trtllm":
         mp = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
         if not 0 < roll.trtllm_kv_cache_fraction < 1:

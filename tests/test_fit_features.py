@@ -354,31 +354,47 @@ def _chunking_rank(rank, world_size):
 
     model, _, tokenizer, engine = _build(1, None)
     cache_bytes = []  # megatron's KV-cache tensors, measured after each resize of the cache rows
-    real_keep_rows = engine_module._keep_cache_rows
+    real_keep_rows = engine_module.keep_cache_rows
 
     def measuring_keep_rows(context, rows):
         real_keep_rows(context, rows)
         cache_bytes.append(sum(t.numel() * t.element_size()
                                for kv in context.key_value_memory_dict.values() for t in kv))
 
-    engine_module._keep_cache_rows = measuring_keep_rows
+    engine_module.keep_cache_rows = measuring_keep_rows
     params = GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED)
     # fp32 tiny model: K,V x 2 layers x 2 KV heads x 8 channels x 4 bytes per position
     row_bytes = 2 * 2 * 2 * 8 * 4 * (max(len(p) for p in PROMPTS) + MAX_NEW)
-    results = {"unbounded": engine().generate(PROMPTS, params, SEEDS)}
+    results = {"unbounded": engine(batching="static").generate(PROMPTS, params, SEEDS)}
     for name, kwargs in (("budget4", dict(kv_cache_bytes=4 * row_bytes + row_bytes // 2)),
                          ("budget4_cap2", dict(kv_cache_bytes=4 * row_bytes, max_batch_size=2))):
-        eng = engine(**kwargs)
+        eng = engine(batching="static", **kwargs)
         chunks = []
         real_chunk = eng._generate_chunk
 
-        def recording_chunk(prompts, row_prompt, params, uniforms, real_chunk=real_chunk, chunks=chunks):
+        def recording_chunk(prompts, row_prompt, params, uniforms, row_ids, out, real_chunk=real_chunk, chunks=chunks):
             chunks.append((len(prompts), len(row_prompt)))
-            return real_chunk(prompts, row_prompt, params, uniforms)
+            return real_chunk(prompts, row_prompt, params, uniforms, row_ids, out)
 
         eng._generate_chunk = recording_chunk
         cache_bytes.clear()
         results[name] = (eng.generate(PROMPTS, params, SEEDS), chunks, max(cache_bytes))
+    # Continuous batching: slots of a 22-position timeline (20 + 1/16 of slack, rounded up)
+    from clipo_nemo.rollout import kv_slots
+
+    slot_bytes = row_bytes // 20 * kv_slots.timeline_length(20)
+    real_place, placed = kv_slots.SlotCache.place, []
+
+    def measuring_place(cache, slot, prompt_cache):
+        real_place(cache, slot, prompt_cache)
+        placed.append(sum(t.numel() * t.element_size() for kv in cache.context.key_value_memory_dict.values() for t in kv))
+
+    kv_slots.SlotCache.place = measuring_place
+    try:
+        results["continuous_budget4"] = (engine(kv_cache_bytes=4 * slot_bytes + slot_bytes // 2).generate(
+            PROMPTS, params, SEEDS), max(placed), slot_bytes)
+    finally:
+        kv_slots.SlotCache.place = real_place
     try:
         engine(kv_cache_bytes=row_bytes - 1).generate(PROMPTS, params, SEEDS)
         results["too_small"] = None
@@ -406,7 +422,11 @@ def test_generation_chunks_follow_the_kv_budget_and_match_unbounded_generation()
         out = res[name][0]
         assert torch.equal(out.tokens, unbounded.tokens) and torch.equal(out.lengths, unbounded.lengths)
         assert out.finish_reasons == unbounded.finish_reasons
-    assert "rollout.kv_cache_gb" in res["too_small"] and "holds no response of 20 tokens" in res["too_small"]
+    # continuous batching holds 4 slots of 22 positions (the slack of its shared timeline), same tokens
+    out, cache_bytes, slot_bytes = res["continuous_budget4"]
+    assert cache_bytes == 4 * slot_bytes == 4 * res["row_bytes"] // 20 * 22
+    assert torch.equal(out.tokens, unbounded.tokens) and out.finish_reasons == unbounded.finish_reasons
+    assert "rollout.kv_cache_gb" in res["too_small"] and "holds no response of 22 tokens" in res["too_small"]
     assert res["factory_budget"] == 2**29
 
 

@@ -450,3 +450,87 @@ def test_cli_refuses_an_oversized_layout_with_exit_1():
                "parallel.max_tokens_per_micro_batch=73728", "--gpu-mem-gib", "80", "--no-recommendations")
     assert run.returncode == 1, run.stdout + run.stderr
     assert run.stdout.strip().splitlines()[-1].startswith("fits: no (")
+
+
+def test_auto_kv_budget_fills_the_rollout_phase_to_the_headroom_and_no_further():
+    """Oracle: the rollout phase's own parts (hand-checked above) and the overhead rule, solved by hand:
+    at the derived budget the phase is within 90% of 80 GiB; one more MiB of KV per row would not be;
+    the rows are what the engine's slots hold (hand-computed bytes of a continuous-batching slot)."""
+    from clipo_nemo.planner.plan import OVERHEAD_FIXED_GIB, OVERHEAD_FRACTION, derived_kv_cache_gib
+
+    cfg = _track("track2", "actor.release_for_rollout=false")
+    assert cfg.rollout.kv_cache_gb == "auto"
+    kv = derived_kv_cache_gib(cfg, 8, 80)
+    plan = plan_memory(cfg, 8, 80)
+    parts = plan.phases["rollout"]
+    others = sum(parts.values()) - parts["overhead"] - parts["kv_cache"]
+    by_hand = ((0.9 * 80 - OVERHEAD_FIXED_GIB) / (1 + OVERHEAD_FRACTION) * GIB - others) / GIB
+    # the logits are subtracted at the rows of a first, larger estimate: kv is short of the exact
+    # solution by less than the logits themselves, and by at most 1 MiB of rounding otherwise
+    assert by_hand - parts["generation_logits"] / GIB - 1 / 1024 < kv <= by_hand
+    assert plan.totals["rollout"] <= 0.9 * 80 * GIB < plan.totals["rollout"] + 2 * parts["generation_logits"]
+    # a slot: K, V x 28 layers x 2 KV heads (4 / TP 2) x 128 x the timeline (4,608 + 1/16) x 2 B
+    timeline = 4608 + 4608 // 16
+    slot = 2 * 28 * 2 * 128 * timeline * 2
+    assert plan.layout.generation_rows == int(kv * GIB // slot) and plan.layout.kv_cache_gib == kv
+    assert parts["kv_cache"] == plan.layout.generation_rows * slot
+
+
+def test_auto_kv_budget_errors_name_the_key():
+    cfg = _track("llama3_70b", "actor.release_for_rollout=false")  # DP 4: the optimizer share doubles
+    with pytest.raises(ValueError, match="rollout.kv_cache_gb=auto: the rollout phase leaves"):
+        from clipo_nemo.planner.plan import derived_kv_cache_gib
+        derived_kv_cache_gib(cfg, 32, 80)
+    assert not plan_memory(cfg, 32, 80).fits  # planned with one row, and said so
+    assert any("no room for one response" in note for note in plan_memory(cfg, 32, 80).notes)
+    from clipo_nemo.validation import validate_config
+
+    bad = _track("track2", "trainer.gpu_memory_gib=0")
+    with pytest.raises(ValueError, match="rollout.kv_cache_gb=auto derives the budget from trainer.gpu_memory_gib"):
+        validate_config(bad)
+    with pytest.raises(ValueError, match="rollout.kv_cache_gb='lots' must be a number of GiB or 'auto'"):
+        validate_config(_track("track2", "rollout.kv_cache_gb=lots"))
+
+
+def test_cli_prints_the_rollout_phase_and_rollout_rows():
+    run = _cli("--config-name=llama3_70b", "--world-size", "64", "--no-recommendations")
+    lines = run.stdout.strip().splitlines()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert lines[-2] == f"rollout_rows: {plan_memory(_track('llama3_70b'), 64, 80).layout.generation_rows}"
+    assert lines[-3].startswith("rollout phase, GiB per GPU (KV budget ") and "kv_cache" in lines[-3]
+
+
+def test_the_trainer_resolves_auto_from_its_plan_before_building(tmp_path, monkeypatch):
+    import clipo_nemo.parallel.state as state
+    from clipo_nemo.planner.plan import derived_kv_cache_gib
+    from clipo_nemo.trainer.loop import train
+
+    cfg = load_config(ROOT / "examples" / "conf" / "tiny.yaml",
+                      [f"trainer.output_dir={tmp_path / 'run'}", "rollout.kv_cache_gb=auto"])
+    expected = derived_kv_cache_gib(cfg, 1, cfg.trainer.gpu_memory_gib, on_gpu=False, flash_attention=False)
+
+    class Built(Exception):
+        pass
+
+    def stop_at_build(parallel):
+        raise Built
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(state, "init_parallel_state", stop_at_build)
+    with pytest.raises(Built):
+        train(cfg)
+    assert cfg.rollout.kv_cache_gb == expected > 0
+
+
+def test_released_training_state_leaves_the_rollout_phase_and_the_kv_budget_grows():
+    """With actor.release_for_rollout the rollout phase holds no gradient buffer, optimizer state or
+    reference (the other phases keep them), and the derived budget grows by what they took."""
+    kept, released = (plan_memory(_track("track2", f"actor.release_for_rollout={flag}"), 8, 80) for flag in ("false", "true"))
+    for name in ("gradients", "optimizer", "reference"):
+        assert kept.phases["rollout"][name] > 0 and released.phases["rollout"][name] == 0
+        assert released.phases["update"][name] == kept.phases["update"][name]
+    freed = sum(kept.phases["rollout"][name] for name in ("gradients", "optimizer", "reference")) / GIB
+    assert released.layout.kv_cache_gib > kept.layout.kv_cache_gib + 0.9 * freed
+    assert released.layout.generation_rows > 2 * kept.layout.generation_rows
+    # issue 19's aim at 70B: at least 128 of a rank's 256 responses decoded at once on 64 GPUs
+    assert plan_memory(_track("llama3_70b"), 64, 80).layout.generation_rows >= 128

@@ -169,10 +169,13 @@ def _single_process_rank(rank, world_size):
         greedy = GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0)
         with _recording_output_layer_shapes(model) as res["output_layer_shapes"]:
             res["greedy"] = engine().generate(PROMPTS, greedy, SEEDS)
+        with _recording_output_layer_shapes(model) as res["output_layer_shapes_static"]:
+            res["greedy_static"] = engine(batching="static").generate(PROMPTS, greedy, SEEDS)
         model.eval()
         res["greedy_oracle"] = [_oracle_generate(model, p, MAX_NEW, lambda s, lg: lg.argmax(-1)) for p in PROMPTS]
 
         res["full_prefill_refused"] = _generate_with_full_prefill_logits(engine(), greedy)
+        res["full_prefill_refused_static"] = _generate_with_full_prefill_logits(engine(batching="static"), greedy)
 
         sampled = GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED)
         res["sampled"] = engine().generate(PROMPTS, sampled, SEEDS)
@@ -196,10 +199,57 @@ def _single_process_rank(rank, world_size):
         stop_word = tok.convert_ids_to_tokens(res["greedy_oracle"][0][2])
         res["stop_word"] = stop_word
         res["with_stop"] = engine().generate(PROMPTS, GenerationParams(n=1, max_new_tokens=MAX_NEW, temperature=0.0, stop=(stop_word,)), SEEDS)
+        res["with_stop_every_3"] = engine(finish_check_every=3, max_batch_size=2).generate(
+            PROMPTS, GenerationParams(n=1, max_new_tokens=MAX_NEW, temperature=0.0, stop=(stop_word,)), SEEDS)
         res["decoded_oracle"] = [[tok.decode(o[: k + 1]) for k in range(MAX_NEW)] for o in res["greedy_oracle"]]
+        res["continuous_vs_static"] = _continuous_against_static_chunks(engine, eos_id)
+        res["finish_checks"] = _finish_checks(engine)
         return res
     finally:
         destroy_parallel_state()
+
+
+def _continuous_against_static_chunks(engine, eos_id):
+    """Static chunks (today's engine) and continuous batching with 1-9 slots, the same seeds; an EOS
+    that ends some responses early, so slots free at different steps and take waiting responses;
+    continuous also with finished rows looked for only every 3rd decode step.
+    Records the timeline shifts of the slot cache and the decode passes of each run."""
+    from clipo_nemo.rollout import kv_slots
+
+    shifts = []
+    real_shift = kv_slots.SlotCache.shift_to
+
+    def recording_shift(cache, new_end):
+        shifts.append((cache.end, new_end))
+        real_shift(cache, new_end)
+
+    kv_slots.SlotCache.shift_to = recording_shift
+    runs = {}
+    try:
+        for label, params in (("sampled", GenerationParams(n=3, max_new_tokens=MAX_NEW, **SAMPLED)),
+                              ("greedy", GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0))):
+            for batching, every in (("static", 1), ("continuous", 1), ("continuous_check_every_3", 3)):
+                for slots in (None, 1, 2, 4):
+                    shifts.clear()
+                    eng = engine(batching=batching.split("_")[0], max_batch_size=slots, eos_token_ids=[eos_id],
+                                 finish_check_every=every)
+                    runs[label, batching, slots] = (eng.generate(PROMPTS, params, SEEDS), eng.decode_passes, list(shifts))
+    finally:
+        kv_slots.SlotCache.shift_to = real_shift
+    return runs
+
+
+def _finish_checks(engine):
+    """(looks for finished rows, decode passes, tokens) with finished rows looked for every 1 and every 4 steps."""
+    runs = {}
+    for every in (1, 4):
+        eng = engine(finish_check_every=every)
+        calls = []
+        real = eng._mark_finished
+        eng._mark_finished = lambda rows, out, params: (calls.append(len(rows)), real(rows, out, params))
+        out = eng.generate(PROMPTS, GenerationParams(n=2, max_new_tokens=MAX_NEW, **SAMPLED), SEEDS)
+        runs[every] = (len(calls), eng.decode_passes, out.tokens)
+    return runs
 
 
 def _tp_rank(rank, world_size, full_state):
@@ -264,6 +314,9 @@ def test_eos_stop_strings_and_length_give_the_right_finish_reasons(single):
     assert out.finish_reasons[0] == "stop" and int(out.lengths[0]) <= 3 and out.response(0)[-1] != eos
     # padding after each response
     assert (out.tokens[0, int(out.lengths[0]):] == out.pad_token_id).all()
+    # finished rows looked for every 3rd step (they ran on in between): cut at the same token
+    late = single["with_stop_every_3"]
+    assert torch.equal(late.tokens, out.tokens) and late.finish_reasons == out.finish_reasons
 
 
 def test_seeded_determinism_independent_of_batch_order_and_chunking(single):
@@ -278,25 +331,64 @@ def test_seeded_determinism_independent_of_batch_order_and_chunking(single):
     assert len({tuple(r) for r in _rows(base, 0, 9)}) > 3  # samples within a group differ
 
 
-def _assert_logits_only_where_sampled(shapes):
-    """The output layer sees one position per row, never [rows, prompt_len, ...]: prefill (the
-    first call, all prompts up to the shortest one's length) gives [1, prompts, V_pad] gathered
-    over TP, each decode step [1, rows, V_pad]."""
+def test_continuous_batching_gives_the_static_chunks_tokens(single):
+    runs = single["continuous_vs_static"]
+    for label in ("sampled", "greedy"):
+        expected = runs[label, "static", None][0]
+        assert "stop" in expected.finish_reasons and "length" in expected.finish_reasons  # early and full-length rows
+        for batching in ("static", "continuous", "continuous_check_every_3"):
+            for slots in (None, 1, 2, 4):
+                out = runs[label, batching, slots][0]
+                assert torch.equal(out.tokens, expected.tokens), f"{label} {batching} slots={slots}"
+                assert torch.equal(out.lengths, expected.lengths) and out.finish_reasons == expected.finish_reasons
+    # slots were reused: with 2 slots, continuous decoding needs fewer passes than chunks of 2 rows,
+    # and the timeline (20 prompt + new positions + 2 of slack) was shifted left to make room
+    sampled = {key[1:]: value for key, value in runs.items() if key[0] == "sampled"}
+    assert sampled["continuous", 2][1] < sampled["static", 2][1]
+    assert sampled["continuous", 1][1] == sum(sampled["continuous", None][0].lengths.tolist()) - 9
+    assert any(new_end < end for end, new_end in sampled["continuous", 2][2])
+    assert all(new_end >= 12 for _, new_end in sampled["continuous", 2][2])  # the longest prompt always fits
+    # looking for finished rows every 3rd step only: same tokens (above), slots refilled a little later
+    assert sampled["continuous", 2][1] <= sampled["continuous_check_every_3", 2][1] < sampled["static", 2][1]
+
+
+def test_finished_rows_are_looked_for_every_few_steps_only(single):
+    """Each look is the loop's one host synchronisation; the tokens do not depend on how often."""
+    (every_step, passes, tokens), (every_4th, passes_4, tokens_4) = single["finish_checks"][1], single["finish_checks"][4]
+    assert torch.equal(tokens, tokens_4) and passes == passes_4 == MAX_NEW - 1  # all 6 rows decode at once
+    assert every_step == passes + 1  # after the prefill's token and after every decode step
+    # steps 0 and 4, then at step 7 where the host's count says every row reached MAX_NEW
+    assert every_4th == 3
+
+
+def _assert_logits_only_where_sampled(shapes, batching="continuous"):
+    """The output layer sees one position per row, never [rows, prompt_len, ...], gathered over TP.
+    Static: the first call (all prompts up to the shortest one's length) gives [1, prompts, V_pad],
+    each decode step [1, rows, V_pad]. Continuous: one call per prompt (prefilled alone, before any
+    decode step here: all 6 rows fit) gives [1, 1, V_pad], then each decode step [1, rows, V_pad]."""
     vocab_padded = 40  # VOCAB rounded up to make_vocab_size_divisible_by * TP
     shortest = min(len(p) for p in PROMPTS)
     assert shortest > 1  # a prefill with full logits would show up as [shortest, prompts, V_pad]
-    assert shapes[0] == ((1, len(PROMPTS), MODEL.hidden_size), (1, len(PROMPTS), vocab_padded))
-    # one call per step: prefill, then one per position up to the longest prompt + MAX_NEW - 1 at most
-    assert 1 < len(shapes) <= 1 + max(len(p) for p in PROMPTS) + MAX_NEW - 1 - shortest
-    for hidden, logits in shapes[1:]:
+    if batching == "static":
+        prefills = [((1, len(PROMPTS), MODEL.hidden_size), (1, len(PROMPTS), vocab_padded))]
+        # one call per step: prefill, then one per position up to the longest prompt + MAX_NEW - 1 at most
+        most_calls = 1 + max(len(p) for p in PROMPTS) + MAX_NEW - 1 - shortest
+    else:
+        prefills = [((1, 1, MODEL.hidden_size), (1, 1, vocab_padded))] * len(PROMPTS)
+        most_calls = len(PROMPTS) + MAX_NEW - 1  # every prompt's tokens are in the cache before decoding
+    assert shapes[: len(prefills)] == prefills
+    assert len(prefills) < len(shapes) <= most_calls
+    for hidden, logits in shapes[len(prefills):]:
         assert hidden[0] == 1 and logits[0] == 1 and logits[2] == vocab_padded and hidden[1] == logits[1] <= 2 * len(PROMPTS)
 
 
 def test_prefill_computes_logits_only_at_the_last_prompt_position(single):
     _assert_logits_only_where_sampled(single["output_layer_shapes"])
+    _assert_logits_only_where_sampled(single["output_layer_shapes_static"], "static")
     # a megatron that returned every prompt position's logits would be refused, not used
-    shortest = min(len(p) for p in PROMPTS)
-    assert f"logits for {shortest} positions of a {shortest}-token forward" in single["full_prefill_refused"]
+    shortest, first = min(len(p) for p in PROMPTS), len(PROMPTS[0])
+    assert f"logits for {first} positions of a {first}-token forward" in single["full_prefill_refused"]
+    assert f"logits for {shortest} positions of a {shortest}-token forward" in single["full_prefill_refused_static"]
 
 
 def test_tensor_parallel_2_gives_the_single_process_tokens(single):

@@ -3,7 +3,8 @@
 Oracle: the single-process engine (PP=1, TP=1; itself checked against no-cache full re-forwards in
 ``tests/test_rollout.py``) with the same weights and seeds. PP=2 (2 gloo processes) and TP=2 x PP=2
 (4 processes) must return exactly its tokens, lengths and finish reasons on every rank: greedy,
-sampled (temperature, top-k, top-p), chunked with rows cut across prompts, and with an EOS that
+sampled (temperature, top-k, top-p), continuous batching with 4 and 2 slots (finished responses'
+slots refilled on every stage; finished rows looked for every 3rd step) and static chunks with rows cut across prompts, and with an EOS that
 ends responses early (rows dropped from every stage's KV cache). A training step at PP=2 and
 TP2 x PP2 against PP=1 is ``tests/test_parallel_equivalence.py`` (its layouts also generate).
 """
@@ -26,7 +27,7 @@ MODEL = ModelConfig(
 PROMPTS = [[3, 5, 6, 14, 12, 15, 7, 8, 9, 10, 11, 4], [3, 5, 6, 20, 13, 4], [3, 5, 6, 17, 12, 19, 7, 8, 4]]
 SEEDS = [11, 22, 33]
 MAX_NEW = 8
-RUNS = ("greedy", "sampled", "sampled_chunked", "greedy_with_eos")
+RUNS = ("greedy", "sampled", "sampled_chunked", "sampled_static_chunks", "greedy_with_eos", "greedy_with_eos_2_slots")
 
 
 def _generate_rank(rank, world_size, tp, pp, full_state):
@@ -41,12 +42,15 @@ def _generate_rank(rank, world_size, tp, pp, full_state):
                "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
         res["greedy"] = engine().generate(PROMPTS, GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0), SEEDS)
         res["sampled"] = engine().generate(PROMPTS, sampled, SEEDS)
-        res["sampled_chunked"] = engine(max_batch_size=4).generate(PROMPTS, sampled, SEEDS)
+        res["sampled_chunked"] = engine(max_batch_size=4).generate(PROMPTS, sampled, SEEDS)  # 4 slots, refilled
+        res["sampled_static_chunks"] = engine(max_batch_size=4, batching="static").generate(PROMPTS, sampled, SEEDS)
         first = res["greedy"].response(0)
         res["eos_at"] = next(k for k in range(1, MAX_NEW) if first[k] not in first[:k]) + 1
         eos = first[res["eos_at"] - 1]  # ends prompt 0's greedy response after eos_at (> 1) tokens
         res["greedy_with_eos"] = engine(eos_token_ids=[eos]).generate(
             PROMPTS, GenerationParams(n=1, max_new_tokens=MAX_NEW, temperature=0.0), SEEDS)
+        res["greedy_with_eos_2_slots"] = engine(eos_token_ids=[eos], max_batch_size=2, finish_check_every=3).generate(
+            PROMPTS, GenerationParams(n=2, max_new_tokens=MAX_NEW, temperature=0.0), SEEDS)
         return res
     finally:
         destroy_parallel_state()
@@ -74,6 +78,8 @@ def test_single_process_reference_is_non_trivial(single):
     assert with_eos.finish_reasons[0] == "stop" and int(with_eos.lengths[0]) == single["eos_at"] > 1
     assert "length" in with_eos.finish_reasons  # rows finish at different steps: rows get dropped
     assert single["layers"] == MODEL.num_layers
+    # continuous batching (the default) and static chunks agree
+    assert torch.equal(single["sampled_chunked"].tokens, single["sampled_static_chunks"].tokens)
 
 
 def test_pipeline_parallel_2_generates_the_single_process_tokens(single):

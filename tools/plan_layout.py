@@ -6,6 +6,8 @@
 Loads ``examples/conf/<name>.yaml`` (overrides as for the trainer), prints the breakdown per
 component and phase (rollout, log-prob passes, update) for the worst pipeline stage, then a table
 of recommended layouts, each planned with the config's run settings (batch, lengths, group size).
+Then the rollout phase's breakdown and ``rollout_rows: <n>`` (responses decoded at once per
+model-parallel group; ``rollout.kv_cache_gb=auto`` is derived by the plan).
 Last line: ``fits: yes (<total> GiB of <budget> GiB per GPU)`` or ``fits: no (...)``; exit status
 0 or 1. ``--world-size`` defaults to max(8, TP x PP x CP); ``--gpu-mem-gib`` to
 ``trainer.gpu_memory_gib`` (80 if that is 0). Attention is planned as Transformer Engine's fused
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from clipo_nemo.config import load_config  # noqa: E402
 from clipo_nemo.console import add_log_level_argument, setup_console  # noqa: E402
 from clipo_nemo.planner import GIB, plan_memory, recommendations  # noqa: E402
+from clipo_nemo.planner.plan import rollout_breakdown  # noqa: E402
 
 
 def _recommendation_table(cfg, budget_gib: float, flash_attention: bool) -> str:
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
         print(f"fits: no ({error})")
         return 1
     print(plan.table())
+    print(rollout_breakdown(plan))
     if not args.no_recommendations:
         print()
         print(_recommendation_table(cfg, budget, flash_attention=not args.local_attention))

@@ -2,9 +2,10 @@
 
 A step has three phases with different residents (:func:`plan_memory`):
 
-- ``rollout``: generation. Weights, gradient buffer, optimizer state, head, the reference (unless
-  offloaded), the KV cache of one generation chunk (training or validation, whichever is larger) and
-  the generation logits.
+- ``rollout``: generation. Weights, head, the KV cache of the rows decoded together (training or
+  validation, whichever is larger) and the generation logits; the gradient buffer, the optimizer
+  state and the reference (unless offloaded) too, unless ``actor.release_for_rollout`` moves them
+  off the GPU while generating.
 - ``logprobs``: the no-grad old-policy and reference passes. The same static state plus the
   reference weights (on the GPU during its own pass even when offloaded), one layer's transient
   activations and the fused log-prob pass's chunk buffers (no full logits).
@@ -30,14 +31,19 @@ pipeline stage (first: most in-flight activations, embedding; last: output layer
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 from clipo_nemo.config import ClipoConfig, max_sequence_length
 from clipo_nemo.planner import components as c
 from clipo_nemo.planner.trtllm import apply_trtllm_engine
+from clipo_nemo.rollout.kv_slots import timeline_length
 
 GIB = 1024 ** 3
+AUTO = "auto"  # rollout.kv_cache_gb: derived by the plan (derived_kv_cache_gib)
+HEADROOM = 0.9  # share of the per-GPU budget that recommended layouts and the auto KV budget plan to fill:
+#   the rest is for what the plan does not calibrate (NCCL buffers, optimizer-step transients, fragmentation)
 OVERHEAD_FIXED_GIB = 2.5
 OVERHEAD_FRACTION = 0.08
 PHASES = ("rollout", "logprobs", "update")
@@ -62,7 +68,7 @@ class Layout:
     tokens_per_micro_batch: int  # T: padded tokens of one micro-batch (token budget or rows x longest)
     recompute: str
     kv_cache_gib: float
-    generation_rows: int  # rows decoded together (the largest chunk: training or validation)
+    generation_rows: int  # rows decoded together (the largest generation: training or validation)
     reference: str  # "none" (no KL term), "offloaded" (CPU between its passes) or "on GPU"
 
     def describe(self) -> str:
@@ -152,8 +158,88 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
     ``on_gpu`` picks the optimizer accounting (megatron's optimizer with its fp32 master copy and
     the distributed optimizer, or ``torch.optim`` on CPU); ``flash_attention`` (default: ``on_gpu``)
     the attention activations (Transformer Engine's fused attention, or megatron's local unfused
-    attention with its [heads, s, s] probabilities).
+    attention with its [heads, s, s] probabilities). ``rollout.kv_cache_gb=auto`` is planned at
+    :func:`derived_kv_cache_gib`.
     """
+    if cfg.rollout.kv_cache_gb == AUTO:
+        kv, one_row = _remaining_kv_gib(cfg, world_size, gpu_memory_gib, on_gpu, flash_attention)
+        note = (f"rollout.kv_cache_gb=auto: {kv:g} GiB, what the rollout phase leaves of {HEADROOM:.0%} of "
+                f"{gpu_memory_gib:g} GiB"
+                if kv >= one_row else f"rollout.kv_cache_gb=auto: the rollout phase leaves no room for one "
+                f"response's KV cache ({one_row:.3g} GiB); planned with one")
+        plans = _stage_plans(_with_kv_budget(cfg, max(kv, one_row)), world_size, gpu_memory_gib, on_gpu,
+                             flash_attention)
+        for plan in plans:
+            plan.notes.append(note)
+    else:
+        plans = _stage_plans(cfg, world_size, gpu_memory_gib, on_gpu, flash_attention)
+    return max(plans, key=lambda plan: plan.total_bytes)
+
+
+def derived_kv_cache_gib(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_gpu: bool = True,
+                         flash_attention: Optional[bool] = None) -> float:
+    """``rollout.kv_cache_gb=auto``: the KV budget (GiB, rounded down to 1 MiB) that fills the rollout
+    phase of every pipeline stage up to :data:`HEADROOM` of ``gpu_memory_gib``: what remains after the weights, the
+    training state that stays during generation, the reference (unless offloaded), the generation
+    logits and sampling temporaries, and the overhead (which grows with the tensors it holds).
+
+    The logits grow with the rows decoded together; they are counted at the rows of the budget
+    before they are subtracted (more rows than the result holds), so the plan at the result fits.
+    Raises ``ValueError`` when not even one response's KV cache remains.
+    """
+    kv, one_row = _remaining_kv_gib(cfg, world_size, gpu_memory_gib, on_gpu, flash_attention)
+    if kv < one_row:
+        raise ValueError(f"rollout.kv_cache_gb=auto: the rollout phase leaves {max(kv, 0):.3g} GiB of "
+                         f"trainer.gpu_memory_gib={gpu_memory_gib:g} for the KV cache, less than one response "
+                         f"({one_row:.3g} GiB); free memory (actor.reference_offload, a larger TP/PP) or raise the budget")
+    return kv
+
+
+def _remaining_kv_gib(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, on_gpu: bool,
+                      flash_attention: Optional[bool]):
+    """(the KV budget :func:`derived_kv_cache_gib` derives, maybe below one row; one row's GiB)."""
+    one_row = max(_per_row_bytes(cfg, *_mp(cfg), max_new) for max_new in _max_new_tokens(cfg)) / GIB
+
+    def remaining(kv: float) -> float:  # GiB left for KV on the tightest stage, logits at kv's rows
+        left = []
+        for plan in _stage_plans(_with_kv_budget(cfg, kv), world_size, gpu_memory_gib, on_gpu, flash_attention):
+            parts = plan.phases["rollout"]
+            others = sum(parts.values()) - parts["overhead"] - parts["kv_cache"]
+            target = HEADROOM * gpu_memory_gib * GIB
+            usable = (target - OVERHEAD_FIXED_GIB * GIB) / (1 + OVERHEAD_FRACTION) if on_gpu else target
+            left.append((usable - others) / GIB)
+        return min(left)
+
+    first = remaining(one_row)  # logits of one row: an upper bound of the budget
+    kv = remaining(first) if first >= one_row else first
+    return math.floor(kv * 1024) / 1024, one_row
+
+
+def _with_kv_budget(cfg: ClipoConfig, kv_gib: float) -> ClipoConfig:
+    return replace(cfg, rollout=replace(cfg.rollout, kv_cache_gb=kv_gib))
+
+
+def _mp(cfg: ClipoConfig):
+    return cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
+
+
+def _max_new_tokens(cfg: ClipoConfig) -> List[int]:
+    validating = cfg.data.val_files and cfg.evaluation.every_steps
+    return [cfg.rollout.max_new_tokens] + ([cfg.evaluation.max_new_tokens] if validating else [])
+
+
+def _per_row_bytes(cfg: ClipoConfig, tp: int, pp: int, max_new_tokens: int) -> int:
+    """KV bytes of one response row on one rank, as the rollout engine sizes its rows: the longest
+    prompt + ``max_new_tokens`` (continuous batching: its timeline, with slack)."""
+    longest = cfg.data.max_prompt_length + max_new_tokens
+    if cfg.rollout.engine == "megatron" and cfg.rollout.batching == "continuous":
+        longest = timeline_length(longest)
+    return c.kv_cache_bytes_per_row(cfg.model, tp, pp, longest, c.dtype_bytes(cfg.model))
+
+
+def _stage_plans(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, on_gpu: bool,
+                 flash_attention: Optional[bool]) -> List[MemoryPlan]:
+    """The plan of each pipeline stage that can be the worst (first, last) at a numeric KV budget."""
     par, model = cfg.parallel, cfg.model
     tp, pp, cp = par.tensor_parallel_size, par.pipeline_parallel_size, par.context_parallel_size
     if world_size % (tp * pp * cp):
@@ -172,17 +258,15 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
         generations.append(_generation(cfg, tp, pp, "validation", ev.max_new_tokens, ev.k, None, ev.temperature,
                                        ev.top_p))
     generation = max(generations, key=lambda g: g.kv_bytes + g.logits_bytes)
-    notes.append(f"the largest generation chunk is {generation.label}'s ({generation.rows} rows)")
+    notes.append(f"the largest generation is {generation.label}'s ({generation.rows} rows decoded together)")
     if par.max_tokens_per_micro_batch and par.max_tokens_per_micro_batch < seq_len:
         notes.append(f"parallel.max_tokens_per_micro_batch={par.max_tokens_per_micro_batch} is below the "
                      f"longest row ({seq_len} tokens): such a row is a micro-batch of its own")
     reference = "none" if cfg.algorithm.kl_loss_coef == 0 else "offloaded" if cfg.actor.reference_offload else "on GPU"
     layout = Layout(world_size, tp, pp, cp, dp, par.sequence_parallel, tokens, model.recompute,
                     cfg.rollout.kv_cache_gb, generation.rows, reference)
-
-    plans = [_stage_plan(cfg, layout, stage, seq_len, generation, on_gpu, flash, gpu_memory_gib, notes)
-             for stage in sorted({0, pp - 1})]
-    return max(plans, key=lambda plan: plan.total_bytes)
+    return [_stage_plan(cfg, layout, stage, seq_len, generation, on_gpu, flash, gpu_memory_gib, notes)
+            for stage in sorted({0, pp - 1})]
 
 
 @dataclass(frozen=True)
@@ -197,8 +281,8 @@ class Generation:
 
 def _generation(cfg: ClipoConfig, tp: int, pp: int, label: str, max_new_tokens: int, n: int,
                 rows_needed: Optional[int], temperature: float, top_p: float) -> Generation:
-    model, b = cfg.model, c.dtype_bytes(cfg.model)
-    per_row = c.kv_cache_bytes_per_row(model, tp, pp, cfg.data.max_prompt_length + max_new_tokens, b)
+    model = cfg.model
+    per_row = _per_row_bytes(cfg, tp, pp, max_new_tokens)
     rows = generation_rows(cfg, per_row, rows_needed)
     prompts = min(-(-rows // n) + 1, rows)  # a chunk may start and end inside a prompt's n rows
     logits = c.generation_logits_bytes(model, prompts, rows, temperature=temperature, top_p=top_p)
@@ -238,8 +322,11 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
                                           scored_tokens=tokens, logprob_chunk=chunk,
                                           sequence_parallel=sequence_parallel, score_buffer_allocated=True)
 
+    rollout_static = static
+    if cfg.actor.release_for_rollout:  # trainer/memory_release.py: off the GPU while generating
+        rollout_static = {**static, "gradients": 0, "optimizer": 0}
     phases = {
-        "rollout": {**static, "reference": resident_reference,
+        "rollout": {**rollout_static, "reference": 0 if cfg.actor.release_for_rollout else resident_reference,
                     "generation_logits": generation.logits_bytes if last else 0, "kv_cache": generation.kv_bytes},
         "logprobs": {**static, "reference": reference,
                      "activations": c.forward_only_activation_bytes(model, tp, tokens, seq_len, flash_attention=flash),
@@ -256,6 +343,17 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
         tensors = sum(parts.values())
         parts["overhead"] = int(OVERHEAD_FIXED_GIB * GIB + OVERHEAD_FRACTION * tensors) if on_gpu else 0
     return MemoryPlan(layout, stage, phases, int(gpu_memory_gib * GIB), list(notes))
+
+
+def rollout_breakdown(plan: MemoryPlan) -> str:
+    """The rollout phase of ``plan`` (GiB per GPU, non-zero parts), its KV budget, and a last line
+    ``rollout_rows: <n>``: the responses decoded at once per model-parallel group."""
+    parts = plan.phases["rollout"]
+    lines = [f"rollout phase, GiB per GPU (KV budget {plan.layout.kv_cache_gib:g} GiB): " + ", ".join(
+        f"{name} {parts[name] / GIB:.2f}" for name in COMPONENTS if parts[name]) +
+        f"; total {plan.totals['rollout'] / GIB:.2f}"]
+    lines.append(f"rollout_rows: {plan.layout.generation_rows}")
+    return "\n".join(lines)
 
 
 def check_memory_plan(cfg: ClipoConfig, world_size: int, *, on_gpu: bool) -> Optional[MemoryPlan]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional
 
 from clipo_nemo.config import ClipoConfig, ModelConfig, max_sequence_length
-from clipo_nemo.planner.plan import MemoryPlan, plan_memory
+from clipo_nemo.planner.plan import HEADROOM, MemoryPlan, plan_memory
 
 _QWEN = dict(add_qkv_bias=True, rotary_base=1_000_000.0, norm_epsilon=1e-6, max_position_embeddings=32768,
              params_dtype="bfloat16")
@@ -36,9 +36,6 @@ MICRO_BATCH_ROWS = (8, 4, 2, 1)  # token budgets searched: this many longest row
 RECOMPUTE_COST = {"none": 1.0, "selective": 1.03, "full": 1.33}
 TP_COST_PER_DOUBLING = 0.06  # TP all-reduces on NVLink
 OFFLOAD_COST = 0.02  # reference weights copied host <-> GPU each step
-# Recommended layouts must fit this share of the budget: the GPU-side parts of the plan (framework
-# overhead, fragmentation, Transformer Engine's own buffers) are estimates, not measurements.
-HEADROOM = 0.9
 
 
 @dataclass

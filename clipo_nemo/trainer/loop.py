@@ -30,6 +30,7 @@ from clipo_nemo.parallel.gather import all_reduce_values, broadcast_object
 from clipo_nemo.trainer.run_report import describe_run, memory_line, next_steps
 from clipo_nemo.trainer.experience import (Rollouts, SampledGroup, build_experience, engine_generate_fn, generate,
                                            logprob_mismatch_metrics, rollout_logprobs, verify)
+from clipo_nemo.trainer.memory_release import training_state_released
 from clipo_nemo.trainer.step import ClipoHead, learn_from_experience
 
 
@@ -187,7 +188,8 @@ class Trainer:
     def train_one_step(self) -> Dict[str, float]:
         cfg, n, step = self.cfg, self.cfg.rollout.n, self.step
         clock = time.perf_counter()
-        groups, info = self._collect(step)
+        with training_state_released(self.actor, cfg.actor.release_for_rollout):
+            groups, info = self._collect(step)
         rollouts = Rollouts([list(g.prompt.token_ids) for g in groups for _ in range(n)],
                             [r for g in groups for r in g.responses], [f for g in groups for f in g.finish_reasons])
         scores = torch.cat([g.scores for g in groups])
@@ -251,7 +253,8 @@ class Trainer:
             prompt_sets.setdefault(Path(prompt.problem.source_file).stem, []).append(prompt)
         generate_fn = engine_generate_fn(self.engine, self.tokenizer, mine, self.train_params, ev.max_new_tokens,
                                          self.cfg.rollout.seed + 7_777_777 + self.dp_rank * 100_003)
-        results = evaluation.evaluate(generate_fn, prompt_sets, self.pool, ev.k, ev.temperature, ev.top_p)
+        with training_state_released(self.actor, self.cfg.actor.release_for_rollout):
+            results = evaluation.evaluate(generate_fn, prompt_sets, self.pool, ev.k, ev.temperature, ev.top_p)
         if dist.is_initialized():
             gathered = [None] * self.dp_size
             dist.all_gather_object(gathered, results, group=parallel_state.get_data_parallel_group())
@@ -454,6 +457,8 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     # Before anything is built: refuse a layout whose planned peak exceeds trainer.gpu_memory_gib.
     on_gpu = torch.cuda.is_available()
     plan = check_memory_plan(cfg, world_size, on_gpu=on_gpu)
+    if cfg.rollout.kv_cache_gb == "auto":  # validate_config: auto needs the plan (gpu_memory_gib > 0)
+        cfg.rollout.kv_cache_gb = plan.layout.kv_cache_gib
     say(describe_run(cfg, world_size, torch.cuda.get_device_name() if on_gpu else "CPU"))
     if plan is not None:
         say(memory_line(plan, world_size, on_gpu))
