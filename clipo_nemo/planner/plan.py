@@ -161,7 +161,12 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
     attention with its [heads, s, s] probabilities). ``rollout.kv_cache_gb=auto`` is planned at
     :func:`derived_kv_cache_gib`.
     """
-    if cfg.rollout.kv_cache_gb == AUTO:
+    if cfg.rollout.kv_cache_gb == AUTO and cfg.rollout.engine != "megatron":
+        # Only the megatron engine decodes in rollout.kv_cache_gb (another engine sizes its own cache):
+        # plan it at one row, which that engine's phase replaces anyway.
+        one_row = max(_per_row_bytes(cfg, *_mp(cfg), max_new) for max_new in _max_new_tokens(cfg)) / GIB
+        plans = _stage_plans(_with_kv_budget(cfg, one_row), world_size, gpu_memory_gib, on_gpu, flash_attention)
+    elif cfg.rollout.kv_cache_gb == AUTO:
         kv, one_row = _remaining_kv_gib(cfg, world_size, gpu_memory_gib, on_gpu, flash_attention)
         note = (f"rollout.kv_cache_gb=auto: {kv:g} GiB, what the rollout phase leaves of {HEADROOM:.0%} of "
                 f"{gpu_memory_gib:g} GiB"
@@ -347,12 +352,16 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
 
 def rollout_breakdown(plan: MemoryPlan) -> str:
     """The rollout phase of ``plan`` (GiB per GPU, non-zero parts), its KV budget, and a last line
-    ``rollout_rows: <n>``: the responses decoded at once per model-parallel group."""
+    ``rollout_rows: <n>``: the responses decoded at once per model-parallel group (the megatron engine;
+    TensorRT-LLM sizes its batches itself, from ``rollout.trtllm_kv_cache_gb``)."""
     parts = plan.phases["rollout"]
-    lines = [f"rollout phase, GiB per GPU (KV budget {plan.layout.kv_cache_gib:g} GiB): " + ", ".join(
+    native = not parts.get("engine_kv_cache")  # rollout.engine=trtllm: the engine batches in its own KV cache
+    budget = f"KV budget {plan.layout.kv_cache_gib:g} GiB" if native else "TensorRT-LLM batches in engine_kv_cache"
+    lines = [f"rollout phase, GiB per GPU ({budget}): " + ", ".join(
         f"{name} {parts[name] / GIB:.2f}" for name in COMPONENTS if parts[name]) +
         f"; total {plan.totals['rollout'] / GIB:.2f}"]
-    lines.append(f"rollout_rows: {plan.layout.generation_rows}")
+    if native:
+        lines.append(f"rollout_rows: {plan.layout.generation_rows}")
     return "\n".join(lines)
 
 

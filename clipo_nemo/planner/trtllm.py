@@ -9,9 +9,10 @@ Per GPU, the engine holds (``clipo_nemo.rollout.trtllm_engine``):
 - ``engine_kv_cache``: ``rollout.trtllm_kv_cache_gb`` (the engine's ``KvCacheConfig.max_tokens``),
   only while generating (released for training).
 
-During generation the trainer keeps its static state (weights, gradient buffer, optimizer, head,
-reference, score buffer) but returns its cached activations (``torch.cuda.empty_cache`` before the
-wake-up), and the megatron engine's KV cache and generation logits do not exist.
+During generation the trainer keeps its weights, head and score buffer (and, with
+``actor.release_for_rollout=false``, its gradient buffer, optimizer state and reference) but returns its
+cached activations (``torch.cuda.empty_cache`` before the wake-up), and the megatron engine's KV cache
+and generation logits do not exist.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def apply_trtllm_engine(cfg: ClipoConfig, phases: Dict[str, Dict[str, int]], not
         phases[phase].update(engine_weights=resident, engine_kv_cache=0)
     note = (f"rollout.engine=trtllm: the engine's weights ({engine['engine_weights'] / GIB:.2f} GiB, bf16 at "
                  f"TP x PP) and KV cache ({engine['engine_kv_cache'] / GIB:g} GiB, rollout.trtllm_kv_cache_gb) share "
-                 "the GPU with the trainer's static state while generating"
+                 "the GPU with what the trainer keeps while generating"
                  + ("; its weights stay on the GPU while training (rollout.trtllm_sleep_weights=false)" if resident
                     else "; released while training (TensorRT-LLM 1.2 keeps a pinned host copy of the weights)"))
     if note not in notes:
