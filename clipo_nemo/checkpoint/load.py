@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from clipo_nemo.checkpoint.contents import (READABLE_FORMATS, HeadState, PolicyState, checkpoint_sharded_state_dict,
                                             current_layout, set_rng_states, warn_once)
+from clipo_nemo.checkpoint.reader import load_sharded
 from clipo_nemo.checkpoint.recovery import MANIFEST, CheckpointError, latest_checkpoint, verify_checkpoint
 from clipo_nemo.checkpoint.reference import load_reference, pointer_in_checkpoint
 from clipo_nemo.checkpoint.sharded_state import (drop_extra_state_missing_from, head_parameters, is_megatron_optimizer,
@@ -34,8 +35,6 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: PolicyState, clipo_head: 
     says they were skipped. Do not call ``actor.sync_reference()`` afterwards: the reference policy
     is restored from the checkpoint.
     """
-    from megatron.core import dist_checkpointing
-
     checkpoint = Path(path) if path is not None else latest_checkpoint(run_dir)
     if checkpoint is None:
         return None
@@ -49,7 +48,7 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: PolicyState, clipo_head: 
         load_reference(actor.reference, pointer_in_checkpoint(checkpoint), actor.cfg.model.vocab_size, checkpoint)
     request = checkpoint_sharded_state_dict(actor, clipo_head, contents, loading=True)
     drop_extra_state_missing_from(request, checkpoint / "dist")
-    loaded = dist_checkpointing.load(request, str(checkpoint / "dist"))
+    loaded = load_sharded(request, checkpoint / "dist")
     load_module_state(actor.module, without_prefix(loaded["policy"], "policy."))
     # What was requested, not what came back: dist_checkpointing merges the checkpoint's common
     # (non-tensor) state into the result, e.g. an empty head-optimizer moment dict of a save made

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch.distributed as dist
 
+from clipo_nemo.checkpoint.reader import load_sharded
 from clipo_nemo.checkpoint.recovery import CheckpointError, latest_checkpoint
 from clipo_nemo.checkpoint.sharded_state import drop_extra_state_missing_from, load_module_state, without_prefix
 from clipo_nemo.checkpoint.writer import checkpoint_writer
@@ -99,8 +100,6 @@ def pointer_for_run(resumed_from: Optional[Path], init_from: str) -> Optional[Po
 def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: Path) -> None:
     """Load the reference policy ``reference`` (a GPTModel piece) from ``pointer``, after checking
     that the directory is there and unchanged. Collective."""
-    from megatron.core import dist_checkpointing
-
     path = Path(pointer["path"])
     if not path.is_dir():
         raise CheckpointError(f"{named_by}: its reference policy {path} is missing")
@@ -115,7 +114,7 @@ def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: 
         return
     request = {"reference": reference.sharded_state_dict(prefix="reference.")}
     drop_extra_state_missing_from(request, path)
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = load_sharded(request, path)
     load_module_state(reference, without_prefix(loaded["reference"], "reference."))
 
 
