@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, Optional
 import torch.distributed as dist
 
 from clipo_nemo.checkpoint.reader import load_sharded
-from clipo_nemo.checkpoint.recovery import CheckpointError, latest_checkpoint
+from clipo_nemo.checkpoint.recovery import CheckpointError
+from clipo_nemo.checkpoint.shared_verify import latest_checkpoint_together
 from clipo_nemo.checkpoint.sharded_state import drop_extra_state_missing_from, load_module_state, without_prefix
 from clipo_nemo.checkpoint.writer import checkpoint_writer
 
@@ -94,7 +95,7 @@ def pointer_for_run(resumed_from: Optional[Path], init_from: str) -> Optional[Po
     source = Path(init_from)
     if is_weights_checkpoint(source):
         return weights_pointer(source)
-    return pointer_in_checkpoint(source if (source / "meta.json").is_file() else latest_checkpoint(source))
+    return pointer_in_checkpoint(source if (source / "meta.json").is_file() else latest_checkpoint_together(source))
 
 
 def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: Path) -> None:

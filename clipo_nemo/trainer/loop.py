@@ -373,24 +373,12 @@ class Trainer:
         return f"optimizer copies of the weights equal the model's ({checked} tensors on this rank{reloaded})"
 
     def _resume_point(self):
-        """Rank 0 decides where to resume (:func:`clipo_nemo.checkpoint.recovery.find_resume_point`) and
-        tells the others. A run directory with checkpoints none of which loads, or with logged steps
-        and no checkpoint, is a CheckpointError on every rank (never a fresh start over its files)."""
-        from clipo_nemo.checkpoint import recovery
+        """Where to resume (:func:`clipo_nemo.checkpoint.shared_verify.resume_point_together`: every rank
+        verifies its share, all agree). A run directory with checkpoints none of which loads, or with
+        logged steps and no checkpoint, is a CheckpointError on every rank (never a fresh start over its files)."""
+        from clipo_nemo.checkpoint.shared_verify import resume_point_together
 
-        decision = None
-        if self.is_logger:
-            try:
-                point = recovery.find_resume_point(self.run_dir)
-                if point.checkpoint is None:
-                    recovery.check_fresh_start(self.run_dir)
-                decision = (point, None)
-            except recovery.CheckpointError as err:
-                decision = (None, str(err))
-        point, error = broadcast_object(decision, src=0)
-        if error is not None:
-            raise recovery.CheckpointError(error)
-        return point
+        return resume_point_together(self.run_dir)
 
     def _save(self, logger) -> None:
         from clipo_nemo.checkpoint import recovery, save
