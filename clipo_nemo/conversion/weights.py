@@ -13,7 +13,8 @@ What ``tools/convert_hf_to_megatron.py`` writes and ``trainer.init_from`` accept
         hf_config.json, generation_config.json   the source's HF configs (optional, used by export)
 
 The weights are layout-free: :func:`load_weights_into_model` loads each rank's TP/PP shard, reading
-tensors on demand, so loading never holds the whole model in memory. :class:`WeightsWriter` builds
+only that shard's rows/columns of each tensor (:mod:`clipo_nemo.conversion.sliced_read`), so a
+rank reads about ``1/(TP x PP)`` of the model and never holds the whole model in memory. :class:`WeightsWriter` builds
 the checkpoint in a temporary sibling directory and renames it into place only when it is complete.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import ConversionError, tensor_groups
+from clipo_nemo.conversion.sliced_read import SafetensorsFile
 from clipo_nemo.models.policy import TORCH_DTYPES
 
 WEIGHTS_DESCRIPTION = "clipo_model.json"
@@ -203,7 +205,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class LazyWeights(Mapping[str, torch.Tensor]):
-    """A checkpoint's canonical tensors by name, each read from its shard when asked for."""
+    """A checkpoint's canonical tensors by name, each read from its shard when asked for; also a
+    :class:`clipo_nemo.models.sharding.TensorSource` (only a rank's rows/columns are read)."""
 
     def __init__(self, path):
         self.weights_dir = Path(path) / _WEIGHTS_DIR
@@ -211,6 +214,7 @@ class LazyWeights(Mapping[str, torch.Tensor]):
         if not index.is_file():
             raise ConversionError(f"{path}: no {_WEIGHTS_DIR}/{_INDEX}")
         self.weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
+        self._files: Dict[str, SafetensorsFile] = {}  # headers of the shard files read so far
         for filename in sorted(set(self.weight_map.values())):
             if not (self.weights_dir / filename).is_file():
                 raise ConversionError(f"{path}: shard {_WEIGHTS_DIR}/{filename} named in the index is missing")
@@ -220,6 +224,21 @@ class LazyWeights(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         with safe_open(str(self.weights_dir / self.weight_map[name]), framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self.weight_map:
+            raise KeyError(name)
+        filename = self.weight_map[name]
+        if filename not in self._files:
+            self._files[filename] = SafetensorsFile(self.weights_dir / filename)
+        return self._files[filename]
+
+    def shape_of(self, name: str) -> Tuple[int, ...]:
+        return self._file(name).shape_of(name)
+
+    def read_ranges(self, name: str, dim: int, ranges: Sequence[Tuple[int, int]]) -> torch.Tensor:
+        """Only the [start, stop) ranges of ``name`` along ``dim`` (:mod:`clipo_nemo.conversion.sliced_read`)."""
+        return self._file(name).read_ranges(name, dim, ranges)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
