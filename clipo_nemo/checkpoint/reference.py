@@ -12,10 +12,17 @@ reference, i.e. KL off):
   ``reference/`` without any complete step checkpoint beside it belongs to a run killed before its
   first checkpoint completed and is rewritten.
 
-``sha256`` covers every file under ``path`` (relative names and bytes); loading recomputes it and
-refuses a reference that changed. Paths inside the run's ``checkpoints/`` are stored relative to
-it (the run directory may move); others absolute. Hashing reads the whole directory once per load
-(and once at the start of a run from a converted checkpoint), on rank 0.
+``sha256`` covers every file under ``path`` (relative names and bytes). It is computed once: when
+the run's own ``reference/`` is first written, or when a run first starts from a converted
+checkpoint; every later pointer carries it over. Pointers also record ``files``, the size and
+modification time (ns) of every file under ``path`` (a ``stat`` per file): a load whose files show
+the same sizes and times takes the reference as unchanged without reading it; otherwise (copied,
+touched or changed files) rank 0 recomputes the SHA-256 and a reference whose bytes changed is
+refused. Pointers written before ``files`` existed (format 2) are hashed at every load, as then.
+Paths inside the run's ``checkpoints/`` are stored relative to it (the run directory may move);
+others absolute. The reference's tensors are then read like a step checkpoint's (each rank its
+shard, spread over the data-parallel group) or, from a converted checkpoint, each rank's
+rows/columns only.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.distributed as dist
 
@@ -32,10 +39,10 @@ from clipo_nemo.checkpoint.reader import load_sharded
 from clipo_nemo.checkpoint.recovery import CheckpointError
 from clipo_nemo.checkpoint.shared_verify import latest_checkpoint_together
 from clipo_nemo.checkpoint.sharded_state import drop_extra_state_missing_from, load_module_state, without_prefix
-from clipo_nemo.checkpoint.writer import checkpoint_writer
+from clipo_nemo.checkpoint.writer import checkpoint_writer, collect_checksums
 
 REFERENCE_DIR = "reference"  # under run_dir/checkpoints: a random-init run's own reference
-Pointer = Dict[str, Any]  # {"kind": "weights" | "dist", "path": str, "sha256": str}
+Pointer = Dict[str, Any]  # {"kind": "weights" | "dist", "path": str, "sha256": str, "files": {name: [size, mtime_ns]}}
 
 
 def directory_sha256(path: str | os.PathLike) -> str:
@@ -50,6 +57,26 @@ def directory_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_identities(path: str | os.PathLike) -> Dict[str, List[int]]:
+    """``{relative name: [size, mtime_ns]}`` of every file under ``path``: a cheap identity (stat only)."""
+    root = Path(path)
+    return {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def identity_problem(pointer: Pointer, sha256: Callable[[Path], str] = directory_sha256) -> Optional[str]:
+    """None when the directory ``pointer`` names is the one it recorded, else why not. Files with the
+    recorded sizes and modification times are taken as unchanged; otherwise (or for a pointer without
+    ``files``) ``sha256`` of the directory decides."""
+    path = Path(pointer["path"])
+    if pointer.get("files") is not None and file_identities(path) == pointer["files"]:
+        return None
+    actual = sha256(path)
+    if actual != pointer["sha256"]:
+        return f"sha256 {actual}, recorded {pointer['sha256']}"
+    return None
+
+
 def _from_rank0(compute: Callable[[], Any]) -> Any:
     """``compute()`` on rank 0, its result on every rank. Collective."""
     box = [compute() if dist.get_rank() == 0 else None]
@@ -58,9 +85,11 @@ def _from_rank0(compute: Callable[[], Any]) -> Any:
 
 
 def weights_pointer(path: str | os.PathLike) -> Pointer:
-    """The pointer to a converted checkpoint used as the reference. Collective (rank 0 hashes)."""
+    """The pointer to a converted checkpoint used as the reference: hashed once, at the start of the run
+    that first uses it (later ones resume with its pointer). Collective (rank 0 reads)."""
     path = Path(path).resolve()
-    return {"kind": "weights", "path": str(path), "sha256": _from_rank0(lambda: directory_sha256(path))}
+    return _from_rank0(lambda: {"kind": "weights", "path": str(path), "files": file_identities(path),
+                                "sha256": directory_sha256(path)})
 
 
 def pointer_in_checkpoint(checkpoint: str | os.PathLike) -> Optional[Pointer]:
@@ -104,10 +133,9 @@ def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: 
     path = Path(pointer["path"])
     if not path.is_dir():
         raise CheckpointError(f"{named_by}: its reference policy {path} is missing")
-    actual = _from_rank0(lambda: directory_sha256(path))
-    if actual != pointer["sha256"]:
-        raise CheckpointError(f"{named_by}: the reference policy {path} changed since it was saved "
-                              f"(sha256 {actual}, recorded {pointer['sha256']})")
+    problem = _from_rank0(lambda: identity_problem(pointer))
+    if problem is not None:
+        raise CheckpointError(f"{named_by}: the reference policy {path} changed since it was saved ({problem})")
     if pointer["kind"] == "weights":
         from clipo_nemo.conversion.weights import load_weights_into_model
 
@@ -132,12 +160,14 @@ def save_own_reference(checkpoints_root: Path, reference: Any, parallel: bool) -
 
         def finalize() -> None:
             if dist.get_rank() == 0:
+                collect_checksums(tmp / "dist", "")  # the writers' per-rank records: not part of the reference
                 (tmp / "meta.json").write_text(json.dumps({"sha256": directory_sha256(tmp / "dist")}))
                 shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
+                os.replace(tmp, final)  # keeps the files' modification times: the identities below match
             dist.barrier()
 
         checkpoint_writer().save({"reference": reference.sharded_state_dict(prefix="reference.")}, tmp / "dist",
                                  finalize, parallel=parallel, asynchronous=False)
     sha256 = json.loads((final / "meta.json").read_text())["sha256"]
-    return {"kind": "dist", "path": str((final / "dist").resolve()), "sha256": sha256}
+    dist_dir = (final / "dist").resolve()
+    return {"kind": "dist", "path": str(dist_dir), "sha256": sha256, "files": _from_rank0(lambda: file_identities(dist_dir))}
