@@ -264,7 +264,9 @@ class TrainerConfig:
     plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
     gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
-    node_ram_gib: float = 0.0  # host RAM per node the planner checks checkpoint save/resume against (0 = no check)
+    node_ram_gib: float = 0.0  # host RAM per node the planner checks checkpoint save/resume against at start
+    #   (0 = no check; tools/plan_layout.py prints the per-node figures)
+    gpus_per_node: int = 8  # ranks per node, for the planner's per-node host-RAM figures
     require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
 
 
@@ -459,6 +461,7 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
                        ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),
                        ("rollout.max_new_tokens", roll.max_new_tokens), ("trainer.prompts_per_step", trainer.prompts_per_step),
                        ("trainer.max_consecutive_nonfinite", trainer.max_consecutive_nonfinite),
+                       ("trainer.gpus_per_node", trainer.gpus_per_node),
                        ("actor.logprob_chunk_size", act.logprob_chunk_size),
                        ("parallel.micro_batch_size", cfg.parallel.micro_batch_size),
                        ("parallel.timeout_s", cfg.parallel.timeout_s)):

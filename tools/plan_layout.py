@@ -9,7 +9,9 @@ of recommended layouts, each planned with the config's run settings (batch, leng
 Last line: ``fits: yes (<total> GiB of <budget> GiB per GPU)`` or ``fits: no (...)``; exit status
 0 or 1. ``--world-size`` defaults to max(8, TP x PP x CP); ``--gpu-mem-gib`` to
 ``trainer.gpu_memory_gib`` (80 if that is 0). Attention is planned as Transformer Engine's fused
-attention (the NGC container) unless ``--local-attention``.
+attention (the NGC container) unless ``--local-attention``. After the GPU plan: the checkpoint cost
+(bytes per rank at save and resume, host RAM per node; ``clipo_nemo.planner.host_memory``), with a
+``host RAM:`` line when it exceeds ``trainer.node_ram_gib``.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from clipo_nemo.config import load_config  # noqa: E402
 from clipo_nemo.planner import GIB, plan_memory, recommendations  # noqa: E402
+from clipo_nemo.planner.host_memory import checkpoint_cost  # noqa: E402
 
 
 def _recommendation_table(cfg, budget_gib: float, flash_attention: bool) -> str:
@@ -62,6 +65,11 @@ def main(argv=None) -> int:
         print(f"fits: no ({error})")
         return 1
     print(plan.table())
+    cost = checkpoint_cost(cfg, world)
+    print(cost.table())
+    ram = cost.ram_problem(cfg.trainer.node_ram_gib)
+    if ram:
+        print(f"host RAM: {ram}")
     if not args.no_recommendations:
         print()
         print(_recommendation_table(cfg, budget, flash_attention=not args.local_attention))

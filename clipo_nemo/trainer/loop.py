@@ -424,6 +424,7 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     """Validate ``cfg``, set up the process groups, train, tear down. The Hydra entry point calls this."""
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state, validate_layout
     from clipo_nemo.planner import check_memory_plan
+    from clipo_nemo.planner.host_memory import check_host_memory
 
     stop = StopRequested()  # first: a stop request while the model is built is kept for the first step
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -437,6 +438,7 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     plan = check_memory_plan(cfg, world_size, on_gpu=torch.cuda.is_available())
     if plan is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"memory plan ({plan.peak_phase} phase peak): {plan.verdict()}", flush=True)
+    check_host_memory(cfg, world_size, on_gpu=torch.cuda.is_available())  # trainer.node_ram_gib
     init_parallel_state(cfg.parallel)
     try:
         # Rank 0's choice wins: a ${now:} in the path may resolve differently per rank.
