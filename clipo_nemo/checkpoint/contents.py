@@ -23,8 +23,8 @@ from clipo_nemo.checkpoint.sharded_state import (
     megatron_optimizer_metadata, moment_keys_over_ranks, torch_optimizer_moment_keys, torch_optimizer_sharded_state_dict)
 from clipo_nemo.models.head import ParallelContrastiveHead
 
-FORMAT_VERSION = 2  # 2: the reference policy is a pointer (format 1 stored it inline)
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3  # 3: megatron optimizer format named (dp_reshardable by default); 2: reference pointer (1: inline)
+READABLE_FORMATS = (1, 2, 3)
 
 
 class PolicyState(Protocol):
