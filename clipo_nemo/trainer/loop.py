@@ -33,7 +33,9 @@ from clipo_nemo.trainer.step import ClipoHead, learn_from_experience
 
 class StopRequested:
     """Set by SIGTERM, SIGINT or SIGUSR1 (SLURM's ``--signal=USR1@<s>`` warning before the time limit):
-    the loop finishes the current step, saves and exits cleanly (status 0).
+    the loop saves the last completed step and exits cleanly (status 0). A request that arrives
+    during a step's rollouts abandons that step (its prompts are drawn again after the resume, nothing
+    is trained on them); one during the update lets the step finish; validation is skipped.
 
     A second SIGINT (Ctrl-C twice) stops at once. Repeated SIGTERM/SIGUSR1 are ignored: a scheduler may
     deliver one request to every process of a job step and the launcher forwards it too
@@ -132,6 +134,8 @@ class Trainer:
         self.weights_check = None  # the load guard's report (clipo_nemo.checkpoint.load_guard), set by run()
         self.old_checkpoints: List[Path] = []  # step_N directories found at resume: never saved over (set aside)
         self.kept_checkpoints: List[Path] = []  # never pruned: the old checkpoints when resume fell back
+        self.stop: Optional[StopRequested] = None  # set by run(): checked between a step's phases
+        self.last_save = (time.monotonic(), -1)  # (when, which step) the last checkpoint was saved (-1: none yet)
 
     # ----------------------------------------------------------------------------------------------
     def _my_prompts(self, indices: List[int]):
@@ -155,6 +159,8 @@ class Trainer:
             clock = time.perf_counter()
             rollouts = generate(self.engine, [p.token_ids for p in prompts], self.train_params, seeds)
             info["rollout_s"] += time.perf_counter() - clock
+            if self.stop is not None and self.stop.any_rank():
+                return None, info  # a stop request during the rollouts: abandon the step
             clock = time.perf_counter()
             scores, reasons = self._verified(prompts, rollouts)
             info["verify_s"] += time.perf_counter() - clock
@@ -182,10 +188,16 @@ class Trainer:
             result = verify(self.pool, self.tokenizer, prompts, rollouts, self.cfg.rollout.n)
         return broadcast_object(result, dist.get_global_rank(group, 0), group)
 
-    def train_one_step(self) -> Dict[str, float]:
+    def train_one_step(self) -> Optional[Dict[str, float]]:
+        """One step's rollouts, verification and update; None when a stop request arrived during the
+        rollouts (nothing was trained; the sampler is back where the step started)."""
         cfg, n, step = self.cfg, self.cfg.rollout.n, self.step
         clock = time.perf_counter()
+        sampler_at_start = self.sampler.state_dict()
         groups, info = self._collect(step)
+        if groups is None:
+            self.sampler.load_state_dict(sampler_at_start)
+            return None
         rollouts = Rollouts([list(g.prompt.token_ids) for g in groups for _ in range(n)],
                             [r for g in groups for r in g.responses], [f for g in groups for f in g.finish_reasons])
         scores = torch.cat([g.scores for g in groups])
@@ -293,11 +305,15 @@ class Trainer:
         data_lines, data_counts = self._data_report()
         for line in data_lines:
             logger.note(line)
-        stop = stop or StopRequested()
+        stop = self.stop = stop or StopRequested()
+        self.last_save = (time.monotonic(), state["step"] if state is not None else -1)
         status = "completed"
         try:
             while self.step < cfg.trainer.max_steps:
                 metrics = self.train_one_step()
+                if metrics is None:
+                    status = f"stopped by signal (step {self.step} abandoned during its rollouts)"
+                    break
                 if metrics.get("update_skipped", 0.0) > 0 or not all(
                         v == v and abs(v) != float("inf") for k, v in metrics.items() if "loss" in k):
                     self.nonfinite_in_a_row += 1
@@ -306,7 +322,10 @@ class Trainer:
                     self.nonfinite_in_a_row = 0
                 if self.val_set is not None and cfg.evaluation.every_steps and (
                         (self.step + 1) % cfg.evaluation.every_steps == 0 or self.step == 0):
-                    metrics.update(self.validate())
+                    if stop.any_rank():
+                        logger.note(f"validation of step {self.step} skipped: stop requested")
+                    else:
+                        metrics.update(self.validate())
                 metrics.update(data_counts)  # the first step this process logs carries the data counts
                 data_counts = {}
                 logger.log(self.step, metrics)
@@ -318,11 +337,10 @@ class Trainer:
                     status = "stopped by signal"
                     break
                 finish_saves()  # publish a background save that every rank has written
-                if cfg.trainer.save_every_steps and self.step % cfg.trainer.save_every_steps == 0 \
-                        and self.step < cfg.trainer.max_steps:
+                if self._save_due() and self.step < cfg.trainer.max_steps:
                     self._save(logger)
-            # A diverged policy is not saved over the last good one; a resume with no step left saves nothing.
-            if not status.startswith("stopped:") and not (state is not None and self.step == state["step"]):
+            # A diverged policy is not saved over the last good one; a step already saved is not saved again.
+            if not status.startswith("stopped:") and self.step != self.last_save[1]:
                 self._save(logger)
             wait_for_pending_save()  # a background save is complete and published before exit
         finally:
@@ -380,6 +398,17 @@ class Trainer:
 
         return resume_point_together(self.run_dir)
 
+    def _save_due(self) -> bool:
+        """``trainer.save_every_steps`` reached, or ``trainer.save_every_minutes`` passed since the last
+        save (rank 0's clock decides, so every rank agrees)."""
+        trainer = self.cfg.trainer
+        if trainer.save_every_steps and self.step % trainer.save_every_steps == 0:
+            return True
+        if not trainer.save_every_minutes:
+            return False
+        late = time.monotonic() - self.last_save[0] >= 60 * trainer.save_every_minutes
+        return broadcast_object(late, src=0)
+
     def _save(self, logger) -> None:
         from clipo_nemo.checkpoint import recovery, save
 
@@ -392,6 +421,7 @@ class Trainer:
                              keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
                              reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
                              asynchronous=self.cfg.trainer.async_save)
+        self.last_save = (time.monotonic(), self.step)
 
     def _plots(self, history) -> None:
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves
