@@ -23,10 +23,12 @@ Bytes per rank (``--io-layers`` x ``--io-hidden``, KL off, a few hundred MB; eve
   ranks is printed too: about 1 means the ranks read disjoint parts (a page two ranks need is read
   from disk once, by whichever asks first, so a max far below 1/DP with a sum of 1 would mean shared
   reads; the sum shows there are none to hide).
-- ``checksum_bytes_rank0_over_checkpoint``: what rank 0 checksums at that save / the checkpoint's
-  bytes: the ``rchar`` of rank 0's trainer process during the save (``/proc/self/io``: the small
-  files it checksums at finalize) plus the shard files its own writer process checksummed (the
-  manifest entries with ``rank`` 0; that process's ``/proc/self/io`` is not the trainer's).
+- ``checksum_bytes_rank0_over_checkpoint``: what rank 0 reads during that (synchronous) save / the
+  checkpoint's bytes: the ``rchar`` of rank 0's trainer process (``/proc/self/io``), which includes
+  its writer processes once they have been waited for (the kernel adds a reaped child's counts to
+  its parent's): the checksums of its own shard files, of its small files at finalize, and the
+  small metadata exchanges. The bytes of the manifest entries checksummed by rank 0 are printed as
+  a cross-check.
 - ``init_read_per_rank_over_model``: a converted checkpoint (``trainer.init_from`` format) of the
   same model is loaded at TP=2 x DP=2, one rank after another, each from a cold page cache; the
   largest ``read_bytes`` / the checkpoint's weight bytes.
@@ -57,24 +59,32 @@ def _config(layers: int, hidden: int):
     return cfg
 
 
-def _rank(rank: int, world: int, cfg, run_dir: str):
+def _stepped_actor(cfg):
+    """The actor (its reference synced), the head, and the trained parameters after one AdamW step:
+    the moments exist, as in any checkpoint after step 1."""
     import torch
 
-    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
     from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.checkpoint.load import load_checkpoint
-    from clipo_nemo.checkpoint.save import save_checkpoint, wait_for_pending_save
     from clipo_nemo.trainer.step import ClipoHead
 
     torch.set_num_threads(1)
+    actor, clipo = Actor.build(cfg), ClipoHead.build(cfg)
+    actor.sync_reference()
+    params = [p for p in actor.module.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    actor.optimizer.step()
+    return actor, clipo, params
+
+
+def _rank(rank: int, world: int, cfg, run_dir: str):
+    from clipo_nemo.checkpoint.load import load_checkpoint
+    from clipo_nemo.checkpoint.save import save_checkpoint, wait_for_pending_save
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+
     init_parallel_state(cfg.parallel)
     try:
-        actor, clipo = Actor.build(cfg), ClipoHead.build(cfg)
-        actor.sync_reference()
-        params = [p for p in actor.module.parameters() if p.requires_grad]
-        for p in params:  # one AdamW step: the moments exist, as in any checkpoint after step 1
-            p.grad = torch.full_like(p, 1e-3)
-        actor.optimizer.step()
+        actor, clipo, params = _stepped_actor(cfg)
         state = {"step": 1}
         save_checkpoint(run_dir, 1, actor, clipo, state, keep_last=1)  # writes reference/ once
         start = time.perf_counter()
@@ -151,34 +161,27 @@ def _io_config(layers: int, hidden: int, tp: int):
 def _io_save_resume_rank(rank: int, world: int, cfg, run_dir: str):
     import json
 
-    import torch
     import torch.distributed as dist
 
     from clipo_nemo.checkpoint.load import load_checkpoint
     from clipo_nemo.checkpoint.save import save_checkpoint
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
-    from clipo_nemo.trainer.actor import Actor
-    from clipo_nemo.trainer.step import ClipoHead
 
-    torch.set_num_threads(1)
     init_parallel_state(cfg.parallel)
     try:
-        actor, clipo = Actor.build(cfg), ClipoHead.build(cfg)
-        for p in (p for p in actor.module.parameters() if p.requires_grad):
-            p.grad = torch.full_like(p, 1e-3)
-        actor.optimizer.step()
+        actor, clipo, _ = _stepped_actor(cfg)
         before = _io_counters()
         final = save_checkpoint(run_dir, 1, actor, clipo, {"step": 1}, keep_last=1)
         save_rchar = _io_counters()["rchar"] - before["rchar"]
         manifest = json.loads((final / "manifest.json").read_text())["files"]
-        own_writer = sum(e["size"] for name, e in manifest.items() if e["rank"] == rank and name.startswith("dist/"))
+        own_entries = sum(e["size"] for e in manifest.values() if e["rank"] == rank)
         dist.barrier()
         checkpoint_bytes = _evict(final) if rank == 0 else 0
         dist.barrier()
         before = _io_counters()
         load_checkpoint(run_dir, actor, clipo)
         resume_read = _io_counters()["read_bytes"] - before["read_bytes"]
-        return {"save_rchar": save_rchar, "own_writer": own_writer, "resume_read": resume_read,
+        return {"save_rchar": save_rchar, "own_entries": own_entries, "resume_read": resume_read,
                 "checkpoint_bytes": checkpoint_bytes}
     finally:
         destroy_parallel_state()
@@ -250,12 +253,12 @@ def io_figures(layers: int, hidden: int, base_dir) -> None:
     print(f"io model: {layers} layers x hidden {hidden}; checkpoint {total / 2**20:.0f} MB at DP=4, converted weights "
           f"{model_bytes / 2**20:.0f} MB")
     for rank, r in enumerate(ranks):
-        print(f"rank {rank}: resume read_bytes {r['resume_read'] / 2**20:.1f} MB; save: trainer rchar "
-              f"{r['save_rchar'] / 2**20:.1f} MB, own writer checksummed {r['own_writer'] / 2**20:.1f} MB; "
+        print(f"rank {rank}: resume read_bytes {r['resume_read'] / 2**20:.1f} MB; save: rchar "
+              f"{r['save_rchar'] / 2**20:.1f} MB (its manifest entries: {r['own_entries'] / 2**20:.1f} MB); "
               f"init_from (TP=2 x DP=2) read_bytes {init_reads[rank] / 2**20:.1f} MB")
     print(f"resume read_bytes summed over ranks / checkpoint: {sum(r['resume_read'] for r in ranks) / total:.2f}")
     print(f"resume_read_per_rank_over_checkpoint: {max(r['resume_read'] for r in ranks) / total:.3f}")
-    print(f"checksum_bytes_rank0_over_checkpoint: {(ranks[0]['save_rchar'] + ranks[0]['own_writer']) / total:.3f}")
+    print(f"checksum_bytes_rank0_over_checkpoint: {ranks[0]['save_rchar'] / total:.3f}")
     print(f"init_read_per_rank_over_model: {max(init_reads) / model_bytes:.3f}")
 
 

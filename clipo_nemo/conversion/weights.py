@@ -240,6 +240,9 @@ class LazyWeights(Mapping[str, torch.Tensor]):
         """Only the [start, stop) ranges of ``name`` along ``dim`` (:mod:`clipo_nemo.conversion.sliced_read`)."""
         return self._file(name).read_ranges(name, dim, ranges)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the whole tensor
+        return name in self.weight_map
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
 
