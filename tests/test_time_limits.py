@@ -66,16 +66,30 @@ def test_a_stop_during_rollouts_abandons_the_step_and_saves_the_last_completed_o
     assert state["sampler"] == sampler.state_dict()
 
 
-def _train(rank, world, cfg):
-    from clipo_nemo.trainer import loop
+def _train_noting(rank, world, cfg):
+    """train(cfg) under a 1 ms stop warning, recording the run's notes."""
+    from clipo_nemo.trainer import loop, metrics
 
+    notes, original = [], metrics.MetricsLogger.note
+    metrics.MetricsLogger.note = lambda logger, text: (notes.append(text), original(logger, text))[1]
+    os.environ[loop.STOP_WARNING_ENV] = "0.001"
     result = loop.train(cfg)
-    return {"status": result["status"], "step": result["step"]}
+    return {"status": result["status"], "step": result["step"]}, notes
 
 
-def test_save_every_minutes_saves_on_elapsed_time(tmp_path):
+def test_save_every_minutes_saves_on_elapsed_time_and_a_short_warning_is_noted(tmp_path):
     cfg = _tiny(tmp_path, "trainer.max_steps=3", "trainer.save_every_steps=0", "trainer.save_every_minutes=1e-9")
-    [result] = run_distributed(_train, 1, args=(cfg,), timeout_s=300)
+    [(result, notes)] = run_distributed(_train_noting, 1, args=(cfg,), timeout_s=300)
     assert result == {"status": "completed", "step": 3}
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_1", "step_2", "step_3"]
+    assert any(n.startswith("CLIPO_STOP_WARNING_S=0.001 s") and "raise --signal" in n for n in notes), notes
+
+
+def test_the_slurm_scripts_tell_the_trainer_their_warning_time():
+    import re
+
+    for script in sorted((ROOT / "examples" / "slurm").glob("*.sbatch")):
+        text = script.read_text()
+        signal_s = re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M).group(1)
+        assert re.search(rf"^export CLIPO_STOP_WARNING_S={signal_s}\b", text, re.M), script.name

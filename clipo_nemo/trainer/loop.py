@@ -31,6 +31,9 @@ from clipo_nemo.trainer.experience import (Rollouts, SampledGroup, build_experie
 from clipo_nemo.trainer.step import ClipoHead, learn_from_experience
 
 
+STOP_WARNING_ENV = "CLIPO_STOP_WARNING_S"  # set by the SLURM scripts to their --signal=B:USR1@<s>
+
+
 class StopRequested:
     """Set by SIGTERM, SIGINT or SIGUSR1 (SLURM's ``--signal=USR1@<s>`` warning before the time limit):
     the loop saves the last completed step and exits cleanly (status 0). A request that arrives
@@ -136,6 +139,7 @@ class Trainer:
         self.kept_checkpoints: List[Path] = []  # never pruned: the old checkpoints when resume fell back
         self.stop: Optional[StopRequested] = None  # set by run(): checked between a step's phases
         self.last_save = (time.monotonic(), -1)  # (when, which step) the last checkpoint was saved (-1: none yet)
+        self.longest_stop_s = 0.0  # the longest a stop request has had to wait for a phase to end (measured)
 
     # ----------------------------------------------------------------------------------------------
     def _my_prompts(self, indices: List[int]):
@@ -314,6 +318,8 @@ class Trainer:
                 if metrics is None:
                     status = f"stopped by signal (step {self.step} abandoned during its rollouts)"
                     break
+                self.longest_stop_s = max(self.longest_stop_s, metrics["time/rollout_s"],
+                                          metrics["step_time_s"] - metrics["time/rollout_s"])
                 if metrics.get("update_skipped", 0.0) > 0 or not all(
                         v == v and abs(v) != float("inf") for k, v in metrics.items() if "loss" in k):
                     self.nonfinite_in_a_row += 1
@@ -412,6 +418,8 @@ class Trainer:
     def _save(self, logger) -> None:
         from clipo_nemo.checkpoint import recovery, save
 
+        start = time.monotonic()
+
         target = recovery.checkpoints_dir(self.run_dir) / f"step_{self.step}"
         if self.is_logger and target in self.old_checkpoints and target.is_dir():
             moved = recovery.set_aside(target)  # an old checkpoint (skipped at resume) is kept, not replaced
@@ -421,7 +429,13 @@ class Trainer:
                              keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
                              reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
                              asynchronous=self.cfg.trainer.async_save)
+        save_s = time.monotonic() - start
         self.last_save = (time.monotonic(), self.step)
+        warning_s = float(os.environ.get(STOP_WARNING_ENV, "0") or 0)
+        if warning_s and self.longest_stop_s + save_s > warning_s:
+            logger.note(f"{STOP_WARNING_ENV}={warning_s:g} s (the scheduler's warning before the time limit) is "
+                        f"shorter than a stop can take here: {self.longest_stop_s:.0f} s for the longest rollout or "
+                        f"update phase + {save_s:.0f} s for this save; raise --signal=B:USR1@<s> (README: Clusters)")
 
     def _plots(self, history) -> None:
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves
