@@ -76,10 +76,10 @@ def _write_as_child_of(parent_pid: int, checkpoint_dir: Path, rank: int, write: 
 
 def record_own_checksums(checkpoint_dir: Path, rank: int) -> None:
     """Checksum the shard files rank ``rank`` wrote to ``checkpoint_dir`` (torch ``FileSystemWriter``
-    names them ``__<rank>_<n>.distcp``, megatron's writer with a separation hint ``<group>__<rank>_<n>.distcp``) into ``.checksums.rank_<rank>.json`` beside them, for
-    :func:`collect_checksums`. Runs in the writer process, so an asynchronous save checksums in the
+    names them ``__<rank>_<n>.distcp``; megatron's writer with a separation hint puts a group name
+    before that) into ``.checksums.rank_<rank>.json`` beside them, for :func:`collect_checksums`. Runs in the writer process, so an asynchronous save checksums in the
     background and every rank reads only what it wrote."""
-    names = sorted(p.name for p in checkpoint_dir.glob(f"*__{rank}_*.distcp"))  # megatron may prefix a group name
+    names = sorted(p.name for p in checkpoint_dir.glob(f"*__{rank}_*.distcp"))
     entries = {name: {**entry, "rank": rank} for name, entry in file_checksums(checkpoint_dir, names).items()}
     path = checkpoint_dir / f"{_CHECKSUMS_PREFIX}{rank:05d}.json"
     path.with_name(path.name + ".tmp").write_text(json.dumps(entries))
