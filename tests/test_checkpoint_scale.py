@@ -259,3 +259,34 @@ def test_checkpoint_cost_of_llama3_70b_matches_the_independent_count():
         check_host_memory(cfg, 64, on_gpu=True)
     cfg.trainer.reshardable_optimizer_checkpoints = False
     check_host_memory(cfg, 64, on_gpu=True)  # 124 GB per node fits
+
+
+def test_a_conversion_records_its_hash_and_a_run_takes_it_without_hashing(tmp_path, monkeypatch):
+    import hashlib
+
+    from clipo_nemo.checkpoint import reference
+    from clipo_nemo.conversion.weights import read_description
+    from tests.test_conversion import _write, tiny_hf_model
+
+    _write(tmp_path / "ckpt", tiny_hf_model("qwen2"))
+    weights = tmp_path / "ckpt" / "weights"
+    oracle = hashlib.sha256()
+    for file in sorted(p for p in weights.rglob("*") if p.is_file()):
+        oracle.update(str(file.relative_to(weights)).encode() + b"\0" + file.read_bytes())
+    recorded = read_description(tmp_path / "ckpt")["weights_identity"]
+    assert recorded["sha256"] == oracle.hexdigest()
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path}")
+
+    monkeypatch.setattr(reference, "directory_sha256", no_hashing)
+    pointer = reference._identified_weights((tmp_path / "ckpt").resolve())  # what weights_pointer computes on rank 0
+    assert pointer["sha256"] == oracle.hexdigest() and pointer["hashed"] == "weights"
+    assert reference.identity_problem(pointer, no_hashing) is None
+    shard = sorted(weights.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    monkeypatch.undo()
+    assert "recorded" in reference.identity_problem(pointer)  # changed weights: hashed, refused
+    assert "hashed" not in reference._identified_weights((tmp_path / "ckpt").resolve())  # no longer the record

@@ -12,6 +12,7 @@ checkpoint, is a :class:`CheckpointError` saying what to do: never a fresh start
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -54,6 +55,25 @@ def complete_checkpoints(root: Path) -> List[Path]:
     """Complete ``step_N`` directories (their ``meta.json`` exists), oldest first."""
     found = [p for p in root.glob(f"{STEP_PREFIX}*") if step_of(p) is not None and (p / META).is_file()]
     return sorted(found, key=step_of)
+
+
+def directory_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 over the sorted relative names and contents of every file under ``path``."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(8 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def file_identities(path: str | os.PathLike) -> Dict[str, List[int]]:
+    """``{relative name: [size, mtime_ns]}`` of every file under ``path``: a cheap identity (stat only)."""
+    root = Path(path)
+    return {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ reference, i.e. KL off):
   ``reference/`` without any complete step checkpoint beside it belongs to a run killed before its
   first checkpoint completed and is rewritten.
 
-``sha256`` covers every file under ``path`` (relative names and bytes). It is computed once: when
-the run's own ``reference/`` is first written, or when a run first starts from a converted
-checkpoint; every later pointer carries it over. Pointers also record ``files``, the size and
+``sha256`` covers every file under ``path`` (relative names and bytes; for a converted checkpoint
+that recorded one at conversion, under its ``weights/``). It is computed once: by the conversion,
+when the run's own ``reference/`` is first written, or (an older conversion) when a run first starts
+from it; every later pointer carries it over. Pointers also record ``files``, the size and
 modification time (ns) of every file under ``path`` (a ``stat`` per file): a load whose files show
 the same sizes and times takes the reference as unchanged without reading it; otherwise (copied,
 touched or changed files) rank 0 recomputes the SHA-256 and a reference whose bytes changed is
@@ -26,49 +27,31 @@ rows/columns only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch.distributed as dist
 
 from clipo_nemo.checkpoint.reader import load_sharded
-from clipo_nemo.checkpoint.recovery import CheckpointError
+from clipo_nemo.checkpoint.recovery import CheckpointError, directory_sha256, file_identities
 from clipo_nemo.checkpoint.shared_verify import latest_checkpoint_together
 from clipo_nemo.checkpoint.sharded_state import drop_extra_state_missing_from, load_module_state, without_prefix
 from clipo_nemo.checkpoint.writer import checkpoint_writer, collect_checksums
 
 REFERENCE_DIR = "reference"  # under run_dir/checkpoints: a random-init run's own reference
-Pointer = Dict[str, Any]  # {"kind": "weights" | "dist", "path": str, "sha256": str, "files": {name: [size, mtime_ns]}}
-
-
-def directory_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 over the sorted relative names and contents of every file under ``path``."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(8 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def file_identities(path: str | os.PathLike) -> Dict[str, List[int]]:
-    """``{relative name: [size, mtime_ns]}`` of every file under ``path``: a cheap identity (stat only)."""
-    root = Path(path)
-    return {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns]
-            for p in sorted(root.rglob("*")) if p.is_file()}
+# {"kind": "weights" | "dist", "path": str, "sha256": str, "files": {name: [size, mtime_ns]}, "hashed": subdir
+# of path the sha256 and files cover ("weights" for a converted checkpoint's own record; absent: path itself)}
+Pointer = Dict[str, Any]
 
 
 def identity_problem(pointer: Pointer, sha256: Callable[[Path], str] = directory_sha256) -> Optional[str]:
     """None when the directory ``pointer`` names is the one it recorded, else why not. Files with the
     recorded sizes and modification times are taken as unchanged; otherwise (or for a pointer without
     ``files``) ``sha256`` of the directory decides."""
-    path = Path(pointer["path"])
+    path = Path(pointer["path"]) / pointer.get("hashed", "")  # "weights": a converted checkpoint's own record
     if pointer.get("files") is not None and file_identities(path) == pointer["files"]:
         return None
     actual = sha256(path)
@@ -85,11 +68,23 @@ def _from_rank0(compute: Callable[[], Any]) -> Any:
 
 
 def weights_pointer(path: str | os.PathLike) -> Pointer:
-    """The pointer to a converted checkpoint used as the reference: hashed once, at the start of the run
-    that first uses it (later ones resume with its pointer). Collective (rank 0 reads)."""
+    """The pointer to a converted checkpoint used as the reference: the SHA-256 of its ``weights/`` that
+    the conversion recorded (``clipo_model.json``'s ``weights_identity``) when the files still match;
+    for a conversion without one, hashed at the start of the run that first uses it (resumes carry
+    the pointer over). Collective (rank 0 reads)."""
     path = Path(path).resolve()
-    return _from_rank0(lambda: {"kind": "weights", "path": str(path), "files": file_identities(path),
-                                "sha256": directory_sha256(path)})
+    return _from_rank0(lambda: _identified_weights(path))
+
+
+def _identified_weights(path: Path) -> Pointer:
+    """A converted checkpoint's pointer: from the identity its conversion recorded when its weight files
+    still match it (no hashing), else by hashing the whole directory."""
+    from clipo_nemo.conversion.weights import WEIGHTS_DIR, read_description
+
+    recorded = read_description(path).get("weights_identity")
+    if recorded is not None and file_identities(path / WEIGHTS_DIR) == recorded["files"]:
+        return {"kind": "weights", "path": str(path), "hashed": WEIGHTS_DIR, **recorded}
+    return {"kind": "weights", "path": str(path), "files": file_identities(path), "sha256": directory_sha256(path)}
 
 
 def pointer_in_checkpoint(checkpoint: str | os.PathLike) -> Optional[Pointer]:

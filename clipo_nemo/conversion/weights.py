@@ -4,7 +4,9 @@ What ``tools/convert_hf_to_megatron.py`` writes and ``trainer.init_from`` accept
 
     CKPT/
         clipo_model.json      {"format": "clipo-nemo-weights", "version": 1, "model": {every ModelConfig
-                              field}, "architecture": "Qwen2ForCausalLM", "source": {...}, "dtype": ...}
+                              field}, "architecture": "Qwen2ForCausalLM", "source": {...}, "dtype": ...,
+                              "weights_identity": {"sha256", "files"}: weights/'s SHA-256, hashed once here, and
+                              each file's [size, mtime_ns], which runs compare instead of hashing again}
                               (written last: its presence means the checkpoint is complete)
         weights/index.json    {"weight_map": {canonical name: shard file}, "total_size": bytes}
         weights/model-00001.safetensors ...   canonical full-state-dict tensors (TP=1/PP=1 names of
@@ -30,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clipo_nemo.checkpoint.recovery import directory_sha256, file_identities
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import ConversionError, tensor_groups
 from clipo_nemo.conversion.sliced_read import SafetensorsFile
@@ -38,7 +41,7 @@ from clipo_nemo.models.policy import TORCH_DTYPES
 WEIGHTS_DESCRIPTION = "clipo_model.json"
 WEIGHTS_FORMAT = "clipo-nemo-weights"
 WEIGHTS_VERSION = 1
-_WEIGHTS_DIR = "weights"
+WEIGHTS_DIR = "weights"
 _INDEX = "index.json"
 _TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = (
@@ -128,7 +131,7 @@ class WeightsWriter:
     def __enter__(self) -> "WeightsWriter":
         if self.tmp_dir.exists():  # left by a conversion that was killed: ours to remove
             shutil.rmtree(self.tmp_dir)
-        (self.tmp_dir / _WEIGHTS_DIR).mkdir(parents=True)
+        (self.tmp_dir / WEIGHTS_DIR).mkdir(parents=True)
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -165,7 +168,7 @@ class WeightsWriter:
             return
         self._shards += 1
         filename = f"model-{self._shards:05d}.safetensors"
-        save_file(self._buffer, str(self.tmp_dir / _WEIGHTS_DIR / filename), metadata={"format": "pt"})
+        save_file(self._buffer, str(self.tmp_dir / WEIGHTS_DIR / filename), metadata={"format": "pt"})
         self._weight_map.update({name: filename for name in self._buffer})
         self._total_bytes += self._buffer_bytes
         self._buffer, self._buffer_bytes = {}, 0
@@ -177,11 +180,13 @@ class WeightsWriter:
         if missing or unexpected:
             raise ConversionError(f"incomplete conversion: missing tensors {missing[:8]}, unexpected {unexpected[:8]}")
         self._flush()
-        _write_json(self.tmp_dir / _WEIGHTS_DIR / _INDEX,
+        _write_json(self.tmp_dir / WEIGHTS_DIR / _INDEX,
                     {"total_size": self._total_bytes, "weight_map": self._weight_map})
+        weights = self.tmp_dir / WEIGHTS_DIR  # hashed once here: runs identify it by sizes and mtimes
         _write_json(self.tmp_dir / WEIGHTS_DESCRIPTION, {
             "format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "model": dataclasses.asdict(self.model),
             "architecture": self.architecture, "source": self.source, "dtype": self.dtype_name,
+            "weights_identity": {"sha256": directory_sha256(weights), "files": file_identities(weights)},
         })
         if self.out_dir.exists():
             self.out_dir.rmdir()  # empty (checked at construction); rename needs the name free
@@ -209,15 +214,15 @@ class LazyWeights(Mapping[str, torch.Tensor]):
     :class:`clipo_nemo.models.sharding.TensorSource` (only a rank's rows/columns are read)."""
 
     def __init__(self, path):
-        self.weights_dir = Path(path) / _WEIGHTS_DIR
+        self.weights_dir = Path(path) / WEIGHTS_DIR
         index = self.weights_dir / _INDEX
         if not index.is_file():
-            raise ConversionError(f"{path}: no {_WEIGHTS_DIR}/{_INDEX}")
+            raise ConversionError(f"{path}: no {WEIGHTS_DIR}/{_INDEX}")
         self.weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
         self._files: Dict[str, SafetensorsFile] = {}  # headers of the shard files read so far
         for filename in sorted(set(self.weight_map.values())):
             if not (self.weights_dir / filename).is_file():
-                raise ConversionError(f"{path}: shard {_WEIGHTS_DIR}/{filename} named in the index is missing")
+                raise ConversionError(f"{path}: shard {WEIGHTS_DIR}/{filename} named in the index is missing")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
