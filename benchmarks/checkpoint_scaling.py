@@ -137,7 +137,7 @@ def _io_counters() -> dict:
         return {line.split(":")[0]: int(line.split(":")[1]) for line in handle}
 
 
-def _evict(directory: Path) -> int:
+def evict_from_page_cache(directory: Path) -> int:
     """Drop ``directory``'s files from the page cache (so reads go to disk); returns their bytes."""
     total = 0
     for path in (p for p in directory.rglob("*") if p.is_file()):
@@ -176,7 +176,7 @@ def _io_save_resume_rank(rank: int, world: int, cfg, run_dir: str):
         manifest = json.loads((final / "manifest.json").read_text())["files"]
         own_entries = sum(e["size"] for e in manifest.values() if e["rank"] == rank)
         dist.barrier()
-        checkpoint_bytes = _evict(final) if rank == 0 else 0
+        checkpoint_bytes = evict_from_page_cache(final) if rank == 0 else 0
         dist.barrier()
         before = _io_counters()
         load_checkpoint(run_dir, actor, clipo)
@@ -226,7 +226,7 @@ def _io_init_rank(rank: int, world: int, cfg, weights_dir: str) -> int:
         for turn in range(world):
             dist.barrier()
             if rank == turn:
-                _evict(Path(weights_dir))
+                evict_from_page_cache(Path(weights_dir))
                 before = _io_counters()["read_bytes"]
                 load_weights_into_model(actor.module, weights_dir, cfg.model.vocab_size)
                 read = _io_counters()["read_bytes"] - before

@@ -19,6 +19,7 @@ import torch
 
 from clipo_nemo.checkpoint.recovery import checked_by, verify_checkpoint
 from clipo_nemo.parallel.launcher import run_distributed
+from benchmarks.checkpoint_scaling import evict_from_page_cache
 from tests.test_checkpoint import TIMEOUT_S, _build, _cfg, _learn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,15 +98,6 @@ def _read_bytes() -> int:
         return next(int(line.split(":")[1]) for line in handle if line.startswith("read_bytes"))
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sliced_reads_return_exactly_the_ranges(tmp_path, dtype):
     from safetensors.torch import load_file, save_file
@@ -133,7 +125,7 @@ def test_a_slice_reads_its_pages_only(tmp_path):
 
     path = tmp_path / "big.safetensors"
     save_file({"w": torch.randn(512, 8192)}, path)  # 16 MiB, rows of 32 KiB (8 pages)
-    _evict(path)
+    evict_from_page_cache(tmp_path)
     before = _read_bytes()
     path.read_bytes()
     if _read_bytes() - before < path.stat().st_size // 2:
@@ -142,7 +134,7 @@ def test_a_slice_reads_its_pages_only(tmp_path):
     # half the rows: half the pages; half of every row's columns: 4 or 5 of its 8 pages (a range not
     # aligned to pages touches one more)
     for dim, ranges, most in ((0, [(0, 256)], 0.55), (1, [(4096, 8192)], 0.65)):
-        _evict(path)
+        evict_from_page_cache(tmp_path)
         before = _read_bytes()
         SafetensorsFile(path).read_ranges("w", dim, ranges)
         assert (_read_bytes() - before) / size <= most, (dim, (_read_bytes() - before) / size)
