@@ -267,9 +267,15 @@ class TrainerConfig:
     max_steps: int = 100  # training steps (each: one batch of prompts x rollout.n responses)
     prompts_per_step: int = 128  # prompts per step over all DP ranks (paper: 512)
     save_every_steps: int = 50  # checkpoint interval (0 = only at the end and on SIGTERM/SIGINT)
+    save_every_minutes: float = 0.0  # also save when this many minutes passed since the last save (or the
+    #   start); checked after every step (0 = off). Bounds the work a crash or a missed time-limit save loses
     keep_last: int = 2  # complete checkpoints kept
     parallel_save: bool = True  # every data-parallel rank writes its share of a checkpoint (megatron's fully
     #   parallel save strategy); false: the DP-rank-0 copies write everything
+    reshardable_optimizer_checkpoints: bool = False  # GPU (megatron distributed optimizer) only: save its state
+    #   as megatron's "fully_reshardable" (loads at any TP/PP/DP, but gathered to DP rank 0 at save and read
+    #   whole per TP shard at resume); false: "dp_reshardable" (every rank writes and reads only its own shard;
+    #   loads at another DP, not at another TP/PP). Set it for the last save before changing TP/PP
     async_save: bool = False  # write checkpoints in a background process while training goes on; the
     #   checkpoint is published (meta.json, rename, `latest`) once written on every rank, at the latest
     #   by the next save or the end of the run
@@ -279,6 +285,9 @@ class TrainerConfig:
     #   messages listed in clipo_nemo/console.py filtered out; "debug": those shown too (tools: --log-level)
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
     gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
+    node_ram_gib: float = 0.0  # host RAM per node the planner checks checkpoint save/resume against at start
+    #   (0 = no check; tools/plan_layout.py prints the per-node figures)
+    gpus_per_node: int = 8  # ranks per node, for the planner's per-node host-RAM figures
     require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
 
 
@@ -477,12 +486,15 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
                        ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),
                        ("rollout.max_new_tokens", roll.max_new_tokens), ("trainer.prompts_per_step", trainer.prompts_per_step),
                        ("trainer.max_consecutive_nonfinite", trainer.max_consecutive_nonfinite),
+                       ("trainer.gpus_per_node", trainer.gpus_per_node),
                        ("actor.logprob_chunk_size", act.logprob_chunk_size),
                        ("parallel.micro_batch_size", cfg.parallel.micro_batch_size),
                        ("parallel.timeout_s", cfg.parallel.timeout_s)):
         positive(key, value)
     for key, value in (("rollout.temperature", roll.temperature), ("contrastive.warmup_steps", con.warmup_steps),
                        ("trainer.max_steps", trainer.max_steps), ("trainer.save_every_steps", trainer.save_every_steps),
+                       ("trainer.save_every_minutes", trainer.save_every_minutes),
+                       ("trainer.node_ram_gib", trainer.node_ram_gib),
                        ("parallel.max_tokens_per_micro_batch", cfg.parallel.max_tokens_per_micro_batch),
                        ("algorithm.kl_loss_coef", algo.kl_loss_coef), ("actor.clip_grad", act.clip_grad)):
         positive(key, value, allow_zero=True)

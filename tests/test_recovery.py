@@ -181,7 +181,7 @@ def test_manifest_records_every_file_but_meta(tmp_path):
     (tmp_path / "meta.json").write_text("{}")
     write_manifest(tmp_path)
     files = json.loads((tmp_path / "manifest.json").read_text())["files"]
-    assert files == {"dist/.metadata": {"size": 3, "crc32": "352441c2"}}  # zlib.crc32(b"abc")
+    assert files == {"dist/.metadata": {"size": 3, "crc32": "352441c2", "rank": 0}}  # zlib.crc32(b"abc")
 
 
 # --- 3. a torn last line in metrics.jsonl ----------------------------------------------------------

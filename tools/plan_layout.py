@@ -11,7 +11,9 @@ model-parallel group; ``rollout.kv_cache_gb=auto`` is derived by the plan).
 Last line: ``fits: yes (<total> GiB of <budget> GiB per GPU)`` or ``fits: no (...)``; exit status
 0 or 1. ``--world-size`` defaults to max(8, TP x PP x CP); ``--gpu-mem-gib`` to
 ``trainer.gpu_memory_gib`` (80 if that is 0). Attention is planned as Transformer Engine's fused
-attention (the NGC container) unless ``--local-attention``.
+attention (the NGC container) unless ``--local-attention``. After the GPU plan: the checkpoint cost
+(bytes per rank at save and resume, host RAM per node; ``clipo_nemo.planner.host_memory``), with a
+``host RAM:`` line when it exceeds ``trainer.node_ram_gib``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from clipo_nemo.config import load_config  # noqa: E402
 from clipo_nemo.console import add_log_level_argument, setup_console  # noqa: E402
 from clipo_nemo.planner import GIB, plan_memory, recommendations  # noqa: E402
 from clipo_nemo.planner.plan import rollout_breakdown  # noqa: E402
+from clipo_nemo.planner.host_memory import checkpoint_cost  # noqa: E402
 
 
 def _recommendation_table(cfg, budget_gib: float, flash_attention: bool) -> str:
@@ -69,6 +72,11 @@ def main(argv=None) -> int:
         return 1
     print(plan.table())
     print(rollout_breakdown(plan))
+    cost = checkpoint_cost(cfg, world)
+    print(cost.table())
+    ram = cost.ram_problem(cfg.trainer.node_ram_gib)
+    if ram:
+        print(f"host RAM: {ram}")
     if not args.no_recommendations:
         print()
         print(_recommendation_table(cfg, budget, flash_attention=not args.local_attention))

@@ -19,12 +19,12 @@ import torch.distributed as dist
 
 from clipo_nemo.checkpoint.recovery import CheckpointWarning
 from clipo_nemo.checkpoint.sharded_state import (
-    MEGATRON_OPTIMIZER_METADATA, allocate_megatron_optimizer_state, head_sharded_state_dict, is_megatron_optimizer,
-    moment_keys_over_ranks, torch_optimizer_moment_keys, torch_optimizer_sharded_state_dict)
+    DP_RESHARDABLE, FULLY_RESHARDABLE, allocate_megatron_optimizer_state, head_sharded_state_dict, is_megatron_optimizer,
+    megatron_optimizer_metadata, moment_keys_over_ranks, torch_optimizer_moment_keys, torch_optimizer_sharded_state_dict)
 from clipo_nemo.models.head import ParallelContrastiveHead
 
-FORMAT_VERSION = 2  # 2: the reference policy is a pointer (format 1 stored it inline)
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3  # 3: megatron optimizer format named (dp_reshardable by default); 2: reference pointer (1: inline)
+READABLE_FORMATS = (1, 2, 3)
 
 
 class PolicyState(Protocol):
@@ -55,6 +55,17 @@ def current_layout() -> Dict[str, int]:
             "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
 
 
+def megatron_sharding_to_save(cfg: Any) -> str:
+    """The distributed-optimizer format this run saves (``trainer.reshardable_optimizer_checkpoints``)."""
+    return FULLY_RESHARDABLE if cfg.trainer.reshardable_optimizer_checkpoints else DP_RESHARDABLE
+
+
+def megatron_sharding(policy_optimizer: Dict[str, Any]) -> str:
+    """The distributed-optimizer format of a checkpoint's ``policy_optimizer`` entry (checkpoints that do
+    not name one were saved as fully reshardable, the only format then)."""
+    return policy_optimizer.get("sharding", FULLY_RESHARDABLE)
+
+
 def describe_contents(policy: PolicyState, clipo_head: Optional[HeadState]) -> Dict[str, Any]:
     """meta.json's description of what this job saves (the same on every rank). Collective."""
     head_moments = moment_keys_over_ranks(clipo_head.optimizer if clipo_head is not None else None)
@@ -65,7 +76,8 @@ def describe_contents(policy: PolicyState, clipo_head: Optional[HeadState]) -> D
         "reference": policy.reference is not None,
         "head": None if clipo_head is None else {"type": clipo_head.head.head_type, "tp_mode": clipo_head.head.tp_mode},
         "policy_optimizer": {"kind": "megatron" if megatron_opt else type(policy.optimizer).__name__,
-                             "moments": [] if megatron_opt else torch_optimizer_moment_keys(policy.optimizer)},
+                             "moments": [] if megatron_opt else torch_optimizer_moment_keys(policy.optimizer),
+                             **({"sharding": megatron_sharding_to_save(policy.cfg)} if megatron_opt else {})},
         "head_optimizer": None if clipo_head is None or clipo_head.optimizer is None else
         {"kind": type(clipo_head.optimizer).__name__, "moments": head_moments},
     }
@@ -83,7 +95,7 @@ def checkpoint_sharded_state_dict(policy: PolicyState, clipo_head: Optional[Head
         if is_megatron_optimizer(policy.optimizer):
             allocate_megatron_optimizer_state(policy.optimizer)
             sharded["policy_optimizer"] = policy.optimizer.sharded_state_dict(
-                policy_sharded, is_loading=loading, metadata=dict(MEGATRON_OPTIMIZER_METADATA))
+                policy_sharded, is_loading=loading, metadata=megatron_optimizer_metadata(megatron_sharding(popt)))
         else:
             sharded["policy_optimizer"] = torch_optimizer_sharded_state_dict(
                 policy.optimizer, policy_sharded, "policy_optimizer", popt["moments"], main_on_last_stage=False,

@@ -1,4 +1,4 @@
-"""Resuming from a step checkpoint: choose it (:func:`clipo_nemo.checkpoint.recovery.latest_checkpoint`
+"""Resuming from a step checkpoint: choose it (:func:`clipo_nemo.checkpoint.shared_verify.latest_checkpoint_together`
 falls back past damaged ones), check it fits the objects it loads into, and restore weights, the
 reference, both optimizers, RNG states and the trainer's own state at any TP/PP/DP layout."""
 from __future__ import annotations
@@ -12,19 +12,21 @@ import torch
 import torch.distributed as dist
 
 from clipo_nemo.checkpoint.contents import (READABLE_FORMATS, HeadState, PolicyState, checkpoint_sharded_state_dict,
-                                            current_layout, set_rng_states, warn_once)
-from clipo_nemo.checkpoint.recovery import MANIFEST, CheckpointError, latest_checkpoint, verify_checkpoint
+                                            current_layout, megatron_sharding, set_rng_states, warn_once)
+from clipo_nemo.checkpoint.reader import load_sharded
+from clipo_nemo.checkpoint.recovery import MANIFEST, CheckpointError
 from clipo_nemo.checkpoint.reference import load_reference, pointer_in_checkpoint
-from clipo_nemo.checkpoint.sharded_state import (drop_extra_state_missing_from, head_parameters, is_megatron_optimizer,
-                                                 load_megatron_optimizer, load_module_state, load_torch_optimizer,
-                                                 without_prefix)
+from clipo_nemo.checkpoint.shared_verify import latest_checkpoint_together, verify_together
+from clipo_nemo.checkpoint.sharded_state import (DP_RESHARDABLE, drop_extra_state_missing_from, head_parameters,
+                                                 is_megatron_optimizer, load_megatron_optimizer, load_module_state,
+                                                 load_torch_optimizer, without_prefix)
 
 
 def load_checkpoint(run_dir: str | os.PathLike, actor: PolicyState, clipo_head: Optional[HeadState],
                     path: Optional[str | os.PathLike] = None, verify: bool = True) -> Optional[Dict[str, Any]]:
     """Restore ``latest`` (or the checkpoint at ``path``) into ``actor`` and ``clipo_head``.
 
-    Without ``path``, :func:`latest_checkpoint` chooses (falling back past damaged checkpoints); a
+    Without ``path``, :func:`latest_checkpoint_together` chooses (falling back past damaged checkpoints); a
     ``path`` is verified first (``verify=False``: the caller just did) and a damaged one is a
     CheckpointError.
 
@@ -34,9 +36,7 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: PolicyState, clipo_head: 
     says they were skipped. Do not call ``actor.sync_reference()`` afterwards: the reference policy
     is restored from the checkpoint.
     """
-    from megatron.core import dist_checkpointing
-
-    checkpoint = Path(path) if path is not None else latest_checkpoint(run_dir)
+    checkpoint = Path(path) if path is not None else latest_checkpoint_together(run_dir)
     if checkpoint is None:
         return None
     if path is not None and verify:
@@ -49,7 +49,7 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: PolicyState, clipo_head: 
         load_reference(actor.reference, pointer_in_checkpoint(checkpoint), actor.cfg.model.vocab_size, checkpoint)
     request = checkpoint_sharded_state_dict(actor, clipo_head, contents, loading=True)
     drop_extra_state_missing_from(request, checkpoint / "dist")
-    loaded = dist_checkpointing.load(request, str(checkpoint / "dist"))
+    loaded = load_sharded(request, checkpoint / "dist")
     load_module_state(actor.module, without_prefix(loaded["policy"], "policy."))
     # What was requested, not what came back: dist_checkpointing merges the checkpoint's common
     # (non-tensor) state into the result, e.g. an empty head-optimizer moment dict of a save made
@@ -81,14 +81,24 @@ def load_checkpoint(run_dir: str | os.PathLike, actor: PolicyState, clipo_head: 
 
 
 def _check_whole(checkpoint: Path) -> None:
-    """Raise CheckpointError unless ``checkpoint`` verifies (checked on rank 0, which tells the others)."""
-    from clipo_nemo.parallel.gather import broadcast_object
-
-    problem = broadcast_object(verify_checkpoint(checkpoint) if dist.get_rank() == 0 else None, src=0)
+    """Raise CheckpointError unless ``checkpoint`` verifies (each rank checks its share, all agree)."""
+    problem = verify_together(checkpoint)
     if problem is not None:
         raise CheckpointError(f"{checkpoint} cannot be loaded: {problem}")
     if not (checkpoint / MANIFEST).exists():
         warn_once(f"{checkpoint} has no {MANIFEST} (saved before checksums were recorded): it could not be verified")
+
+
+def check_megatron_layout(sharding: str, saved: Dict[str, int], now: Dict[str, int], checkpoint: Path) -> None:
+    """Raise CheckpointError when a distributed-optimizer state in ``sharding`` cannot load at layout
+    ``now``: a ``dp_reshardable`` one reshards over DP only, not over TP or PP."""
+    if sharding == DP_RESHARDABLE and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+        raise CheckpointError(
+            f"{checkpoint}: its distributed-optimizer state is dp_reshardable (each rank's own shard, loadable at "
+            f"another DP size only), saved at TP {saved['tp']} x PP {saved['pp']}; this run is TP {now['tp']} x "
+            f"PP {now['pp']}. Resume once at TP {saved['tp']} x PP {saved['pp']} with "
+            "trainer.reshardable_optimizer_checkpoints=true and let it save (a step with save_every_steps, "
+            "save_every_minutes or a stop signal), then change the layout (README, Clusters: changing TP/PP)")
 
 
 def _loadable_contents(meta: Dict[str, Any], actor: PolicyState, clipo_head: Optional[HeadState],
@@ -109,6 +119,8 @@ def _loadable_contents(meta: Dict[str, Any], actor: PolicyState, clipo_head: Opt
         warn_once(f"{checkpoint.name}: policy optimizer {popt['kind']} in the checkpoint, {kind} now: its state "
               "was not restored (fresh optimizer state)")
         contents["policy_optimizer"] = None
+    elif kind == "megatron":
+        check_megatron_layout(megatron_sharding(popt), meta["layout"], current_layout(), checkpoint)
     hopt = meta["head_optimizer"]
     if clipo_head is not None and (clipo_head.optimizer is None or hopt is None
                                    or hopt["kind"] != type(clipo_head.optimizer).__name__):

@@ -1,7 +1,7 @@
 """Which checkpoint a run resumes from, and whether a checkpoint is whole (pure file-system code).
 
-Every checkpoint carries ``manifest.json``: the size and CRC-32 of every file its save wrote, written
-in the save's finalize step just before ``meta.json`` (the completion marker, which the manifest
+Every checkpoint carries ``manifest.json``: the size and CRC-32 of every file its save wrote, each
+computed by the rank that wrote the file (its ``rank``), merged in the save's finalize step just before ``meta.json`` (the completion marker, which the manifest
 does not cover: :func:`verify_checkpoint` parses it instead). On resume the checkpoint ``latest``
 names is verified; if it is damaged, or ``latest`` itself is missing, a directory or not text, the
 newest ``step_N`` that verifies is used, and every checkpoint skipped is named with the reason. A
@@ -12,6 +12,7 @@ checkpoint, is a :class:`CheckpointError` saying what to do: never a fresh start
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -19,7 +20,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -56,6 +57,25 @@ def complete_checkpoints(root: Path) -> List[Path]:
     return sorted(found, key=step_of)
 
 
+def directory_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 over the sorted relative names and contents of every file under ``path``."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(8 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def file_identities(path: str | os.PathLike) -> Dict[str, List[int]]:
+    """``{relative name: [size, mtime_ns]}`` of every file under ``path``: a cheap identity (stat only)."""
+    root = Path(path)
+    return {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 # ------------------------------------------------------------------------------------------------
 # Manifest and verification
 # ------------------------------------------------------------------------------------------------
@@ -67,26 +87,46 @@ def _crc32(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def _checksums(checkpoint_dir: Path, names: List[str]) -> Dict[str, str]:
+def file_checksums(directory: Path, names: List[str]) -> Dict[str, Dict[str, object]]:
+    """``{name: {"size", "crc32"}}`` of the files ``names`` under ``directory`` (read in parallel threads)."""
     with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, max(len(names), 1))) as pool:
-        return dict(zip(names, pool.map(lambda name: _crc32(checkpoint_dir / name), names)))
+        sums = dict(zip(names, pool.map(lambda name: _crc32(directory / name), names)))
+    return {name: {"size": (directory / name).stat().st_size, "crc32": sums[name]} for name in names}
 
 
-def write_manifest(checkpoint_dir: str | os.PathLike) -> Path:
-    """Record the size and CRC-32 of every file under ``checkpoint_dir`` (but ``meta.json``, which is
-    written after it) in ``checkpoint_dir/manifest.json`` (fsynced). Call it once every rank's files
-    are written, before ``meta.json``. Returns the manifest's path."""
-    checkpoint_dir = Path(checkpoint_dir)
+def write_manifest(checkpoint_dir: str | os.PathLike, recorded: Optional[Dict[str, Dict[str, object]]] = None) -> Path:
+    """Write ``checkpoint_dir/manifest.json`` (fsynced): the size and CRC-32 of every file under
+    ``checkpoint_dir`` but ``meta.json`` (written after it). ``recorded``: entries already computed by
+    the ranks that wrote those files (``{"size", "crc32", "rank"}``); only the files it lacks are read
+    here (by this process, recorded as rank 0's). Call it once every rank's files are written, before
+    ``meta.json``. Returns the manifest's path."""
+    checkpoint_dir, recorded = Path(checkpoint_dir), dict(recorded or {})
     names = sorted(p.relative_to(checkpoint_dir).as_posix() for p in checkpoint_dir.rglob("*")
                    if p.is_file() and p.relative_to(checkpoint_dir).as_posix() not in (MANIFEST, META))
-    sums = _checksums(checkpoint_dir, names)
-    files = {name: {"size": (checkpoint_dir / name).stat().st_size, "crc32": sums[name]} for name in names}
+    missing = [name for name in names if name not in recorded]
+    files = {**{name: recorded[name] for name in names if name in recorded},
+             **{name: {**entry, "rank": 0} for name, entry in file_checksums(checkpoint_dir, missing).items()}}
     path = checkpoint_dir / MANIFEST
     with open(path, "w") as handle:
-        handle.write(json.dumps({"format": _MANIFEST_FORMAT, "files": files}, indent=1))
+        handle.write(json.dumps({"format": _MANIFEST_FORMAT, "files": dict(sorted(files.items()))}, indent=1))
         handle.flush()
         os.fsync(handle.fileno())
     return path
+
+
+def checked_by(files: Dict[str, dict], world_size: int, saved_world_size: int) -> Dict[str, int]:
+    """Which rank verifies each manifest entry at resume: the rank that wrote (and checksummed) it when
+    the job has the saved world size (at an unchanged layout, megatron's fully parallel load plans
+    about the same shards for a rank as its save did, so a rank verifies what it is about to read);
+    otherwise a size-balanced split (largest files first, each to the least-loaded rank)."""
+    if world_size == saved_world_size and all(isinstance(e.get("rank"), int) and 0 <= e["rank"] < world_size
+                                              for e in files.values()):
+        return {name: entry["rank"] for name, entry in files.items()}
+    load, owner = [0] * world_size, {}
+    for name in sorted(files, key=lambda n: (-int(files[n].get("size", 0)), n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[name], load[rank] = rank, load[rank] + int(files[name].get("size", 0))
+    return owner
 
 
 def _read_json(path: Path) -> Tuple[Optional[dict], Optional[str]]:
@@ -100,11 +140,15 @@ def _read_json(path: Path) -> Tuple[Optional[dict], Optional[str]]:
     return (content, None) if isinstance(content, dict) else (None, f"{path.name} is not a JSON object")
 
 
-def _manifest_problems(checkpoint_dir: Path, manifest: dict) -> List[str]:
+def _manifest_problems(checkpoint_dir: Path, manifest: dict, share: Optional[Tuple[int, int]],
+                       saved_world_size: int) -> List[str]:
     files = manifest.get("files")
     if manifest.get("format") != _MANIFEST_FORMAT or not isinstance(files, dict) or not all(
             isinstance(entry, dict) and {"size", "crc32"} <= entry.keys() for entry in files.values()):
         return [f"{MANIFEST} is not a format-{_MANIFEST_FORMAT} manifest"]
+    if share is not None:
+        owner = checked_by(files, share[1], saved_world_size)
+        files = {name: entry for name, entry in files.items() if owner[name] == share[0]}
     problems, to_hash = [], []
     for name, entry in sorted(files.items()):
         path = checkpoint_dir / name
@@ -115,8 +159,9 @@ def _manifest_problems(checkpoint_dir: Path, manifest: dict) -> List[str]:
                             "or overwritten)")
         else:
             to_hash.append(name)
-    sums = _checksums(checkpoint_dir, to_hash)
-    problems += [f"{name} does not match its checksum (corrupted)" for name in to_hash if sums[name] != files[name]["crc32"]]
+    sums = file_checksums(checkpoint_dir, to_hash)
+    problems += [f"{name} does not match its checksum (corrupted)" for name in to_hash
+                 if sums[name]["crc32"] != files[name]["crc32"]]
     return problems
 
 
@@ -147,9 +192,13 @@ def _unverified_problems(checkpoint_dir: Path, world_size: int) -> List[str]:
     return problems
 
 
-def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> Optional[str]:
+def verify_checkpoint(checkpoint_dir: str | os.PathLike, share: Optional[Tuple[int, int]] = None) -> Optional[str]:
     """None when the checkpoint is whole, otherwise why not (every file checked against
-    ``manifest.json``; without one, the checks of a checkpoint from before manifests existed)."""
+    ``manifest.json``; without one, the checks of a checkpoint from before manifests existed).
+
+    ``share=(rank, world_size)``: check only the manifest entries :func:`checked_by` gives ``rank``
+    (the checks without a manifest: rank 0 only); the ranks' verdicts together are the whole one
+    (:func:`clipo_nemo.checkpoint.shared_verify.verify_together`)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return "not a directory"
@@ -168,8 +217,9 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> Optional[str]:
     if not problems:
         if (checkpoint_dir / MANIFEST).exists():
             manifest, bad_manifest = _read_json(checkpoint_dir / MANIFEST)
-            problems = [bad_manifest] if bad_manifest else _manifest_problems(checkpoint_dir, manifest)
-        else:
+            problems = [bad_manifest] if bad_manifest else _manifest_problems(checkpoint_dir, manifest, share,
+                                                                              world_size)
+        elif share is None or share[0] == 0:
             problems = _unverified_problems(checkpoint_dir, world_size)
     if not problems:
         return None
@@ -208,10 +258,12 @@ class ResumePoint:
     old_checkpoints: List[Path] = field(default_factory=list)  # every step_N directory found, newest first
 
 
-def find_resume_point(run_dir: str | os.PathLike) -> ResumePoint:
+def find_resume_point(run_dir: str | os.PathLike,
+                      verify: Callable[[Path], Optional[str]] = verify_checkpoint) -> ResumePoint:
     """The checkpoint ``latest`` names if it verifies, otherwise the newest ``step_N`` (older than the
     one ``latest`` names, when it names one) that does. Raises :class:`CheckpointError` when the run
-    directory has checkpoints but none can be used."""
+    directory has checkpoints but none can be used. ``verify``: None for a whole checkpoint, else why
+    not (a collective one splits the work over the ranks: :mod:`clipo_nemo.checkpoint.shared_verify`)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return ResumePoint(None)
@@ -229,7 +281,7 @@ def find_resume_point(run_dir: str | os.PathLike) -> ResumePoint:
             notes.append(f"{', '.join(newer)} newer than latest ({named}): not used")
         candidates = [root / named] + [p for p in steps if step_of(p) < step_of(root / named)]
     for candidate in candidates:
-        problem = verify_checkpoint(candidate)
+        problem = verify(candidate)
         if problem is None:
             if not (candidate / MANIFEST).exists():
                 notes.append(f"{candidate.name} has no {MANIFEST} (saved before checksums were recorded): "

@@ -12,14 +12,21 @@ reference, i.e. KL off):
   ``reference/`` without any complete step checkpoint beside it belongs to a run killed before its
   first checkpoint completed and is rewritten.
 
-``sha256`` covers every file under ``path`` (relative names and bytes); loading recomputes it and
-refuses a reference that changed. Paths inside the run's ``checkpoints/`` are stored relative to
-it (the run directory may move); others absolute. Hashing reads the whole directory once per load
-(and once at the start of a run from a converted checkpoint), on rank 0.
+``sha256`` covers every file under ``path`` (relative names and bytes; for a converted checkpoint
+that recorded one at conversion, under its ``weights/``). It is computed once: by the conversion,
+when the run's own ``reference/`` is first written, or (an older conversion) when a run first starts
+from it; every later pointer carries it over. Pointers also record ``files``, the size and
+modification time (ns) of every file under ``path`` (a ``stat`` per file): a load whose files show
+the same sizes and times takes the reference as unchanged without reading it; otherwise (copied,
+touched or changed files) rank 0 recomputes the SHA-256 and a reference whose bytes changed is
+refused. Pointers written before ``files`` existed (format 2) are hashed at every load, as then.
+Paths inside the run's ``checkpoints/`` are stored relative to it (the run directory may move);
+others absolute. The reference's tensors are then read like a step checkpoint's (each rank its
+shard, spread over the data-parallel group) or, from a converted checkpoint, each rank's
+rows/columns only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,24 +35,29 @@ from typing import Any, Callable, Dict, Optional
 
 import torch.distributed as dist
 
-from clipo_nemo.checkpoint.recovery import CheckpointError, latest_checkpoint
+from clipo_nemo.checkpoint.reader import load_sharded
+from clipo_nemo.checkpoint.recovery import CheckpointError, directory_sha256, file_identities
+from clipo_nemo.checkpoint.shared_verify import latest_checkpoint_together
 from clipo_nemo.checkpoint.sharded_state import drop_extra_state_missing_from, load_module_state, without_prefix
-from clipo_nemo.checkpoint.writer import checkpoint_writer
+from clipo_nemo.checkpoint.writer import checkpoint_writer, collect_checksums
 
 REFERENCE_DIR = "reference"  # under run_dir/checkpoints: a random-init run's own reference
-Pointer = Dict[str, Any]  # {"kind": "weights" | "dist", "path": str, "sha256": str}
+# {"kind": "weights" | "dist", "path": str, "sha256": str, "files": {name: [size, mtime_ns]}, "hashed": subdir
+# of path the sha256 and files cover ("weights" for a converted checkpoint's own record; absent: path itself)}
+Pointer = Dict[str, Any]
 
 
-def directory_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 over the sorted relative names and contents of every file under ``path``."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(8 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+def identity_problem(pointer: Pointer, sha256: Callable[[Path], str] = directory_sha256) -> Optional[str]:
+    """None when the directory ``pointer`` names is the one it recorded, else why not. Files with the
+    recorded sizes and modification times are taken as unchanged; otherwise (or for a pointer without
+    ``files``) ``sha256`` of the directory decides."""
+    path = Path(pointer["path"]) / pointer.get("hashed", "")  # "weights": a converted checkpoint's own record
+    if pointer.get("files") is not None and file_identities(path) == pointer["files"]:
+        return None
+    actual = sha256(path)
+    if actual != pointer["sha256"]:
+        return f"sha256 {actual}, recorded {pointer['sha256']}"
+    return None
 
 
 def _from_rank0(compute: Callable[[], Any]) -> Any:
@@ -56,9 +68,23 @@ def _from_rank0(compute: Callable[[], Any]) -> Any:
 
 
 def weights_pointer(path: str | os.PathLike) -> Pointer:
-    """The pointer to a converted checkpoint used as the reference. Collective (rank 0 hashes)."""
+    """The pointer to a converted checkpoint used as the reference: the SHA-256 of its ``weights/`` that
+    the conversion recorded (``clipo_model.json``'s ``weights_identity``) when the files still match;
+    for a conversion without one, hashed at the start of the run that first uses it (resumes carry
+    the pointer over). Collective (rank 0 reads)."""
     path = Path(path).resolve()
-    return {"kind": "weights", "path": str(path), "sha256": _from_rank0(lambda: directory_sha256(path))}
+    return _from_rank0(lambda: _identified_weights(path))
+
+
+def _identified_weights(path: Path) -> Pointer:
+    """A converted checkpoint's pointer: from the identity its conversion recorded when its weight files
+    still match it (no hashing), else by hashing the whole directory."""
+    from clipo_nemo.conversion.weights import WEIGHTS_DIR, read_description
+
+    recorded = read_description(path).get("weights_identity")
+    if recorded is not None and file_identities(path / WEIGHTS_DIR) == recorded["files"]:
+        return {"kind": "weights", "path": str(path), "hashed": WEIGHTS_DIR, **recorded}
+    return {"kind": "weights", "path": str(path), "files": file_identities(path), "sha256": directory_sha256(path)}
 
 
 def pointer_in_checkpoint(checkpoint: str | os.PathLike) -> Optional[Pointer]:
@@ -93,21 +119,18 @@ def pointer_for_run(resumed_from: Optional[Path], init_from: str) -> Optional[Po
     source = Path(init_from)
     if is_weights_checkpoint(source):
         return weights_pointer(source)
-    return pointer_in_checkpoint(source if (source / "meta.json").is_file() else latest_checkpoint(source))
+    return pointer_in_checkpoint(source if (source / "meta.json").is_file() else latest_checkpoint_together(source))
 
 
 def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: Path) -> None:
     """Load the reference policy ``reference`` (a GPTModel piece) from ``pointer``, after checking
     that the directory is there and unchanged. Collective."""
-    from megatron.core import dist_checkpointing
-
     path = Path(pointer["path"])
     if not path.is_dir():
         raise CheckpointError(f"{named_by}: its reference policy {path} is missing")
-    actual = _from_rank0(lambda: directory_sha256(path))
-    if actual != pointer["sha256"]:
-        raise CheckpointError(f"{named_by}: the reference policy {path} changed since it was saved "
-                              f"(sha256 {actual}, recorded {pointer['sha256']})")
+    problem = _from_rank0(lambda: identity_problem(pointer))
+    if problem is not None:
+        raise CheckpointError(f"{named_by}: the reference policy {path} changed since it was saved ({problem})")
     if pointer["kind"] == "weights":
         from clipo_nemo.conversion.weights import load_weights_into_model
 
@@ -115,7 +138,7 @@ def load_reference(reference: Any, pointer: Pointer, vocab_size: int, named_by: 
         return
     request = {"reference": reference.sharded_state_dict(prefix="reference.")}
     drop_extra_state_missing_from(request, path)
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = load_sharded(request, path)
     load_module_state(reference, without_prefix(loaded["reference"], "reference."))
 
 
@@ -132,12 +155,14 @@ def save_own_reference(checkpoints_root: Path, reference: Any, parallel: bool) -
 
         def finalize() -> None:
             if dist.get_rank() == 0:
+                collect_checksums(tmp / "dist", "")  # the writers' per-rank records: not part of the reference
                 (tmp / "meta.json").write_text(json.dumps({"sha256": directory_sha256(tmp / "dist")}))
                 shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
+                os.replace(tmp, final)  # keeps the files' modification times: the identities below match
             dist.barrier()
 
         checkpoint_writer().save({"reference": reference.sharded_state_dict(prefix="reference.")}, tmp / "dist",
                                  finalize, parallel=parallel, asynchronous=False)
     sha256 = json.loads((final / "meta.json").read_text())["sha256"]
-    return {"kind": "dist", "path": str((final / "dist").resolve()), "sha256": sha256}
+    dist_dir = (final / "dist").resolve()
+    return {"kind": "dist", "path": str(dist_dir), "sha256": sha256, "files": _from_rank0(lambda: file_identities(dist_dir))}

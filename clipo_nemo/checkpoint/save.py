@@ -8,16 +8,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Collection, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from clipo_nemo.checkpoint.contents import (HeadState, PolicyState, checkpoint_sharded_state_dict, describe_contents,
                                             rng_states)
-from clipo_nemo.checkpoint.recovery import STEP_PREFIX, TMP_PREFIX, checkpoints_dir, complete_checkpoints, write_manifest
+from clipo_nemo.checkpoint.recovery import (STEP_PREFIX, TMP_PREFIX, checkpoints_dir, complete_checkpoints,
+                                            file_checksums, write_manifest)
 from clipo_nemo.checkpoint.reference import REFERENCE_DIR, Pointer, save_own_reference, stored_form
-from clipo_nemo.checkpoint.writer import checkpoint_writer
+from clipo_nemo.checkpoint.writer import checkpoint_writer, collect_checksums
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: PolicyState, clipo_head: Optional[HeadState],
@@ -73,10 +74,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, actor: PolicyState, c
 
 
 def _publish(root: Path, tmp: Path, final: Path, meta: Dict[str, Any], keep_last: int, keep: Collection[Path]) -> None:
-    """A save's last part, once every rank's files are complete (collective): rank 0 writes the
-    manifest and meta.json, renames ``tmp`` to ``final``, points ``latest`` at it and prunes."""
-    if dist.get_rank() == 0:
-        write_manifest(tmp)
+    """A save's last part, once every rank's files are complete (collective): every rank checksums its
+    own small files (RNG states; rank 0 the trainer state) and sends them to rank 0, which merges them
+    with the writers' checksums of the shard files into the manifest (reading only the few small
+    files written at finalize), writes meta.json, renames ``tmp`` to ``final``, points ``latest`` at
+    it and prunes."""
+    rank = dist.get_rank()
+    own = [f"rng/rank_{rank:05d}.pt"] + (["trainer_state.pt"] if rank == 0 else [])
+    recorded = {name: {**entry, "rank": rank} for name, entry in file_checksums(tmp, own).items()}
+    gathered: List[Optional[Dict[str, Any]]] = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(recorded, gathered, dst=0)
+    if rank == 0:
+        for part in gathered:
+            recorded.update(part)
+        write_manifest(tmp, {**recorded, **collect_checksums(tmp / "dist", "dist/")})
         _write_atomically(tmp / "meta.json", json.dumps(meta, indent=1))
         if final.exists():  # re-saving a step: move the old copy aside first (rename cannot overwrite)
             replaced = root / f"{TMP_PREFIX}replaced-{final.name}"

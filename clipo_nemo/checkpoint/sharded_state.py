@@ -15,13 +15,24 @@ import torch.distributed as dist
 from clipo_nemo.checkpoint.recovery import CheckpointError
 from clipo_nemo.models.head import ParallelContrastiveHead, layer_names
 
-# megatron's distributed-optimizer checkpoint format: model-shaped moments, reshardable at any
-# TP/PP/DP, gathered over the DP group to DP rank 0 only (megatron's memory-efficient variant) instead of
-# to every DP rank. "fully_sharded_model_space" (each rank its own slice) relies on flattened sharded
-# tensors, which megatron-core 0.16 refuses ("flattened_range is not supported", seen on an H100), and
-# "dp_reshardable" cannot change TP/PP.
-MEGATRON_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                               "distrib_optim_fully_reshardable_mem_efficient": True}
+# megatron's distributed-optimizer checkpoint formats (``DistributedOptimizer.sharded_state_dict``):
+# "dp_reshardable" (the default here, as in Megatron-LM and NeMo): every rank writes and reads only its
+# own shard of the flat optimizer buffers, with no gather; it loads at another DP size but not at another
+# TP/PP. "fully_reshardable" (``trainer.reshardable_optimizer_checkpoints``): model-shaped moments that
+# load at any TP/PP/DP, gathered over the DP group to DP rank 0 at save (megatron's memory-efficient
+# variant) and read whole per TP shard at resume. "fully_sharded_model_space" relies on flattened sharded
+# tensors, which megatron-core 0.16 refuses ("flattened_range is not supported", seen on an H100).
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
+
+
+def megatron_optimizer_metadata(sharding: str) -> Dict[str, Any]:
+    """The ``metadata`` argument of megatron's ``DistributedOptimizer.sharded_state_dict`` for a format."""
+    if sharding not in (DP_RESHARDABLE, FULLY_RESHARDABLE):
+        raise ValueError(f"unknown distributed-optimizer checkpoint format {sharding!r}")
+    return {"distrib_optim_sharding_type": sharding,
+            "distrib_optim_fully_reshardable_mem_efficient": sharding == FULLY_RESHARDABLE}
+
+
 _EXTRA_STATE = "_extra_state"  # state-dict key suffix of a module's extra state (TE: its FP8 metadata)
 
 

@@ -14,6 +14,9 @@ rank writing its share, optionally in the background while training goes on.
   the trainer continues. Its finalize functions (the ``.metadata`` of ``torch_dist``, megatron's
   ``metadata.json``, then the caller's) run on every rank once every rank's write is complete.
   A synchronous save is the same request, waited for at once.
+- After writing, each writer process checksums the files its rank wrote
+  (:func:`record_own_checksums`); the save's finalize merges these small records into the
+  manifest (:func:`collect_checksums`), so no rank reads another rank's files.
 
 Helper processes die with the trainer. The writer process (forked by megatron's
 ``TemporalAsyncCaller``) and the per-file workers it forks get ``PR_SET_PDEATHSIG`` = SIGKILL and
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
 import pickle
 import queue
@@ -38,7 +42,10 @@ from typing import Any, Callable, Dict, Optional
 
 import torch.distributed as dist
 
+from clipo_nemo.checkpoint.recovery import file_checksums
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_CHECKSUMS_PREFIX = ".checksums.rank_"  # a writer's checksums of its own files, merged into the manifest
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -57,12 +64,36 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _write_as_child_of(parent_pid: int, write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+def _write_as_child_of(parent_pid: int, checkpoint_dir: Path, rank: int, write: Callable[..., None], *args: Any,
+                       **kwargs: Any) -> None:
     """The writer process's body: die with the trainer, make every process it forks die with it,
-    then run megatron's write function."""
+    run megatron's write function, then checksum the files it wrote (:func:`record_own_checksums`)."""
     die_with_parent(parent_pid)
     os.register_at_fork(after_in_child=functools.partial(die_with_parent, os.getpid()))
     write(*args, **kwargs)
+    record_own_checksums(checkpoint_dir, rank)
+
+
+def record_own_checksums(checkpoint_dir: Path, rank: int) -> None:
+    """Checksum the shard files rank ``rank`` wrote to ``checkpoint_dir`` (torch ``FileSystemWriter``
+    names them ``__<rank>_<n>.distcp``; megatron's writer with a separation hint puts a group name
+    before that) into ``.checksums.rank_<rank>.json`` beside them, for :func:`collect_checksums`. Runs in the writer process, so an asynchronous save checksums in the
+    background and every rank reads only what it wrote."""
+    names = sorted(p.name for p in checkpoint_dir.glob(f"*__{rank}_*.distcp"))
+    entries = {name: {**entry, "rank": rank} for name, entry in file_checksums(checkpoint_dir, names).items()}
+    path = checkpoint_dir / f"{_CHECKSUMS_PREFIX}{rank:05d}.json"
+    path.with_name(path.name + ".tmp").write_text(json.dumps(entries))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+def collect_checksums(checkpoint_dir: Path, prefix: str) -> Dict[str, Dict[str, Any]]:
+    """The entries every rank's writer recorded in ``checkpoint_dir`` (names prefixed with ``prefix``,
+    their path inside the checkpoint); the per-rank files are removed. Once every write is complete."""
+    merged: Dict[str, Dict[str, Any]] = {}
+    for path in sorted(checkpoint_dir.glob(f"{_CHECKSUMS_PREFIX}*.json")):
+        merged.update({prefix + name: entry for name, entry in json.loads(path.read_text()).items()})
+        path.unlink()
+    return merged
 
 
 class _WriteResultsFile:
@@ -133,7 +164,8 @@ class ShardedCheckpointWriter:
         finally:
             filesystem_async._results_queue = default_channel
         if request.async_fn is not None:
-            request = request._replace(async_fn=functools.partial(_write_as_child_of, os.getpid(), request.async_fn))
+            request = request._replace(async_fn=functools.partial(
+                _write_as_child_of, os.getpid(), Path(checkpoint_dir), dist.get_rank(), request.async_fn))
         request.add_finalize_fn(finalize)
         self._calls.schedule_async_request(request)
         if not asynchronous:

@@ -4,7 +4,9 @@ What ``tools/convert_hf_to_megatron.py`` writes and ``trainer.init_from`` accept
 
     CKPT/
         clipo_model.json      {"format": "clipo-nemo-weights", "version": 1, "model": {every ModelConfig
-                              field}, "architecture": "Qwen2ForCausalLM", "source": {...}, "dtype": ...}
+                              field}, "architecture": "Qwen2ForCausalLM", "source": {...}, "dtype": ...,
+                              "weights_identity": {"sha256", "files"}: weights/'s SHA-256, hashed once here, and
+                              each file's [size, mtime_ns], which runs compare instead of hashing again}
                               (written last: its presence means the checkpoint is complete)
         weights/index.json    {"weight_map": {canonical name: shard file}, "total_size": bytes}
         weights/model-00001.safetensors ...   canonical full-state-dict tensors (TP=1/PP=1 names of
@@ -13,7 +15,8 @@ What ``tools/convert_hf_to_megatron.py`` writes and ``trainer.init_from`` accept
         hf_config.json, generation_config.json   the source's HF configs (optional, used by export)
 
 The weights are layout-free: :func:`load_weights_into_model` loads each rank's TP/PP shard, reading
-tensors on demand, so loading never holds the whole model in memory. :class:`WeightsWriter` builds
+only that shard's rows/columns of each tensor (:mod:`clipo_nemo.conversion.sliced_read`), so a
+rank reads about ``1/(TP x PP)`` of the model and never holds the whole model in memory. :class:`WeightsWriter` builds
 the checkpoint in a temporary sibling directory and renames it into place only when it is complete.
 """
 from __future__ import annotations
@@ -23,20 +26,22 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clipo_nemo.checkpoint.recovery import directory_sha256, file_identities
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import ConversionError, tensor_groups
+from clipo_nemo.conversion.sliced_read import SafetensorsFile
 from clipo_nemo.models.policy import TORCH_DTYPES
 
 WEIGHTS_DESCRIPTION = "clipo_model.json"
 WEIGHTS_FORMAT = "clipo-nemo-weights"
 WEIGHTS_VERSION = 1
-_WEIGHTS_DIR = "weights"
+WEIGHTS_DIR = "weights"
 _INDEX = "index.json"
 _TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = (
@@ -126,7 +131,7 @@ class WeightsWriter:
     def __enter__(self) -> "WeightsWriter":
         if self.tmp_dir.exists():  # left by a conversion that was killed: ours to remove
             shutil.rmtree(self.tmp_dir)
-        (self.tmp_dir / _WEIGHTS_DIR).mkdir(parents=True)
+        (self.tmp_dir / WEIGHTS_DIR).mkdir(parents=True)
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -163,7 +168,7 @@ class WeightsWriter:
             return
         self._shards += 1
         filename = f"model-{self._shards:05d}.safetensors"
-        save_file(self._buffer, str(self.tmp_dir / _WEIGHTS_DIR / filename), metadata={"format": "pt"})
+        save_file(self._buffer, str(self.tmp_dir / WEIGHTS_DIR / filename), metadata={"format": "pt"})
         self._weight_map.update({name: filename for name in self._buffer})
         self._total_bytes += self._buffer_bytes
         self._buffer, self._buffer_bytes = {}, 0
@@ -175,11 +180,13 @@ class WeightsWriter:
         if missing or unexpected:
             raise ConversionError(f"incomplete conversion: missing tensors {missing[:8]}, unexpected {unexpected[:8]}")
         self._flush()
-        _write_json(self.tmp_dir / _WEIGHTS_DIR / _INDEX,
+        _write_json(self.tmp_dir / WEIGHTS_DIR / _INDEX,
                     {"total_size": self._total_bytes, "weight_map": self._weight_map})
+        weights = self.tmp_dir / WEIGHTS_DIR  # hashed once here: runs identify it by sizes and mtimes
         _write_json(self.tmp_dir / WEIGHTS_DESCRIPTION, {
             "format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "model": dataclasses.asdict(self.model),
             "architecture": self.architecture, "source": self.source, "dtype": self.dtype_name,
+            "weights_identity": {"sha256": directory_sha256(weights), "files": file_identities(weights)},
         })
         if self.out_dir.exists():
             self.out_dir.rmdir()  # empty (checked at construction); rename needs the name free
@@ -203,23 +210,43 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class LazyWeights(Mapping[str, torch.Tensor]):
-    """A checkpoint's canonical tensors by name, each read from its shard when asked for."""
+    """A checkpoint's canonical tensors by name, each read from its shard when asked for; also a
+    :class:`clipo_nemo.models.sharding.TensorSource` (only a rank's rows/columns are read)."""
 
     def __init__(self, path):
-        self.weights_dir = Path(path) / _WEIGHTS_DIR
+        self.weights_dir = Path(path) / WEIGHTS_DIR
         index = self.weights_dir / _INDEX
         if not index.is_file():
-            raise ConversionError(f"{path}: no {_WEIGHTS_DIR}/{_INDEX}")
+            raise ConversionError(f"{path}: no {WEIGHTS_DIR}/{_INDEX}")
         self.weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
+        self._files: Dict[str, SafetensorsFile] = {}  # headers of the shard files read so far
         for filename in sorted(set(self.weight_map.values())):
             if not (self.weights_dir / filename).is_file():
-                raise ConversionError(f"{path}: shard {_WEIGHTS_DIR}/{filename} named in the index is missing")
+                raise ConversionError(f"{path}: shard {WEIGHTS_DIR}/{filename} named in the index is missing")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(name)
         with safe_open(str(self.weights_dir / self.weight_map[name]), framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self.weight_map:
+            raise KeyError(name)
+        filename = self.weight_map[name]
+        if filename not in self._files:
+            self._files[filename] = SafetensorsFile(self.weights_dir / filename)
+        return self._files[filename]
+
+    def shape_of(self, name: str) -> Tuple[int, ...]:
+        return self._file(name).shape_of(name)
+
+    def read_ranges(self, name: str, dim: int, ranges: Sequence[Tuple[int, int]]) -> torch.Tensor:
+        """Only the [start, stop) ranges of ``name`` along ``dim`` (:mod:`clipo_nemo.conversion.sliced_read`)."""
+        return self._file(name).read_ranges(name, dim, ranges)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the whole tensor
+        return name in self.weight_map
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)

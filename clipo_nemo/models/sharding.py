@@ -13,7 +13,7 @@ per half, as megatron does. Used by the layout-equivalence tests and tool and by
 from __future__ import annotations
 
 import re
-from typing import Dict
+from typing import Dict, List, Mapping, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,54 +56,95 @@ def _is_gated_fc1(name: str, model: torch.nn.Module) -> bool:
     return name.endswith("mlp.linear_fc1.weight") and unwrap(model).config.gated_linear_unit
 
 
-def _tp_split(full: torch.Tensor, param: torch.nn.Parameter, gated: bool, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's slice of ``full`` for ``param`` (a copy of ``full`` if not TP-split)."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    dim = param.partition_dim
+class TensorSource(Protocol):
+    """Full-state-dict tensors that can be read in row/column ranges
+    (:class:`clipo_nemo.conversion.weights.LazyWeights` reads only those ranges from its files)."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def shape_of(self, name: str) -> Tuple[int, ...]: ...
+
+    def read_ranges(self, name: str, dim: int, ranges: Sequence[Tuple[int, int]]) -> torch.Tensor: ...
+
+
+class InMemoryTensors:
+    """A full state dict held in memory, as a :class:`TensorSource`."""
+
+    def __init__(self, full: Mapping[str, torch.Tensor]):
+        self.full = full
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.full
+
+    def shape_of(self, name: str) -> Tuple[int, ...]:
+        return tuple(self.full[name].shape)
+
+    def read_ranges(self, name: str, dim: int, ranges: Sequence[Tuple[int, int]]) -> torch.Tensor:
+        tensor = self.full[name]
+        return torch.cat([tensor.narrow(dim, start, stop - start) for start, stop in ranges], dim=dim)
+
+
+def tp_ranges(length: int, gated: bool, tp_rank: int, tp_size: int) -> List[Tuple[int, int]]:
+    """This TP rank's [start, stop) ranges of a dimension of ``length`` split over ``tp_size`` ranks:
+    one block, or for SwiGLU's fused [gate; up] one block of each half (megatron's split)."""
     if gated:
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp_size, dim=dim)[tp_rank], up.chunk(tp_size, dim=dim)[tp_rank]], dim=dim)
-    return full.chunk(tp_size, dim=dim)[tp_rank]
+        half = length // 2
+        per = half // tp_size
+        return [(tp_rank * per, (tp_rank + 1) * per), (half + tp_rank * per, half + (tp_rank + 1) * per)]
+    per = length // tp_size
+    return [(tp_rank * per, (tp_rank + 1) * per)]
 
 
-def load_full_state_dict(model: torch.nn.Module, full: Dict[str, torch.Tensor], vocab_size: int) -> None:
+def _read_shard(full: TensorSource, source_name: str, param: torch.nn.Parameter, gated: bool, padded: bool,
+                vocab_size: int, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's part of ``full[source_name]`` for ``param``, reading only that part."""
+    split = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+    dim = param.partition_dim if split else 0
+    if padded:  # vocabulary rows padded with zeros to the model's padded vocabulary (split along dim 0)
+        rows = full.shape_of(source_name)[0]
+        if rows < vocab_size:
+            raise ValueError(f"{source_name!r} has {rows} rows, fewer than vocab_size={vocab_size}")
+        start = tp_rank * param.shape[0] if split else 0
+        stop = min(start + param.shape[0], vocab_size)
+        real = full.read_ranges(source_name, 0, [(start, stop)] if stop > start else [])
+        shard = real.new_zeros((param.shape[0], *real.shape[1:]))
+        shard[:real.shape[0]] = real
+        return shard
+    length = full.shape_of(source_name)[dim]
+    ranges = tp_ranges(length, gated, tp_rank, tp_size) if split else [(0, length)]
+    return full.read_ranges(source_name, dim, ranges)
+
+
+def load_full_state_dict(model: torch.nn.Module, full: Mapping[str, torch.Tensor] | TensorSource,
+                         vocab_size: int) -> None:
     """Copy this rank's TP/PP shard of ``full`` into ``model`` (a megatron GPTModel, maybe wrapped).
 
-    Raises KeyError naming any parameter the full state dict lacks, ValueError on a shape mismatch.
+    ``full``: a full state dict, or a :class:`TensorSource` (then only this rank's rows/columns of
+    each tensor are read). Raises KeyError naming any parameter the full state dict lacks,
+    ValueError on a shape mismatch.
     """
     from megatron.core import parallel_state
 
+    source = full if hasattr(full, "read_ranges") else InMemoryTensors(full)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     unwrapped = unwrap(model)
     for local_name, param in named_parameters(unwrapped).items():
         name = canonical_name(unwrapped, local_name)
         source_name = name
-        if name == "output_layer.weight" and name not in full and unwrapped.share_embeddings_and_output_weights:
+        if name == "output_layer.weight" and name not in source and unwrapped.share_embeddings_and_output_weights:
             source_name = "embedding.word_embeddings.weight"  # tied: last PP stage's copy
-        if source_name not in full:
+        if source_name not in source:
             raise KeyError(f"full state dict has no {source_name!r} (needed for parameter {local_name!r})")
-        source = full[source_name].detach().to(dtype=param.dtype, device="cpu")
-        if name in PADDED_VOCAB:
-            padded_rows = param.shape[0] * (tp_size if getattr(param, "tensor_model_parallel", False) else 1)
-            source = _pad_vocab(source, vocab_size, padded_rows, source_name)
-        shard = _tp_split(source, param, _is_gated_fc1(local_name, unwrapped), tp_rank, tp_size)
+        shard = _read_shard(source, source_name, param, _is_gated_fc1(local_name, unwrapped), name in PADDED_VOCAB,
+                            vocab_size, tp_rank, tp_size)
         if shard.shape != param.shape:
             raise ValueError(
                 f"{source_name!r}: shard shape {tuple(shard.shape)} does not match parameter "
                 f"{local_name!r} of shape {tuple(param.shape)} (TP rank {tp_rank}/{tp_size})"
             )
         with torch.no_grad():
-            param.copy_(shard)
-
-
-def _pad_vocab(weight: torch.Tensor, vocab_size: int, padded_rows: int, name: str) -> torch.Tensor:
-    if weight.shape[0] < vocab_size:
-        raise ValueError(f"{name!r} has {weight.shape[0]} rows, fewer than vocab_size={vocab_size}")
-    padded = weight.new_zeros((padded_rows, *weight.shape[1:]))
-    padded[:vocab_size] = weight[:vocab_size]
-    return padded
+            param.copy_(shard.to(dtype=param.dtype))
 
 
 def gather_tensor_parallel(param: torch.nn.Parameter, local_name: str, unwrapped: torch.nn.Module,

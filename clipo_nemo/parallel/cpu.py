@@ -28,6 +28,12 @@ What is patched, and why:
    around the recomputed forward: the CPU state (``torch.get_rng_state``, unpatched), the tracker's
    states (CPU ones, by 3.) and the CUDA generator's. Without CUDA there is no CUDA generator:
    its getter returns an empty state and its setter does nothing.
+7. ``FullyParallelLoadStrategyWrapper.load`` (megatron's fully parallel load, each data-parallel rank
+   reading a share of the replicated tensors) exchanges the shards through buffers made with
+   ``init_data("cuda")``, ``torch.empty_like(..., device="cuda")`` and ``Tensor.cuda()``
+   (``dist_checkpointing/exchange_utils.py``: ``_get_empty_tensor_for_exchange``,
+   ``exchange_loaded_tensors_broadcast``); while it runs, both 4.'s device rewrite and 5.'s
+   ``Tensor.cuda`` identity apply, so the exchange runs on CPU tensors over gloo.
 """
 from __future__ import annotations
 
@@ -123,6 +129,7 @@ def apply_cpu_patches() -> bool:
     if getattr(torch.cuda, _PATCH_MARK, False):
         return True
 
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
@@ -138,5 +145,7 @@ def apply_cpu_patches() -> bool:
     )
     for name in _SCHEDULE_NAMES:
         setattr(schedules, name, _with_cpu_device_mode(getattr(schedules, name)))
+    FullyParallelLoadStrategyWrapper.load = _with_tensor_cuda_as_identity(
+        _with_cpu_device_mode(FullyParallelLoadStrategyWrapper.load))
     setattr(torch.cuda, _PATCH_MARK, True)
     return True

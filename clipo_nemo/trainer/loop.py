@@ -34,9 +34,14 @@ from clipo_nemo.trainer.memory_release import training_state_released
 from clipo_nemo.trainer.step import ClipoHead, learn_from_experience
 
 
+STOP_WARNING_ENV = "CLIPO_STOP_WARNING_S"  # set by the SLURM scripts to their --signal=B:USR1@<s>
+
+
 class StopRequested:
     """Set by SIGTERM, SIGINT or SIGUSR1 (SLURM's ``--signal=USR1@<s>`` warning before the time limit):
-    the loop finishes the current step, saves and exits cleanly (status 0).
+    the loop saves the last completed step and exits cleanly (status 0). A request that arrives
+    during a step's rollouts abandons that step (its prompts are drawn again after the resume, nothing
+    is trained on them); one during the update lets the step finish; validation is skipped.
 
     A second SIGINT (Ctrl-C twice) stops at once. Repeated SIGTERM/SIGUSR1 are ignored: a scheduler may
     deliver one request to every process of a job step and the launcher forwards it too
@@ -135,6 +140,9 @@ class Trainer:
         self.weights_check = None  # the load guard's report (clipo_nemo.checkpoint.load_guard), set by run()
         self.old_checkpoints: List[Path] = []  # step_N directories found at resume: never saved over (set aside)
         self.kept_checkpoints: List[Path] = []  # never pruned: the old checkpoints when resume fell back
+        self.stop: Optional[StopRequested] = None  # set by run(): checked between a step's phases
+        self.last_save = (time.monotonic(), -1)  # (when, which step) the last checkpoint was saved (-1: none yet)
+        self.longest_stop_s = 0.0  # the longest a stop request has had to wait for a phase to end (measured)
 
     # ----------------------------------------------------------------------------------------------
     def _my_prompts(self, indices: List[int]):
@@ -158,6 +166,8 @@ class Trainer:
             clock = time.perf_counter()
             rollouts = generate(self.engine, [p.token_ids for p in prompts], self.train_params, seeds)
             info["rollout_s"] += time.perf_counter() - clock
+            if self.stop is not None and self.stop.any_rank():
+                return None, info  # a stop request during the rollouts: abandon the step
             clock = time.perf_counter()
             scores, reasons = self._verified(prompts, rollouts)
             info["verify_s"] += time.perf_counter() - clock
@@ -185,11 +195,17 @@ class Trainer:
             result = verify(self.pool, self.tokenizer, prompts, rollouts, self.cfg.rollout.n)
         return broadcast_object(result, dist.get_global_rank(group, 0), group)
 
-    def train_one_step(self) -> Dict[str, float]:
+    def train_one_step(self) -> Optional[Dict[str, float]]:
+        """One step's rollouts, verification and update; None when a stop request arrived during the
+        rollouts (nothing was trained; the sampler is back where the step started)."""
         cfg, n, step = self.cfg, self.cfg.rollout.n, self.step
         clock = time.perf_counter()
+        sampler_at_start = self.sampler.state_dict()
         with training_state_released(self.actor, cfg.actor.release_for_rollout):
             groups, info = self._collect(step)
+        if groups is None:
+            self.sampler.load_state_dict(sampler_at_start)
+            return None
         rollouts = Rollouts([list(g.prompt.token_ids) for g in groups for _ in range(n)],
                             [r for g in groups for r in g.responses], [f for g in groups for f in g.finish_reasons])
         scores = torch.cat([g.scores for g in groups])
@@ -299,12 +315,18 @@ class Trainer:
         data_lines, data_counts = self._data_report()
         for line in data_lines:
             logger.note(line)
-        stop = stop or StopRequested()
+        stop = self.stop = stop or StopRequested()
+        self.last_save = (time.monotonic(), state["step"] if state is not None else -1)
         status = "completed"
         logger.start()  # the progress bar, below the start-up lines
         try:
             while self.step < cfg.trainer.max_steps:
                 metrics = self.train_one_step()
+                if metrics is None:
+                    status = f"stopped by signal (step {self.step} abandoned during its rollouts)"
+                    break
+                self.longest_stop_s = max(self.longest_stop_s, metrics["time/rollout_s"],
+                                          metrics["step_time_s"] - metrics["time/rollout_s"])
                 if metrics.get("update_skipped", 0.0) > 0 or not all(
                         v == v and abs(v) != float("inf") for k, v in metrics.items() if "loss" in k):
                     self.nonfinite_in_a_row += 1
@@ -313,7 +335,10 @@ class Trainer:
                     self.nonfinite_in_a_row = 0
                 if self.val_set is not None and cfg.evaluation.every_steps and (
                         (self.step + 1) % cfg.evaluation.every_steps == 0 or self.step == 0):
-                    metrics.update(self.validate())
+                    if stop.any_rank():
+                        logger.note(f"validation of step {self.step} skipped: stop requested")
+                    else:
+                        metrics.update(self.validate())
                 metrics.update(data_counts)  # the first step this process logs carries the data counts
                 data_counts = {}
                 logger.log(self.step, metrics)
@@ -325,11 +350,10 @@ class Trainer:
                     status = "stopped by signal"
                     break
                 finish_saves()  # publish a background save that every rank has written
-                if cfg.trainer.save_every_steps and self.step % cfg.trainer.save_every_steps == 0 \
-                        and self.step < cfg.trainer.max_steps:
+                if self._save_due() and self.step < cfg.trainer.max_steps:
                     self._save(logger)
-            # A diverged policy is not saved over the last good one; a resume with no step left saves nothing.
-            if not status.startswith("stopped:") and not (state is not None and self.step == state["step"]):
+            # A diverged policy is not saved over the last good one; a step already saved is not saved again.
+            if not status.startswith("stopped:") and self.step != self.last_save[1]:
                 self._save(logger)
             wait_for_pending_save()  # a background save is complete and published before exit
         finally:
@@ -382,27 +406,28 @@ class Trainer:
         return f"optimizer copies of the weights equal the model's ({checked} tensors on this rank{reloaded})"
 
     def _resume_point(self):
-        """Rank 0 decides where to resume (:func:`clipo_nemo.checkpoint.recovery.find_resume_point`) and
-        tells the others. A run directory with checkpoints none of which loads, or with logged steps
-        and no checkpoint, is a CheckpointError on every rank (never a fresh start over its files)."""
-        from clipo_nemo.checkpoint import recovery
+        """Where to resume (:func:`clipo_nemo.checkpoint.shared_verify.resume_point_together`: every rank
+        verifies its share, all agree). A run directory with checkpoints none of which loads, or with
+        logged steps and no checkpoint, is a CheckpointError on every rank (never a fresh start over its files)."""
+        from clipo_nemo.checkpoint.shared_verify import resume_point_together
 
-        decision = None
-        if self.is_logger:
-            try:
-                point = recovery.find_resume_point(self.run_dir)
-                if point.checkpoint is None:
-                    recovery.check_fresh_start(self.run_dir)
-                decision = (point, None)
-            except recovery.CheckpointError as err:
-                decision = (None, str(err))
-        point, error = broadcast_object(decision, src=0)
-        if error is not None:
-            raise recovery.CheckpointError(error)
-        return point
+        return resume_point_together(self.run_dir)
+
+    def _save_due(self) -> bool:
+        """``trainer.save_every_steps`` reached, or ``trainer.save_every_minutes`` passed since the last
+        save (rank 0's clock decides, so every rank agrees)."""
+        trainer = self.cfg.trainer
+        if trainer.save_every_steps and self.step % trainer.save_every_steps == 0:
+            return True
+        if not trainer.save_every_minutes:
+            return False
+        late = time.monotonic() - self.last_save[0] >= 60 * trainer.save_every_minutes
+        return broadcast_object(late, src=0)
 
     def _save(self, logger) -> None:
         from clipo_nemo.checkpoint import recovery, save
+
+        start = time.monotonic()
 
         target = recovery.checkpoints_dir(self.run_dir) / f"step_{self.step}"
         if self.is_logger and target in self.old_checkpoints and target.is_dir():
@@ -413,6 +438,13 @@ class Trainer:
                              keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
                              reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
                              asynchronous=self.cfg.trainer.async_save)
+        save_s = time.monotonic() - start
+        self.last_save = (time.monotonic(), self.step)
+        warning_s = float(os.environ.get(STOP_WARNING_ENV, "0") or 0)
+        if warning_s and self.longest_stop_s + save_s > warning_s:
+            logger.note(f"{STOP_WARNING_ENV}={warning_s:g} s (the scheduler's warning before the time limit) is "
+                        f"shorter than a stop can take here: {self.longest_stop_s:.0f} s for the longest rollout or "
+                        f"update phase + {save_s:.0f} s for this save; raise --signal=B:USR1@<s> (README: Clusters)")
 
     def _plots(self, history) -> None:
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves
@@ -445,6 +477,7 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     """Validate ``cfg``, set up the process groups, train, tear down. The Hydra entry point calls this."""
     from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state, validate_layout
     from clipo_nemo.planner import check_memory_plan
+    from clipo_nemo.planner.host_memory import check_host_memory
 
     stop = StopRequested()  # first: a stop request while the model is built is kept for the first step
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -462,6 +495,7 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     say(describe_run(cfg, world_size, torch.cuda.get_device_name() if on_gpu else "CPU"))
     if plan is not None:
         say(memory_line(plan, world_size, on_gpu))
+    check_host_memory(cfg, world_size, on_gpu=on_gpu)  # trainer.node_ram_gib
     init_parallel_state(cfg.parallel)
     try:
         # Rank 0's choice wins: a ${now:} in the path may resolve differently per rank.
