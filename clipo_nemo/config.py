@@ -236,6 +236,28 @@ class TinyTaskConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (``trainer.loggers`` includes ``wandb``; ``pip install 'clipo-nemo[trackers]'``)."""
+
+    project: str = "clipo-nemo"  # W&B project
+    entity: str = ""  # team or user ("" = the logged-in user's default entity)
+    name: str = ""  # run display name ("" = the run directory's name)
+    group: str = ""  # run group ("" = none), e.g. the seeds of one ablation
+    tags: List[str] = field(default_factory=list)  # run tags
+    mode: str = "online"  # "online" | "offline" (files under <run dir>/wandb, `wandb sync` uploads them later)
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (``trainer.loggers`` includes ``mlflow``; ``pip install 'clipo-nemo[trackers]'``)."""
+
+    tracking_uri: str = ""  # server URL or file store ("" = $MLFLOW_TRACKING_URI, else ./mlruns, a local file store)
+    experiment: str = "clipo-nemo"  # experiment name (created when missing)
+    run_name: str = ""  # run name ("" = the run directory's name)
+    tags: Dict[str, str] = field(default_factory=dict)  # run tags
+
+
+@dataclass
 class TrainerConfig:
     """The training loop: length, batch, logging, checkpoints, robustness."""
 
@@ -256,6 +278,12 @@ class TrainerConfig:
     #   by the next save or the end of the run
     max_consecutive_nonfinite: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient
     plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers besides
+    #   metrics.jsonl (always written): any of "tensorboard", "wandb", "mlflow" (rank 0 logs; each gets the
+    #   resolved config once, every metrics.jsonl value under its name, the plots as images; a resumed run
+    #   continues the same W&B/MLflow run, ids kept in <run dir>/trackers.json)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # settings of the "wandb" logger
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # settings of the "mlflow" logger
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
     gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
     require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
@@ -468,6 +496,9 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
     if act.optimizer == "sgd" and act.use_distributed_optimizer:
         problems.append("actor.optimizer=sgd needs actor.use_distributed_optimizer=false: megatron's distributed "
                         "optimizer supports Adam only (GPU runs)")
+    choice("trainer.wandb.mode", trainer.wandb.mode, ("online", "offline"))
+    if len(set(trainer.loggers)) < len(trainer.loggers):
+        problems.append(f"trainer.loggers={list(trainer.loggers)} names a logger twice")
     if trainer.keep_last < 1:
         problems.append(f"trainer.keep_last={trainer.keep_last} must be >= 1")
     if cfg.model.params_dtype == "float16":

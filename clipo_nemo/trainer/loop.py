@@ -267,6 +267,7 @@ class Trainer:
         from clipo_nemo.checkpoint.reference import pointer_for_run
         from clipo_nemo.checkpoint.save import finish_saves, wait_for_pending_save
         from clipo_nemo.trainer.metrics import MetricsLogger
+        from clipo_nemo.trainer.trackers import build_trackers
 
         cfg = self.cfg
         point = self._resume_point()
@@ -282,7 +283,8 @@ class Trainer:
         weights_note = self._check_optimizer_copies()
         self.reference_pointer = None if self.actor.reference is None else pointer_for_run(
             point.checkpoint if state is not None else None, cfg.trainer.init_from)
-        logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger)
+        logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger,
+                               build_trackers(cfg, self.run_dir, self.step) if self.is_logger else ())
         for note in point.notes:
             logger.note(note)
         if state is not None:
@@ -327,9 +329,8 @@ class Trainer:
             wait_for_pending_save()  # a background save is complete and published before exit
         finally:
             self.pool.close()
-        summary = logger.close()
+        summary = logger.close(status, self._plots(logger.history) if self.is_logger else None)
         if self.is_logger:
-            self._plots(logger.history)
             counts = "\n".join(line for line in data_lines if line.startswith("data "))
             print(f"\n== clipo-nemo run {status} ==\nrun directory: {self.run_dir}\n{counts}\n{summary}", flush=True)
         return {"status": status, "step": self.step, "history": logger.history}
@@ -405,15 +406,20 @@ class Trainer:
                              reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
                              asynchronous=self.cfg.trainer.async_save)
 
-    def _plots(self, history) -> None:
+    def _plots(self, history) -> Dict[str, Path]:
+        """Write the run's plots; returns name -> PNG path."""
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves
 
+        written = {}
         if history:
-            plot_training_curves(history, self.run_dir / "training_curves.png")
+            written["training_curves"] = self.run_dir / "training_curves.png"
+            plot_training_curves(history, written["training_curves"])
         snapshots = sorted((self.run_dir / "embeddings").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         if len(snapshots) >= 1:
             chosen = {f"head embeddings, step {p.stem.split('_')[1]}": torch.load(p) for p in (snapshots[0], snapshots[-1])}
-            plot_embeddings(chosen, self.run_dir / "embeddings.png")
+            written["embeddings"] = self.run_dir / "embeddings.png"
+            plot_embeddings(chosen, written["embeddings"])
+        return written
 
 
 REASON_CODES = ("ok", "wrong", "empty", "no_box", "parse_error", "timeout", "error")
