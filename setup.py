@@ -4,12 +4,12 @@ from setuptools import find_packages, setup
 TRACKERS = ["wandb>=0.19", "mlflow-skinny>=2.16"]
 DATASETS = ["datasets>=3.0"]
 
+# Name, version, Python and the console commands are in pyproject.toml (PEP 621).
 setup(
-    name="clipo-nemo",
-    version="0.1.0",
-    description="GRPO-style RLVR with a contrastive (InfoNCE) reward, on megatron-core",
-    packages=find_packages(include=["clipo_nemo", "clipo_nemo.*"]),
-    python_requires=">=3.10",
+    # The YAML configs travel in the package as clipo_nemo/conf (clipo_nemo.commands.config_dir).
+    packages=find_packages(include=["clipo_nemo", "clipo_nemo.*"]) + ["clipo_nemo.conf"],
+    package_dir={"clipo_nemo.conf": "examples/conf"},
+    package_data={"clipo_nemo.conf": ["*.yaml"]},
     install_requires=[
         # CPU machines pin torch==2.13.0 before installing this package (see Makefile);
         # NGC containers bring their own CUDA build.

@@ -21,11 +21,8 @@ the exit status is non-zero above 1e-3 or on any greedy mismatch.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipo_nemo.conversion.convert import DTYPE_CHOICES, convert_hf
 from clipo_nemo.conversion.mapping import ConversionError

@@ -26,12 +26,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipo_nemo.trainer.evaluation import load_benchmarks, markdown_table, read_per_problem, read_responses, score, write_report
 from clipo_nemo.verifiers import VerifierPool

@@ -15,13 +15,10 @@ only when complete. Runs in one process on CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from clipo_nemo.conversion.hf_writer import export_to_hf, parse_size  # noqa: E402
-from clipo_nemo.conversion.mapping import SUPPORTED_ARCHITECTURES, ConversionError  # noqa: E402
+from clipo_nemo.conversion.hf_writer import export_to_hf, parse_size
+from clipo_nemo.conversion.mapping import SUPPORTED_ARCHITECTURES, ConversionError
 
 
 def main(argv=None) -> int:

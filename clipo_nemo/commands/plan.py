@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Per-GPU memory plan of a config, and recommended layouts for Qwen2.5-3B/7B/32B and Llama-3-70B.
 
     python tools/plan_layout.py --config-name=track2 [key=value ...] [--gpu-mem-gib 80] [--world-size N]
@@ -15,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clipo_nemo.config import load_config  # noqa: E402
-from clipo_nemo.planner import GIB, plan_memory, recommendations  # noqa: E402
+from clipo_nemo.commands import config_dir
+from clipo_nemo.config import load_config
+from clipo_nemo.planner import GIB, plan_memory, recommendations
 
 
 def _recommendation_table(cfg, budget_gib: float, flash_attention: bool) -> str:
@@ -52,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
 
-    cfg = load_config(ROOT / "examples" / "conf" / f"{args.config_name}.yaml", args.overrides)
+    cfg = load_config(config_dir() / f"{args.config_name}.yaml", args.overrides)
     par = cfg.parallel
     world = args.world_size or max(8, par.tensor_parallel_size * par.pipeline_parallel_size * par.context_parallel_size)
     budget = args.gpu_mem_gib or cfg.trainer.gpu_memory_gib or 80.0
