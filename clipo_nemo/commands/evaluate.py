@@ -29,7 +29,9 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import List, Optional
 
+from clipo_nemo.config import EvaluationConfig
 from clipo_nemo.trainer.evaluation import load_benchmarks, markdown_table, read_per_problem, read_responses, score, write_report
 from clipo_nemo.verifiers import VerifierPool
 
@@ -42,8 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="run directory (or one of its checkpoints/step_N, or a converted "
                         "checkpoint) to generate with")
     source.add_argument("--hf-model", help="Hugging Face model directory to generate with (converted on the fly)")
-    parser.add_argument("--data-dir", default="../shared/data/clipo/test", help="folder with <benchmark>.parquet")
-    parser.add_argument("--benchmarks", nargs="*", help="benchmarks to generate for (generation modes)")
+    parser.add_argument("--data-dir", default=None, help="folder with <benchmark>.parquet (default: a generated-task "
+                        "run's own <run>/data, else the run's evaluation.data_dir, else ../shared/data/clipo/test)")
+    parser.add_argument("--benchmarks", nargs="*", help="benchmarks to generate for (generation modes; default: a "
+                        "generated-task run's held-out splits, else the run's evaluation.benchmarks)")
     parser.add_argument("--k", type=int, default=1, help="samples per problem (track I: 1, track II: 16)")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
@@ -57,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-bad-lines", action="store_true", help="--responses: leave out lines that are not "
                         "UTF-8, not JSON or not a {benchmark, index, response} record (listed on stderr) instead of stopping")
     parser.add_argument("--out", required=True, help="output folder for the reports")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an unexpected error")
     return parser.parse_args(argv)
 
 
@@ -73,11 +78,15 @@ def main(argv=None) -> int:
             for line in skipped or ():
                 print(f"evaluate.py: skipped {line}", file=sys.stderr)
             names = list(dict.fromkeys(benchmark for benchmark, _ in responses))
-            benchmarks = load_benchmarks(args.data_dir, names)
+            benchmarks = load_benchmarks(args.data_dir or EvaluationConfig().data_dir, names)
             with VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
                 results = score(benchmarks, responses, pool)
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError) as exc:  # bad input: say what, without a traceback
         raise SystemExit(f"evaluate.py: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure: one line, the traceback on request
+        if args.traceback:
+            raise
+        raise SystemExit(f"evaluate.py: {type(exc).__name__}: {exc} (--traceback shows where)") from None
     if not results:
         raise SystemExit("evaluate.py: nothing to score (no problems or responses): no report written")
     summary = write_report(results, args.out)
@@ -117,6 +126,35 @@ def _run_config(path: Path):
     return load_config(run_dir / "config.yaml"), run_dir
 
 
+def choose_benchmarks(cfg, run_dir: Optional[Path], data_dir: Optional[str], benchmarks: Optional[List[str]]) -> None:
+    """Set ``cfg.evaluation``'s data_dir and benchmarks: the flags where given; else, for a run trained on
+    the generated task (``task.enabled``), that run's own held-out splits in ``<run>/data``; else the
+    run's (or the schema's) evaluation settings."""
+    from clipo_nemo.trainer.loop import task_splits
+
+    if run_dir is not None and cfg.task.enabled and not data_dir:
+        own_dir, splits = task_splits(cfg, run_dir)
+        cfg.evaluation.data_dir, cfg.evaluation.benchmarks = str(own_dir), splits[1:]
+    elif data_dir:
+        cfg.evaluation.data_dir = data_dir
+    if benchmarks:
+        cfg.evaluation.benchmarks = list(benchmarks)
+
+
+def readable_prompt_sets(prompt_sets, cfg):
+    """The benchmarks with at least one prompt the model can take; a left-out benchmark is a note on
+    stderr, and nothing left is an error naming the flags."""
+    kept = {name: prompts for name, prompts in prompt_sets.items() if prompts}
+    limit = f"data.max_prompt_length={cfg.data.max_prompt_length} tokens of this model's tokenizer"
+    for name in prompt_sets.keys() - kept.keys():
+        print(f"evaluate.py: benchmark {name!r} left out: none of its prompts fits {limit}", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"nothing to evaluate: no prompt of the benchmarks {list(prompt_sets)} in "
+                         f"{cfg.evaluation.data_dir} fits {limit}; name benchmarks this model can read with "
+                         "--benchmarks NAME ... (and --data-dir DIR, the folder with their <name>.parquet)")
+    return kept
+
+
 def _generate_and_score(args, path: Path):
     """Rebuild the policy at ``path`` in this process, load its weights, sample, verify."""
     from clipo_nemo.conversion.weights import load_weights_into_model
@@ -132,9 +170,7 @@ def _generate_and_score(args, path: Path):
     cfg, run_dir = _run_config(path)
     cfg.parallel.tensor_parallel_size = cfg.parallel.pipeline_parallel_size = cfg.parallel.context_parallel_size = 1
     cfg.parallel.sequence_parallel = False
-    cfg.evaluation.data_dir = args.data_dir
-    if args.benchmarks:
-        cfg.evaluation.benchmarks = list(args.benchmarks)
+    choose_benchmarks(cfg, run_dir, args.data_dir, args.benchmarks)
     cfg.rollout.engine = args.engine or cfg.rollout.engine
     max_new = args.max_new_tokens or cfg.evaluation.max_new_tokens
     if cfg.rollout.engine == "trtllm":  # its max_seq_len is data.max_prompt_length + rollout.max_new_tokens
@@ -153,7 +189,7 @@ def _generate_and_score(args, path: Path):
             model = actor.module
             print(f"evaluating {run_dir} at step {state['step']}", flush=True)
         tokenizer = load_tokenizer(cfg)
-        prompt_sets = load_prompt_sets(cfg.evaluation, cfg.data, tokenizer)
+        prompt_sets = readable_prompt_sets(load_prompt_sets(cfg.evaluation, cfg.data, tokenizer), cfg)
         engine = build_rollout_engine(cfg.rollout, model=model, tokenizer=tokenizer, cfg=cfg)
         prompts = [p for ps in prompt_sets.values() for p in ps]
         generate_fn = engine_generate_fn(engine, tokenizer, prompts, GenerationParams.from_config(cfg.rollout), max_new,

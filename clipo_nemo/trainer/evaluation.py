@@ -74,7 +74,8 @@ def load_benchmarks(data_dir: str | Path, names: Sequence[str], schema: RowSchem
         candidates = [Path(data_dir) / f"{name}{suffix}" for suffix in (".parquet", ".jsonl")]
         path = next((candidate for candidate in candidates if candidate.exists()), None)
         if path is None:
-            raise FileNotFoundError(f"benchmark {name!r}: neither {candidates[0]} nor {candidates[1]} exists")
+            raise FileNotFoundError(f"benchmark {name!r}: neither {candidates[0]} nor {candidates[1]} exists (tools/evaluate.py: "
+                                    "--data-dir names the folder, --benchmarks the file stems)")
         benchmarks[name] = load_problems([path], schema).problems
     return benchmarks
 

@@ -72,15 +72,20 @@ def load_tokenizer(cfg: ClipoConfig):
     return AutoTokenizer.from_pretrained(cfg.trainer.tokenizer)
 
 
+def task_splits(cfg: ClipoConfig, run_dir: Path) -> (Path, List[str]):
+    """Where a ``task.enabled`` run keeps its generated task (``<run dir>/data``) and the split names:
+    ``train``, ``heldout`` and, with ``task.perturbed``, ``heldout_perturbed`` (``<split>.parquet``)."""
+    return run_dir / "data", ["train", "heldout"] + (["heldout_perturbed"] if cfg.task.perturbed else [])
+
+
 def prepare_task_files(cfg: ClipoConfig, run_dir: Path) -> None:
     """With ``task.enabled``, generate the tiny task into the run directory, train on its train split
-    and validate on its held-out splits (``heldout``, and ``heldout_perturbed`` with ``task.perturbed``)."""
+    and validate on its held-out splits (:func:`task_splits`)."""
     if not cfg.task.enabled:
         return
     from clipo_nemo.data.tiny_task import write_tiny_arith_parquet
 
-    out = run_dir / "data"
-    splits = ["train", "heldout"] + (["heldout_perturbed"] if cfg.task.perturbed else [])
+    out, splits = task_splits(cfg, run_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_tiny_arith_parquet(out, max_operand=cfg.task.max_operand, operators=tuple(cfg.task.operators),
                                  val_fraction=cfg.task.val_fraction, seed=cfg.task.seed, perturbed=cfg.task.perturbed)
