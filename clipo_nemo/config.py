@@ -177,8 +177,10 @@ class ActorConfig:
 class DataConfig:
     """Prompt files and how their rows become model input."""
 
-    train_files: List[str] = field(default_factory=list)  # .parquet/.jsonl files (track I: train/gsm8k.parquet)
-    val_files: List[str] = field(default_factory=list)  # held-out files scored during training (empty = none)
+    train_files: List[str] = field(default_factory=list)  # .parquet/.jsonl files (track I: train/gsm8k.parquet), datasets
+    #   save_to_disk directories, or hub datasets hf:NAME[:CONFIG]:SPLIT read through the local datasets cache
+    #   (HF_HUB_OFFLINE=1: the cache only; needs clipo-nemo[datasets]; clipo_nemo.data.hf_datasets)
+    val_files: List[str] = field(default_factory=list)  # held-out sources scored during training, same forms (empty = none)
     prompt_key: str = "prompt"  # row field with the chat messages (or a plain string = one user message)
     answer_key: str = "reward_model.ground_truth"  # row field with the reference answer (dotted = nested)
     data_source_key: str = "data_source"  # row field naming the set; picks the verifier
@@ -206,10 +208,11 @@ class VerifierConfig:
 class EvaluationConfig:
     """Benchmark evaluation (tools/evaluate.py and the trainer's periodic validation)."""
 
-    data_dir: str = "../shared/data/clipo/test"  # folder with <benchmark>.parquet files
+    data_dir: str = "../shared/data/clipo/test"  # folder with <benchmark>.parquet (.jsonl, or a save_to_disk directory)
     benchmarks: List[str] = field(
         default_factory=lambda: ["gsm8k", "gsm_symbolic", "gsm_p1", "gsm_p2", "commonsense_qa", "truthfulqa", "theoremqa", "mmlu2k"]
-    )  # file stems to score (track II: math, math_perturb_simple, math_perturb_hard, amc, aime, aime2025)
+    )  # file stems to score (track II: math, math_perturb_simple, math_perturb_hard, amc, aime, aime2025), or hub
+    #   datasets hf:NAME[:CONFIG]:SPLIT
     k: int = 1  # samples per problem; Pass@1 is their mean correctness (track I: 1, track II: 16)
     temperature: float = 0.6  # sampling temperature for evaluation
     top_p: float = 0.95  # nucleus sampling for evaluation
