@@ -13,6 +13,9 @@ Modes:
       latest checkpoint unless a step directory is given) through the rollout engine (--engine megatron|trtllm) at
       temperature 0.6, top-p 0.95 (track I k=1, track II k=16), then score as above. A converted
       checkpoint (tools/convert_hf_to_megatron.py) works too: its description rebuilds the model.
+      Benchmarks: --benchmarks in --data-dir; by default, for a run trained on the generated task
+      (task.enabled), the run's own held-out splits in RUN_DIR/data, else the run's evaluation.*; each
+      a .parquet, .jsonl or datasets save_to_disk directory in the data dir, or hf:NAME[:CONFIG]:SPLIT.
   --hf-model DIR [--benchmarks ...] [--k K] --out OUT
       The same for a Hugging Face model directory (Qwen2/Qwen2.5, Llama 3): converted into a temporary
       checkpoint first (disk for one copy of the weights; convert once and use --checkpoint to reuse it).
@@ -88,7 +91,9 @@ def main(argv=None) -> int:
             raise
         raise SystemExit(f"evaluate.py: {type(exc).__name__}: {exc} (--traceback shows where)") from None
     if not results:
-        raise SystemExit("evaluate.py: nothing to score (no problems or responses): no report written")
+        given = f"--responses {args.responses}" if args.responses else f"--per-problem {args.per_problem}"
+        raise SystemExit(f"evaluate.py: nothing to score: {given} holds no responses, no report written (give a file "
+                         "with {benchmark, index, response} lines, or generate them with --checkpoint RUN --benchmarks NAME)")
     summary = write_report(results, args.out)
     print(markdown_table(summary))
     print(f"reports written to {args.out}/ (results.json, results.md, results.csv, per_problem.jsonl)")
