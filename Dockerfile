@@ -12,7 +12,7 @@ ARG BASE=nvcr.io/nvidia/pytorch:25.12-py3
 FROM ${BASE}
 
 WORKDIR /workspace/clipo-nemo
-COPY setup.py README.md ./
+COPY setup.py pyproject.toml README.md ./
 COPY clipo_nemo ./clipo_nemo
 COPY examples ./examples
 COPY tools ./tools
