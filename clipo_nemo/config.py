@@ -287,6 +287,8 @@ class TrainerConfig:
     #   continues the same W&B/MLflow run, ids kept in <run dir>/trackers.json)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # settings of the "wandb" logger
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # settings of the "mlflow" logger
+    log_level: str = "info"  # "info": our start-up lines, the progress bar and the summary, with the library
+    #   messages listed in clipo_nemo/console.py filtered out; "debug": those shown too (tools: --log-level)
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
     gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
     require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
@@ -369,6 +371,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
 
+
+# trainer.log_level's values (clipo_nemo.console applies them).
+LOG_LEVELS = ("info", "debug")
 
 # The model.* keys that fix a converted checkpoint's weights: a config may only repeat them.
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -478,6 +483,7 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
         problems.append(f"contrastive.eps={con.eps} must be >= 0")
     choice("contrastive.head.tp_mode", con.head.tp_mode, ("replicated", "column"))
     choice("actor.optimizer", act.optimizer, ("adamw", "sgd"))
+    choice("trainer.log_level", trainer.log_level, LOG_LEVELS)
     for key, value in (("contrastive.temperature", con.temperature), ("contrastive.head.dim", con.head.dim),
                        ("actor.lr", act.lr), ("actor.ppo_epochs", act.ppo_epochs),
                        ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from clipo_nemo.config import EvaluationConfig
+from clipo_nemo.console import add_log_level_argument, setup_console
 from clipo_nemo.trainer.evaluation import load_benchmarks, markdown_table, read_per_problem, read_responses, score, write_report
 from clipo_nemo.verifiers import VerifierPool
 
@@ -52,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--benchmarks", nargs="*", help="benchmarks to generate for (generation modes; default: a "
                         "generated-task run's held-out splits, else the run's evaluation.benchmarks)")
     parser.add_argument("--k", type=int, default=1, help="samples per problem (track I: 1, track II: 16)")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--temperature", type=float, default=EvaluationConfig.temperature)
+    parser.add_argument("--top-p", type=float, default=EvaluationConfig.top_p)
     parser.add_argument("--timeout-s", type=float, default=5.0, help="hard limit per verification")
     parser.add_argument("--workers", type=int, default=0, help="verifier processes (0 = one per CPU)")
     parser.add_argument("--engine", choices=("megatron", "trtllm"), default=None,
@@ -65,11 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "UTF-8, not JSON or not a {benchmark, index, response} record (listed on stderr) instead of stopping")
     parser.add_argument("--out", required=True, help="output folder for the reports")
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an unexpected error")
+    add_log_level_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_console(args.log_level)
     try:
         if args.checkpoint or args.hf_model:
             results = generate_and_score(args)

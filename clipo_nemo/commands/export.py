@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clipo_nemo.console import add_log_level_argument, setup_console
 from clipo_nemo.conversion.hf_writer import export_to_hf, parse_size
 from clipo_nemo.conversion.mapping import SUPPORTED_ARCHITECTURES, ConversionError
 
@@ -34,7 +35,9 @@ def main(argv=None) -> int:
                         help="HF architecture (default: recorded by the converted init_from checkpoint, else inferred)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the written weights (default: the run's model.params_dtype)")
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
+    setup_console(args.log_level)
     try:
         index = export_to_hf(args.checkpoint, args.out, parse_size(args.shard_size), args.architecture, args.dtype)
     except ConversionError as err:

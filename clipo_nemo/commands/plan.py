@@ -17,6 +17,7 @@ import sys
 
 from clipo_nemo.commands import config_dir
 from clipo_nemo.config import load_config
+from clipo_nemo.console import add_log_level_argument, setup_console
 from clipo_nemo.planner import GIB, plan_memory, recommendations
 
 
@@ -46,7 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--local-attention", action="store_true",
                         help="plan for megatron's local (unfused) attention: GPUs without Transformer Engine")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
+    setup_console(args.log_level)
 
     cfg = load_config(config_dir() / f"{args.config_name}.yaml", args.overrides)
     par = cfg.parallel
