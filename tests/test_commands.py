@@ -2,6 +2,7 @@
 wrap, and a wheel built from the tree carries them and the YAML configs."""
 import importlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -34,9 +35,14 @@ def test_every_console_command_is_the_function_its_script_runs():
         assert wrapper.main is _target(spec), command
 
 
-def test_plan_command_reads_the_packaged_configs(capsys):
-    assert _target(_scripts()["clipo-plan"])(["--config-name=tiny", "--no-recommendations"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("fits: yes")
+def test_plan_command_finds_the_configs_from_any_directory(tmp_path):
+    """clipo-plan's function, run as its console script would be (a fresh process, another directory)."""
+    module, function = _scripts()["clipo-plan"].split(":")
+    code = f"import sys; from {module} import {function}; sys.exit({function}(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "--config-name=tiny", "--no-recommendations"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1].startswith("fits: yes")
 
 
 def test_wheel_carries_the_commands_and_the_configs(tmp_path):
@@ -60,3 +66,18 @@ def test_wheel_carries_the_commands_and_the_configs(tmp_path):
     extras = {line.split(": ")[1] for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
               if line.startswith("Provides-Extra: ")}
     assert {"gpu", "trackers", "test"} <= extras
+
+
+def test_closing_commands_of_an_installed_package_are_the_console_commands(tmp_path, monkeypatch):
+    """An installed package has no tools/: the run's closing lines name clipo-evaluate and clipo-export."""
+    import shlex
+
+    from clipo_nemo.config import ClipoConfig
+    from clipo_nemo.trainer import run_report
+
+    monkeypatch.setattr(run_report, "ROOT", tmp_path / "site-packages")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_3").mkdir(parents=True)
+    commands = {line.split(":")[0]: shlex.split(line.split(":", 1)[1]) for line in run_report.next_steps(ClipoConfig(), run)}
+    assert commands["evaluate"][:3] == ["clipo-evaluate", "--checkpoint", str(run)]
+    assert commands["export"] == ["clipo-export", str(run), "--out", str(run / "hf")]
