@@ -16,7 +16,7 @@ ARG TRTLLM_BASE=nvcr.io/nvidia/tensorrt-llm/release:1.2.0rc6
 
 # ---- the sources both images install ---------------------------------------------------------------------
 FROM scratch AS source
-COPY setup.py README.md /src/
+COPY setup.py pyproject.toml README.md /src/
 COPY clipo_nemo /src/clipo_nemo
 COPY examples /src/examples
 COPY tools /src/tools

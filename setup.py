@@ -1,12 +1,15 @@
 """clipo-nemo: CLIPO (contrastive learning in policy optimisation) on megatron-core."""
 from setuptools import find_packages, setup
 
+TRACKERS = ["wandb>=0.19", "mlflow-skinny>=2.16"]
+DATASETS = ["datasets>=3.0"]
+
+# Name, version, Python and the console commands are in pyproject.toml (PEP 621).
 setup(
-    name="clipo-nemo",
-    version="0.1.0",
-    description="GRPO-style RLVR with a contrastive (InfoNCE) reward, on megatron-core",
-    packages=find_packages(include=["clipo_nemo", "clipo_nemo.*"]),
-    python_requires=">=3.10",
+    # The YAML configs travel in the package as clipo_nemo/conf (clipo_nemo.commands.config_dir).
+    packages=find_packages(include=["clipo_nemo", "clipo_nemo.*"]) + ["clipo_nemo.conf"],
+    package_dir={"clipo_nemo.conf": "examples/conf"},
+    package_data={"clipo_nemo.conf": ["*.yaml"]},
     install_requires=[
         # CPU machines pin torch==2.13.0 before installing this package (see Makefile);
         # NGC containers bring their own CUDA build.
@@ -28,7 +31,13 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        # trainer.loggers=[wandb, mlflow]: the W&B client and MLflow's client (mlflow-skinny; a server or
+        # a sqlite store needs the full mlflow package).
+        "trackers": TRACKERS,
+        # Hugging Face datasets as data (save_to_disk directories, hub names from the local cache).
+        "datasets": DATASETS,
+        # The tests log to W&B (offline) and MLflow (file store) and build small datasets.
+        "test": ["pytest", "pytest-timeout", "hypothesis", *TRACKERS, *DATASETS],
         # Provided by NGC NeMo / TensorRT-LLM containers; not installable on CPU machines.
         "gpu": ["tensorrt-llm", "transformer-engine"],
     },

@@ -196,8 +196,10 @@ class ActorConfig:
 class DataConfig:
     """Prompt files and how their rows become model input."""
 
-    train_files: List[str] = field(default_factory=list)  # .parquet/.jsonl files (track I: train/gsm8k.parquet)
-    val_files: List[str] = field(default_factory=list)  # held-out files scored during training (empty = none)
+    train_files: List[str] = field(default_factory=list)  # .parquet/.jsonl files (track I: train/gsm8k.parquet), datasets
+    #   save_to_disk directories, or hub datasets hf:NAME[:CONFIG]:SPLIT read through the local datasets cache
+    #   (HF_HUB_OFFLINE=1: the cache only; needs clipo-nemo[datasets]; clipo_nemo.data.hf_datasets)
+    val_files: List[str] = field(default_factory=list)  # held-out sources scored during training, same forms (empty = none)
     prompt_key: str = "prompt"  # row field with the chat messages (or a plain string = one user message)
     answer_key: str = "reward_model.ground_truth"  # row field with the reference answer (dotted = nested)
     data_source_key: str = "data_source"  # row field naming the set; picks the verifier
@@ -225,10 +227,11 @@ class VerifierConfig:
 class EvaluationConfig:
     """Benchmark evaluation (tools/evaluate.py and the trainer's periodic validation)."""
 
-    data_dir: str = "../shared/data/clipo/test"  # folder with <benchmark>.parquet files
+    data_dir: str = "../shared/data/clipo/test"  # folder with <benchmark>.parquet (.jsonl, or a save_to_disk directory)
     benchmarks: List[str] = field(
         default_factory=lambda: ["gsm8k", "gsm_symbolic", "gsm_p1", "gsm_p2", "commonsense_qa", "truthfulqa", "theoremqa", "mmlu2k"]
-    )  # file stems to score (track II: math, math_perturb_simple, math_perturb_hard, amc, aime, aime2025)
+    )  # file stems to score (track II: math, math_perturb_simple, math_perturb_hard, amc, aime, aime2025), or hub
+    #   datasets hf:NAME[:CONFIG]:SPLIT
     k: int = 1  # samples per problem; Pass@1 is their mean correctness (track I: 1, track II: 16)
     temperature: float = 0.6  # sampling temperature for evaluation
     top_p: float = 0.95  # nucleus sampling for evaluation
@@ -252,6 +255,28 @@ class TinyTaskConfig:
     val_fraction: float = 0.2  # share of the distinct problems held out for validation
     perturbed: bool = False  # also validate on the held-out problems reworded, with a distractor, with units
     seed: int = 0  # which problems go to which split
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (``trainer.loggers`` includes ``wandb``; ``pip install 'clipo-nemo[trackers]'``)."""
+
+    project: str = "clipo-nemo"  # W&B project
+    entity: str = ""  # team or user ("" = the logged-in user's default entity)
+    name: str = ""  # run display name ("" = the run directory's name)
+    group: str = ""  # run group ("" = none), e.g. the seeds of one ablation
+    tags: List[str] = field(default_factory=list)  # run tags
+    mode: str = "online"  # "online" | "offline" (files under <run dir>/wandb, `wandb sync` uploads them later)
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (``trainer.loggers`` includes ``mlflow``; ``pip install 'clipo-nemo[trackers]'``)."""
+
+    tracking_uri: str = ""  # server URL or file store ("" = $MLFLOW_TRACKING_URI, else ./mlruns, a local file store)
+    experiment: str = "clipo-nemo"  # experiment name (created when missing)
+    run_name: str = ""  # run name ("" = the run directory's name)
+    tags: Dict[str, str] = field(default_factory=dict)  # run tags
 
 
 @dataclass
@@ -281,6 +306,12 @@ class TrainerConfig:
     #   by the next save or the end of the run
     max_consecutive_nonfinite: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient
     plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers besides
+    #   metrics.jsonl (always written): any of "tensorboard", "wandb", "mlflow" (rank 0 logs; each gets the
+    #   resolved config once, every metrics.jsonl value under its name, the plots as images; a resumed run
+    #   continues the same W&B/MLflow run, ids kept in <run dir>/trackers.json)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # settings of the "wandb" logger
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # settings of the "mlflow" logger
     log_level: str = "info"  # "info": our start-up lines, the progress bar and the summary, with the library
     #   messages listed in clipo_nemo/console.py filtered out; "debug": those shown too (tools: --log-level)
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
@@ -505,6 +536,9 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
     if act.optimizer == "sgd" and act.use_distributed_optimizer:
         problems.append("actor.optimizer=sgd needs actor.use_distributed_optimizer=false: megatron's distributed "
                         "optimizer supports Adam only (GPU runs)")
+    choice("trainer.wandb.mode", trainer.wandb.mode, ("online", "offline"))
+    if len(set(trainer.loggers)) < len(trainer.loggers):
+        problems.append(f"trainer.loggers={list(trainer.loggers)} names a logger twice")
     if trainer.keep_last < 1:
         problems.append(f"trainer.keep_last={trainer.keep_last} must be >= 1")
     if cfg.model.params_dtype == "float16":

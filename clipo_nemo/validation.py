@@ -1,7 +1,8 @@
 """The whole configuration check, run before anything is built: the schema's own checks
 (:func:`clipo_nemo.config.schema_problems`) plus those that need what sits above the schema: the
 registries (policy losses, advantage estimators, contrastive losses, heads, rollout engines), the
-model tables (dtypes, recompute modes) and the file system (``trainer.init_from``).
+model tables (dtypes, recompute modes), the file system (``trainer.init_from``) and the installed
+packages (``trainer.loggers``).
 
 It lives above :mod:`clipo_nemo.config` so that the schema imports nothing of the package: every
 module may import the schema, and only the trainer's start-up (and tests) import this one.
@@ -20,6 +21,7 @@ from clipo_nemo.config import ClipoConfig, ConfigError, schema_problems
 from clipo_nemo.conversion.weights import is_weights_checkpoint
 from clipo_nemo.models.policy import RECOMPUTE_MODES, TORCH_DTYPES
 from clipo_nemo.rollout import ROLLOUT_ENGINES
+from clipo_nemo.trainer.trackers import tracker_problems
 
 
 def registry_problems(cfg: ClipoConfig) -> List[str]:
@@ -59,6 +61,7 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
         warnings.warn(f"algorithm.policy_loss={algo.policy_loss} aggregates its policy loss with {own_mode} (SPEC); "
                       f"algorithm.loss_agg_mode={algo.loss_agg_mode} applies to the KL and entropy terms only",
                       stacklevel=2)
-    problems = registry_problems(cfg) + schema_problems(cfg, world_size) + init_from_problems(cfg)
+    problems = (registry_problems(cfg) + schema_problems(cfg, world_size) + init_from_problems(cfg)
+                + tracker_problems(list(cfg.trainer.loggers)))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

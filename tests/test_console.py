@@ -1,6 +1,5 @@
 """What a run prints: library noise filtered by message (clipo_nemo.console), a short start-up, no
 warning with the default verbosity, and closing commands that work as printed (issue 25)."""
-import importlib.util
 import io
 import logging
 import os
@@ -15,6 +14,7 @@ import pytest
 
 from clipo_nemo.config import ClipoConfig
 from clipo_nemo.console import setup_console
+from clipo_nemo.commands.evaluate import parse_args as parse_evaluate_args
 from clipo_nemo.trainer.run_report import next_steps, python_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +86,6 @@ def test_a_log_level_that_does_not_exist_is_refused(console):
         setup_console("loud")
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_closing_commands_of_a_real_data_run_parse_as_the_tools_read_them(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = ClipoConfig()  # task disabled: the evaluation.* benchmarks
@@ -103,7 +96,7 @@ def test_closing_commands_of_a_real_data_run_parse_as_the_tools_read_them(tmp_pa
     commands = {line.split(":")[0]: shlex.split(line.split(":", 1)[1]) for line in next_steps(cfg, run)}
     evaluate = commands["evaluate"]
     assert evaluate[:2] == [python_command(), "tools/evaluate.py"]
-    args = _tool("evaluate").parse_args(evaluate[2:])
+    args = parse_evaluate_args(evaluate[2:])  # tools/evaluate.py runs clipo_nemo.commands.evaluate
     assert (args.checkpoint, args.data_dir, args.benchmarks) == (str(run), cfg.evaluation.data_dir, cfg.evaluation.benchmarks)
     assert (args.k, args.temperature, args.top_p, args.out) == (16, 1.0, cfg.evaluation.top_p, str(run / "eval"))
     assert commands["export"][1:] == ["tools/export_to_hf.py", str(run), "--out", str(run / "hf")]

@@ -257,6 +257,43 @@ def test_converted_checkpoint_holds_description_tokenizer_and_exact_weights(conv
                 assert torch.equal(back, hf_state[hf_name]), (name, hf_name)
 
 
+def test_converted_checkpoint_exports_back_bit_identical(converted, tmp_path):
+    """HF -> tools/convert_hf_to_megatron.py -> tools/export_to_hf.py gives the HF model back: every
+    tensor bit-identical, the same architecture fields and generation config, the same tokenizer."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from clipo_nemo.conversion.hf_writer import export_to_hf
+
+    for name, (hf_dir, ckpt) in converted.items():
+        out = tmp_path / name
+        if name == "qwen2":  # the tool once, in-process otherwise
+            proc = subprocess.run([sys.executable, "tools/export_to_hf.py", str(ckpt), "--out", str(out)],
+                                  cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            export_to_hf(ckpt, out)
+        original, exported = ({k: v for shard in d.glob("*.safetensors") for k, v in load_file(shard).items()}
+                              for d in (hf_dir, out))
+        assert sorted(exported) == sorted(original), name
+        for key, tensor in original.items():
+            assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), (name, key)
+        written, source = json_load(out / "config.json"), json_load(hf_dir / "config.json")
+        for key in ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",
+                    "max_position_embeddings", "bos_token_id", "eos_token_id"):
+            assert written.get(key) == source.get(key), (name, key)
+        assert json_load(out / "generation_config.json") == json_load(hf_dir / "generation_config.json")
+        assert not (out / "clipo_head.json").exists()  # a converted checkpoint has no head
+        text = "What is 3 + 4 ?"
+        assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+    assert json.loads((tmp_path / "qwen2" / "model.safetensors.index.json").read_text())["weight_map"]
+
+
 def json_load(path: Path) -> dict:
     import json
 

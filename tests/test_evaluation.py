@@ -238,3 +238,12 @@ def test_responses_for_a_row_that_does_not_exist_are_refused(tmp_path):
     responses.write_text(json.dumps({"benchmark": "aime", "index": 30, "response": "\\boxed{1}"}) + "\n")
     with pytest.raises(SystemExit, match="'aime' row 30, which is not a loaded problem"):
         evaluate_tool.main(["--responses", str(responses), "--data-dir", str(TEST_DATA), "--out", str(tmp_path / "o")])
+
+
+def test_nothing_to_score_says_so_and_names_the_flags(tmp_path):
+    empty = tmp_path / "per_problem.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match=rf"nothing to score: --per-problem {empty} holds no responses, no report "
+                                         r"written .*--checkpoint RUN --benchmarks NAME"):
+        evaluate_tool.main(["--per-problem", str(empty), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

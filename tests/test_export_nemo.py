@@ -323,6 +323,11 @@ def test_nemo2_directory_converts_to_the_hf_path_weights(built, tmp_path):
 
     out = convert_nemo(built["root"] / "nemo2", tmp_path / "from_nemo2", log=None)
     _assert_same_checkpoint(out, built["qwen2"]["ckpt"])
+    # NeMo -> HF through the two tools: the converted checkpoint exports to the original HF tensors.
+    proc = _export_tool(out, "--out", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original, exported = _hf_tensors(built["qwen2"]["hf"]), _hf_tensors(tmp_path / "hf")
+    assert sorted(exported) == sorted(original) and all(torch.equal(exported[k], t) for k, t in original.items())
     nemo_tokenizer = built["root"] / "nemo2" / "context" / "nemo_tokenizer"
     assert (tokenizer_dir(out) / "tokenizer.json").read_text() == (nemo_tokenizer / "tokenizer.json").read_text()
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -54,16 +55,29 @@ def test_tiny_run_writes_metrics_events_plots_and_summary(tmp_path):
     assert "clipo-nemo run completed" in proc.stdout and "reward_mean" in proc.stdout
     assert "val/heldout/pass@1" in proc.stdout and "val/heldout_perturbed/pass@1" in proc.stdout  # the summary
 
-    # The trained policy scored by tools/evaluate.py from its checkpoint, on the task's held-out split.
+    # The trained policy scored by tools/evaluate.py from its checkpoint: by default on the run's own
+    # held-out splits (the generated task in <run>/data), with no --data-dir or --benchmarks.
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--data-dir", str(run / "data"),
-                           "--benchmarks", "heldout", "--k", "2", "--workers", "1", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--k", "2", "--workers", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 3" in proc.stdout
     report = json.loads((out / "results.json").read_text())
-    # tiny.yaml's task: max and min of 0..9 (2 x 100 problems), 20% held out
+    # tiny.yaml's task: max and min of 0..9 (2 x 100 problems), 20% held out, also reworded (perturbed)
+    assert set(report["benchmarks"]) == {"heldout", "heldout_perturbed"}
     assert report["benchmarks"]["heldout"]["n"] == 40 and 0.0 <= report["benchmarks"]["heldout"]["pass@1"] <= 100.0
+    assert report["benchmarks"]["heldout_perturbed"]["n"] == 3 * 40  # three rewordings of each held-out problem
+
+    # A benchmark none of whose prompts fits data.max_prompt_length (as gsm8k for the tiny tokenizer): said
+    # so, naming the flag, with no traceback.
+    long = pd.read_parquet(run / "data" / "heldout.parquet")
+    long["prompt"] = [[{**m, "content": " ".join([m["content"]] * 20)} for m in chat] for chat in long["prompt"]]
+    long.to_parquet(tmp_path / "long.parquet")
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(run), "--workers", "1",
+                           "--data-dir", str(tmp_path), "--benchmarks", "long", "--out", str(tmp_path / "e2")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "nothing to evaluate" in proc.stderr and "--benchmarks NAME" in proc.stderr
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor_parallel_size=2"], ["trainer.prompts_per_step=8"]],

@@ -1,4 +1,5 @@
-"""Export a trainer checkpoint (any TP/PP layout) as a Hugging Face model directory, plus the head.
+"""Export a trainer checkpoint (any TP/PP layout) or a converted checkpoint as a Hugging Face model
+directory, plus the head.
 
 What :func:`export_to_hf` writes into ``out``::
 
@@ -16,7 +17,9 @@ What :func:`export_to_hf` writes into ``out``::
                                        ``proj.0.weight`` / ``proj.2.weight`` for the MLP head), TP-free
     clipo_head.json                    what the head is and how to load it (:func:`load_head_file`)
 
-Tensors stream from the checkpoint one layer at a time (:mod:`clipo_nemo.conversion.dist_reader`)
+A converted checkpoint (``tools/convert_hf_to_megatron.py``, also from NeMo) is described by its own
+``clipo_model.json``, HF configs and tokenizer, has no head, and gives back a converted HF model's
+tensors bit-identical (in the stored dtype). Tensors stream from the checkpoint one layer at a time (:mod:`clipo_nemo.conversion.dist_reader`)
 through the mapping's ``to_hf``; memory holds about one layer plus one output shard. Everything is
 written into a temporary sibling directory that is renamed to ``out`` when complete; problems with
 the input are reported before anything is written.
@@ -41,7 +44,8 @@ from clipo_nemo.conversion.dist_reader import (
     DistCheckpointReader, check_checkpoint_matches, iter_canonical_tensors, single_process_group)
 from clipo_nemo.conversion.mapping import (
     SUPPORTED_ARCHITECTURES, ConversionError, hf_config_from_model, infer_architecture, tensor_groups)
-from clipo_nemo.conversion.weights import TOKENIZER_FILES, has_tokenizer_files, is_weights_checkpoint, read_description
+from clipo_nemo.conversion.weights import (
+    TOKENIZER_FILES, LazyWeights, has_tokenizer_files, is_weights_checkpoint, read_description)
 from clipo_nemo.models.head import layer_names
 from clipo_nemo.models.policy import TORCH_DTYPES
 
@@ -111,15 +115,16 @@ class HFShardWriter:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class ExportSource:
-    """A trainer checkpoint and everything the HF directory is described from."""
+    """A trainer or converted checkpoint and everything the HF directory is described from."""
 
-    checkpoint: Path  # run_dir/checkpoints/step_N
-    cfg: ClipoConfig  # the run's config.yaml
-    meta: Dict[str, Any]  # the checkpoint's meta.json
+    checkpoint: Path  # run_dir/checkpoints/step_N, or the converted checkpoint
+    cfg: ClipoConfig  # the run's config.yaml (a converted checkpoint: its model description)
+    meta: Dict[str, Any]  # the checkpoint's meta.json ({} for a converted checkpoint)
     architecture: str
     hf_base: Optional[Dict[str, Any]]  # the original HF config.json (converted init_from), else None
     generation_config: Optional[Dict[str, Any]]
     tokenizer: str  # a tokenizer directory, or "tiny"
+    converted: bool = False  # a converted checkpoint (canonical safetensors), not a trainer checkpoint
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -141,12 +146,42 @@ def resolve_checkpoint(path: str | os.PathLike) -> Tuple[Path, Path]:
         if step is None:
             raise ConversionError(f"run {path} has no complete checkpoint (checkpoints/latest is missing)")
         return step, path
-    raise ConversionError(f"{path} is neither a trainer run directory (with checkpoints/) nor a checkpoint "
-                          "directory (with meta.json and dist/)")
+    raise ConversionError(f"{path} is neither a trainer run directory (with checkpoints/), a checkpoint "
+                          "directory (with meta.json and dist/), nor a converted checkpoint (clipo_model.json)")
+
+
+def _check_architecture(architecture: str) -> str:
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(f"architecture {architecture!r}: expected one of {sorted(SUPPORTED_ARCHITECTURES)}")
+    return architecture
+
+
+def _hf_files(converted: Path) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """(config.json, generation_config.json) of the HF model a converted checkpoint came from, each
+    None where it stores none."""
+    return tuple(_read_json(converted / name) if (converted / name).is_file() else None
+                 for name in ("hf_config.json", "generation_config.json"))
+
+
+def _converted_source(path: Path, architecture: Optional[str]) -> ExportSource:
+    """A converted checkpoint described by itself: its model description, HF configs and tokenizer."""
+    from clipo_nemo.conversion.weights import model_config_of, tokenizer_dir
+
+    description = read_description(path)
+    tokenizer = tokenizer_dir(path)
+    if tokenizer is None:
+        raise ConversionError(f"{path} stores no tokenizer/ (convert with --tokenizer): the HF directory could "
+                              "not carry one")
+    hf_base, generation = _hf_files(path)
+    return ExportSource(path, ClipoConfig(model=model_config_of(path)), {},
+                        _check_architecture(architecture or description["architecture"]), hf_base, generation,
+                        str(tokenizer), converted=True)
 
 
 def resolve_export_source(path: str | os.PathLike, architecture: Optional[str] = None) -> ExportSource:
     """Find the checkpoint, its run's config, architecture, HF configs and tokenizer; check them."""
+    if is_weights_checkpoint(path):
+        return _converted_source(Path(path), architecture)
     step, run_dir = resolve_checkpoint(path)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -158,16 +193,8 @@ def resolve_export_source(path: str | os.PathLike, architecture: Optional[str] =
     init_from = cfg.trainer.init_from
     converted = bool(init_from) and is_weights_checkpoint(init_from)
     description = read_description(init_from) if converted else {}
-    if architecture is None:
-        architecture = description.get("architecture") or infer_architecture(cfg.model)
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ConversionError(f"architecture {architecture!r}: expected one of {sorted(SUPPORTED_ARCHITECTURES)}")
-    hf_base = generation = None
-    if converted:
-        base_dir = Path(init_from)
-        hf_base = _read_json(base_dir / "hf_config.json") if (base_dir / "hf_config.json").is_file() else None
-        if (base_dir / "generation_config.json").is_file():
-            generation = _read_json(base_dir / "generation_config.json")
+    architecture = _check_architecture(architecture or description.get("architecture") or infer_architecture(cfg.model))
+    hf_base, generation = _hf_files(Path(init_from)) if converted else (None, None)
     return ExportSource(step, cfg, meta, architecture, hf_base, generation, _tokenizer_source(cfg, converted))
 
 
@@ -214,9 +241,9 @@ def _write_tokenizer(source: ExportSource, tokenizer, directory: Path) -> None:
             shutil.copy2(Path(source.tokenizer) / name, directory / name)
 
 
-def iter_hf_tensors(reader: DistCheckpointReader, model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of the whole model, converted group by group from the canonical stream."""
-    stream = iter_canonical_tensors(reader, model)
+def iter_hf_tensors(stream: Iterator[Tuple[str, torch.Tensor]], model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of the whole model, converted group by group from ``stream``, the canonical
+    (name, tensor) pairs in :func:`tensor_groups` order."""
     for group in tensor_groups(model):
         canonical = [next(stream) for _ in group.megatron_names]
         assert [name for name, _ in canonical] == list(group.megatron_names)
@@ -302,7 +329,8 @@ def _hf_config(source: ExportSource, dtype: str) -> Dict[str, Any]:
 
 def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_size_bytes: int = 5 * 10**9,
                  architecture: Optional[str] = None, dtype: Optional[str] = None) -> Dict[str, Any]:
-    """Write the HF directory ``out`` for a trainer checkpoint (see the module docstring).
+    """Write the HF directory ``out`` for a trainer run, one of its ``checkpoints/step_N`` or a converted
+    checkpoint (see the module docstring).
 
     ``dtype`` (default: the run's ``model.params_dtype``) is the dtype of the written weights.
     Runs in one process (it starts a 1-rank gloo group if none exists). Returns the shard index.
@@ -321,8 +349,13 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
     if tmp.exists():  # left by an export that was killed: ours to remove
         shutil.rmtree(tmp)
     with single_process_group():
-        reader = DistCheckpointReader(source.checkpoint / "dist", "policy.", model.vocab_size)
-        check_checkpoint_matches(reader, model)
+        if source.converted:
+            weights = LazyWeights(source.checkpoint)  # complete: clipo_model.json is written last
+            stream = ((name, weights[name]) for group in tensor_groups(model) for name in group.megatron_names)
+        else:
+            reader = DistCheckpointReader(source.checkpoint / "dist", "policy.", model.vocab_size)
+            check_checkpoint_matches(reader, model)
+            stream = iter_canonical_tensors(reader, model)
         head = _read_head(source)
         tokenizer = _load_tokenizer(source)
         if source.hf_base is None:
@@ -333,7 +366,7 @@ def export_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, shard_si
         try:
             _write_tokenizer(source, tokenizer, tmp)
             shards = HFShardWriter(tmp, shard_size_bytes)
-            for name, tensor in iter_hf_tensors(reader, model):
+            for name, tensor in iter_hf_tensors(stream, model):
                 shards.add(name, tensor.to(TORCH_DTYPES[dtype]))
             index = shards.close()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

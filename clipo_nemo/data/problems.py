@@ -1,4 +1,5 @@
-"""Loading the paper's problem files (Parquet, or the same fields as JSONL) into validated problems.
+"""Loading the paper's problem files (Parquet, or the same fields as JSONL, or a Hugging Face dataset:
+:mod:`clipo_nemo.data.hf_datasets`) into validated problems.
 
 A row has ``data_source`` (str), ``prompt`` (a list of ``{role, content}`` messages, or a plain
 string for one user message) and ``reward_model.ground_truth`` (str); the key names are configurable.
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from clipo_nemo.data.hf_datasets import hub_dataset_rows, is_hub_spec, saved_dataset_rows
 from clipo_nemo.verifiers import DEFAULT_MULTIPLE_CHOICE_SOURCES, offered_letters, reference_answer, verifier_for_source
 
 Message = Dict[str, str]
@@ -143,12 +145,17 @@ def _parquet_rows(path: Path) -> List[Any]:
 
 
 def read_rows(path: str | Path) -> List[Any]:
-    """All rows of a ``.parquet`` or ``.jsonl`` file as Python records, in file order. A row that
-    cannot be read (a JSONL line that is not UTF-8 or not JSON, a Parquet row with a text field
-    that is not UTF-8) becomes an :class:`UnreadableRow` whose reason names the line."""
+    """All rows of a ``.parquet`` or ``.jsonl`` file, a ``save_to_disk`` dataset directory or a hub
+    dataset ``hf:NAME[:CONFIG]:SPLIT`` as Python records, in order. A row that cannot be read (a JSONL
+    line that is not UTF-8 or not JSON, a Parquet row with a text field that is not UTF-8) becomes an
+    :class:`UnreadableRow` whose reason names the line."""
+    if is_hub_spec(path):
+        return hub_dataset_rows(str(path))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        return saved_dataset_rows(path)
     if path.suffix == ".parquet":
         return _parquet_rows(path)
     if path.suffix == ".jsonl":
@@ -162,7 +169,8 @@ def read_rows(path: str | Path) -> List[Any]:
                 except json.JSONDecodeError as exc:
                     rows.append(UnreadableRow(f"line {number}: invalid JSON ({exc})"))
         return rows
-    raise ValueError(f"unsupported data file type {path.suffix!r} for {path}; expected .parquet or .jsonl")
+    raise ValueError(f"unsupported data file type {path.suffix!r} for {path}; expected .parquet or .jsonl (or a "
+                     "datasets save_to_disk directory, or hf:NAME[:CONFIG]:SPLIT)")
 
 
 def load_problems(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from clipo_nemo.data import Problem, Prompt, RowSchema, build_prompts, load_problems
+from clipo_nemo.data.hf_datasets import is_hub_spec, is_saved_dataset
 from clipo_nemo.verifiers import VerifierPool, VerifyRequest
 
 # generate_fn(prompts, k, temperature, top_p) -> k responses for each prompt, in prompt order.
@@ -68,13 +69,18 @@ class ProblemResult:
 
 
 def load_benchmarks(data_dir: str | Path, names: Sequence[str], schema: RowSchema = RowSchema()) -> Dict[str, List[Problem]]:
-    """The problems of ``data_dir/<name>.parquet`` (or ``.jsonl``) for each benchmark name."""
+    """The problems of ``data_dir/<name>.parquet`` (or ``.jsonl``, or ``data_dir/<name>``, a ``save_to_disk``
+    dataset directory) for each benchmark name; a name ``hf:NAME[:CONFIG]:SPLIT`` is that hub dataset."""
     benchmarks = {}
     for name in names:
         candidates = [Path(data_dir) / f"{name}{suffix}" for suffix in (".parquet", ".jsonl")]
-        path = next((candidate for candidate in candidates if candidate.exists()), None)
+        path = name if is_hub_spec(name) else next(
+            (candidate for candidate in candidates + [Path(data_dir) / name]
+             if candidate.is_file() or is_saved_dataset(candidate)), None)
         if path is None:
-            raise FileNotFoundError(f"benchmark {name!r}: neither {candidates[0]} nor {candidates[1]} exists")
+            raise FileNotFoundError(f"benchmark {name!r}: neither {candidates[0]} nor {candidates[1]} nor a saved dataset "
+                                    f"{Path(data_dir) / name} exists (tools/evaluate.py: --data-dir names the folder, "
+                                    "--benchmarks the file stems)")
         benchmarks[name] = load_problems([path], schema).problems
     return benchmarks
 

@@ -80,15 +80,20 @@ def load_tokenizer(cfg: ClipoConfig):
     return AutoTokenizer.from_pretrained(cfg.trainer.tokenizer)
 
 
+def task_splits(cfg: ClipoConfig, run_dir: Path) -> (Path, List[str]):
+    """Where a ``task.enabled`` run keeps its generated task (``<run dir>/data``) and the split names:
+    ``train``, ``heldout`` and, with ``task.perturbed``, ``heldout_perturbed`` (``<split>.parquet``)."""
+    return run_dir / "data", ["train", "heldout"] + (["heldout_perturbed"] if cfg.task.perturbed else [])
+
+
 def prepare_task_files(cfg: ClipoConfig, run_dir: Path) -> None:
     """With ``task.enabled``, generate the tiny task into the run directory, train on its train split
-    and validate on its held-out splits (``heldout``, and ``heldout_perturbed`` with ``task.perturbed``)."""
+    and validate on its held-out splits (:func:`task_splits`)."""
     if not cfg.task.enabled:
         return
     from clipo_nemo.data.tiny_task import write_tiny_arith_parquet
 
-    out = run_dir / "data"
-    splits = ["train", "heldout"] + (["heldout_perturbed"] if cfg.task.perturbed else [])
+    out, splits = task_splits(cfg, run_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_tiny_arith_parquet(out, max_operand=cfg.task.max_operand, operators=tuple(cfg.task.operators),
                                  val_fraction=cfg.task.val_fraction, seed=cfg.task.seed, perturbed=cfg.task.perturbed)
@@ -288,6 +293,7 @@ class Trainer:
         from clipo_nemo.checkpoint.reference import pointer_for_run
         from clipo_nemo.checkpoint.save import finish_saves, wait_for_pending_save
         from clipo_nemo.trainer.metrics import MetricsLogger
+        from clipo_nemo.trainer.trackers import build_trackers
 
         cfg = self.cfg
         point = self._resume_point()
@@ -303,7 +309,8 @@ class Trainer:
         weights_note = self._check_optimizer_copies()
         self.reference_pointer = None if self.actor.reference is None else pointer_for_run(
             point.checkpoint if state is not None else None, cfg.trainer.init_from)
-        logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger)
+        logger = MetricsLogger(str(self.run_dir), cfg.trainer.max_steps, self.step, self.is_logger,
+                               build_trackers(cfg, self.run_dir, self.step) if self.is_logger else ())
         for note in point.notes:
             logger.note(note)
         if state is not None:
@@ -358,9 +365,8 @@ class Trainer:
             wait_for_pending_save()  # a background save is complete and published before exit
         finally:
             self.pool.close()
-        summary = logger.close()
+        summary = logger.close(status, self._plots(logger.history) if self.is_logger else None)
         if self.is_logger:
-            self._plots(logger.history)
             counts = "\n".join(line for line in data_lines if line.startswith("data "))
             after = "\n".join(next_steps(cfg, self.run_dir))
             print(f"\n== clipo-nemo run {status} ==\nrun directory: {self.run_dir}\n{counts}\n{summary}\n{after}",
@@ -446,15 +452,20 @@ class Trainer:
                         f"shorter than a stop can take here: {self.longest_stop_s:.0f} s for the longest rollout or "
                         f"update phase + {save_s:.0f} s for this save; raise --signal=B:USR1@<s> (README: Clusters)")
 
-    def _plots(self, history) -> None:
+    def _plots(self, history) -> Dict[str, Path]:
+        """Write the run's plots; returns name -> PNG path."""
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves
 
+        written = {}
         if history:
-            plot_training_curves(history, self.run_dir / "training_curves.png")
+            written["training_curves"] = self.run_dir / "training_curves.png"
+            plot_training_curves(history, written["training_curves"])
         snapshots = sorted((self.run_dir / "embeddings").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         if len(snapshots) >= 1:
             chosen = {f"head embeddings, step {p.stem.split('_')[1]}": torch.load(p) for p in (snapshots[0], snapshots[-1])}
-            plot_embeddings(chosen, self.run_dir / "embeddings.png")
+            written["embeddings"] = self.run_dir / "embeddings.png"
+            plot_embeddings(chosen, written["embeddings"])
+        return written
 
 
 REASON_CODES = ("ok", "wrong", "empty", "no_box", "parse_error", "timeout", "error")

@@ -1,31 +1,31 @@
-"""Where a run's numbers go: ``metrics.jsonl``, TensorBoard event files, a progress bar, a summary.
+"""Where a run's numbers go: ``metrics.jsonl``, the experiment trackers of ``trainer.loggers``
+(:mod:`clipo_nemo.trainer.trackers`), a progress bar, a summary.
 
 Only global rank 0 writes; the other ranks get a logger that does nothing.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 # The columns of the progress bar and of the final summary.
 HEADLINE = ("reward_mean", "contrastive_loss", "pos_pair_cos", "step_time_s")
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to ``run_dir/metrics.jsonl`` and mirrors it to TensorBoard."""
+    """Appends one JSON object per step to ``run_dir/metrics.jsonl`` and hands it to each tracker
+    (objects with ``log_metrics(step, metrics)``, ``log_images(step, {name: png})``, ``close(status)``)."""
 
-    def __init__(self, run_dir: str, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, enabled: bool, trackers: Sequence = ()):
         self.enabled = enabled
+        self.trackers = list(trackers)
         self.history: List[Dict[str, float]] = []
         self.path = Path(run_dir) / "metrics.jsonl"
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         notes = [repair_torn_last_line(self.path)]
         logged = read_metrics(self.path)
         # A resumed run drops rows past its checkpoint: those steps are about to be redone.
@@ -37,7 +37,6 @@ class MetricsLogger:
         tmp = self.path.with_name(f".tmp-{self.path.name}")  # replaced at once: a crash here keeps the old rows
         tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         os.replace(tmp, self.path)
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step)
         self.bar = None  # opened by start(), after the start-up lines
         self.redirect = ExitStack()  # console logging through the bar while it is open
         self.bar_range = (start_step, total_steps)
@@ -62,10 +61,9 @@ class MetricsLogger:
         self.history.append(row)
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step" and math.isfinite(value):
-                self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+        values = {key: value for key, value in row.items() if key != "step"}
+        for tracker in self.trackers:
+            tracker.log_metrics(step, values)
         self.start()
         self.bar.set_postfix({k.replace("_mean", ""): f"{row[k]:.3f}" for k in HEADLINE if k in row})
         self.bar.update(1)
@@ -78,14 +76,19 @@ class MetricsLogger:
             else:
                 self.bar.write(text)
 
-    def close(self) -> Optional[str]:
-        """Close files; return the summary text (rank 0) or None."""
+    def close(self, status: str = "completed", images: Optional[Dict[str, Path]] = None) -> Optional[str]:
+        """Send ``images`` (name -> PNG) to the trackers, close them with the run's ``status`` and the
+        files; return the summary text (rank 0) or None."""
         if not self.enabled:
             return None
         if self.bar is not None:
             self.bar.close()
             self.redirect.close()
-        self.writer.close()
+        last_step = self.history[-1]["step"] if self.history else 0
+        for tracker in self.trackers:
+            if images:
+                tracker.log_images(last_step, images)
+            tracker.close(status)
         return summarize(self.history)
 
 

@@ -67,6 +67,13 @@ def _command(*words) -> str:
     return " ".join(shlex.quote(str(word)) for word in words)
 
 
+def tool_command(script: str, console_command: str) -> List[str]:
+    """How to run a tool: ``python tools/<script>`` in a source checkout, else (an installed package,
+    which has no tools/) its console command (pyproject.toml's ``[project.scripts]``)."""
+    path = ROOT / "tools" / script
+    return [python_command(), _from_here(path)] if path.is_file() else [console_command]
+
+
 def next_steps(cfg: ClipoConfig, run_dir: Path) -> List[str]:
     """What a finished run tells its user: where the plots and metrics are, and (when it saved a
     checkpoint) the commands that evaluate it (``tools/evaluate.py`` on the run's held-out data with
@@ -86,10 +93,9 @@ def next_steps(cfg: ClipoConfig, run_dir: Path) -> List[str]:
         data_dir, benchmarks = ev.data_dir, ev.benchmarks
     sampling = [] if (ev.temperature, ev.top_p) == (defaults.temperature, defaults.top_p) else [
         "--temperature", ev.temperature, "--top-p", ev.top_p]
-    python = python_command()
-    lines.append("evaluate: " + _command(python, _from_here(ROOT / "tools" / "evaluate.py"), "--checkpoint", run_dir,
+    lines.append("evaluate: " + _command(*tool_command("evaluate.py", "clipo-evaluate"), "--checkpoint", run_dir,
                                          "--data-dir", data_dir, "--benchmarks", *benchmarks, "--k", ev.k, *sampling,
                                          "--out", run_dir / "eval"))
-    lines.append("export:   " + _command(python, _from_here(ROOT / "tools" / "export_to_hf.py"), run_dir,
+    lines.append("export:   " + _command(*tool_command("export_to_hf.py", "clipo-export"), run_dir,
                                          "--out", run_dir / "hf"))
     return lines
