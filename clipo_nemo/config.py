@@ -46,6 +46,10 @@ class ContrastiveConfig:
     reward_floor: float = -0.5  # rc is clamped from below at this value
     warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58)
     seed: int = 1234  # seeds the generator that draws each InfoNCE anchor's positive
+    # Placebo arm (ablations): the contrastive rewards are permuted at random among the rewarded (correct,
+    # valid-anchor) responses of each group before they enter the advantages: the same reward noise and
+    # distribution, no link to the embeddings. A benefit of CLIPO counts only if it beats this arm too.
+    placebo: bool = False
     head: HeadConfig = field(default_factory=HeadConfig)
 
 
