@@ -46,6 +46,11 @@ class ContrastiveConfig:
     reward_floor: float = -0.5  # rc is clamped from below at this value
     warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58)
     seed: int = 1234  # seeds the generator that draws each InfoNCE anchor's positive
+    # The pooled hidden state h_i the head sees (SPEC step 3): the final-norm states H summed over a window of
+    # the response and divided by its length L. "mean": every response position 0..L-1 (the paper's Eq. 9,
+    # SPEC's formula). "authors": positions 0..L-2, as the authors' patched rollout engine sums one state per
+    # decode step and never computes the last token's (usually EOS's); a 1-token response keeps its only state.
+    pooling: str = "mean"
     # Placebo arm (ablations): the contrastive rewards are permuted at random among the rewarded (correct,
     # valid-anchor) responses of each group before they enter the advantages: the same reward noise and
     # distribution, no link to the embeddings. A benefit of CLIPO counts only if it beats this arm too.

@@ -129,7 +129,8 @@ class Actor:
             return compute_policy_outputs(model, batch, micro_batch_size=self.cfg.parallel.micro_batch_size,
                                           temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
                                           max_tokens_per_micro_batch=self.cfg.parallel.max_tokens_per_micro_batch,
-                                          logprob_chunk_size=self.cfg.actor.logprob_chunk_size)
+                                          logprob_chunk_size=self.cfg.actor.logprob_chunk_size,
+                                          pooling=self.cfg.contrastive.pooling)
 
     def old_outputs(self, batch: PolicyBatch) -> Optional[PolicyOutputs]:
         """One forward pass: old log-probs, entropy and pooled hidden states (last PP stage; else None)."""
