@@ -38,6 +38,10 @@ class ContrastiveConfig:
     temperature: float = 0.05  # tau; logits are s / tau (paper's best on track II: 0.02)
     level: str = "group"  # "group" | "cross" | "batch": where positives and candidates come from
     eps: float = 1e-8  # log(sum exp + eps) on max-shifted logits, as the authors' code; 0 = exact log-sum-exp
+    # What each anchor's logits are shifted by before those eps-logs: "candidates" = the maximum over the anchor
+    # and its candidates; "batch" = the maximum of its whole global-batch row, other groups included (the
+    # authors' code; O(B^2 D)). They differ only for similarity=neg_cosine, whose row maximum is not the self-similarity.
+    row_shift: str = "candidates"
     anchors: str = "correct"  # "correct" | "incorrect" | "all" (reference masked_label 0/1/-1); positives
     # share the anchor's correctness; only correct responses receive the contrastive reward
     skip_trivial: bool = True  # false: anchors without a negative count too (without a positive: loss 0)
