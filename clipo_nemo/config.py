@@ -48,7 +48,9 @@ class ContrastiveConfig:
     reward_scale: float = 0.2  # lambda in rc = c - lambda * L
     reward_offset: float = 0.0  # c, the reward of responses that are not valid anchors
     reward_floor: float = -0.5  # rc is clamped from below at this value
-    warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58)
+    warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58: one epoch, as SPEC says).
+    #   Steps count from 0 here: 14 skips 14 policy updates. The authors' critic_warmup=14 counts from 1 and
+    #   skips 13 (set 13 / 57 to match their code exactly)
     seed: int = 1234  # seeds the generator that draws each InfoNCE anchor's positive
     # The pooled hidden state h_i the head sees (SPEC step 3): the final-norm states H summed over a window of
     # the response and divided by its length L. "mean": every response position 0..L-1 (the paper's Eq. 9,
@@ -224,7 +226,8 @@ class EvaluationConfig:
         default_factory=lambda: ["gsm8k", "gsm_symbolic", "gsm_p1", "gsm_p2", "commonsense_qa", "truthfulqa", "theoremqa", "mmlu2k"]
     )  # file stems to score (track II: math, math_perturb_simple, math_perturb_hard, amc, aime, aime2025)
     k: int = 1  # samples per problem; Pass@1 is their mean correctness (track I: 1, track II: 16)
-    temperature: float = 0.6  # sampling temperature for evaluation
+    temperature: float = 0.6  # sampling temperature for evaluation; 0 = greedy (the samples of a problem are then
+    #   identical: use k=1). The paper states 0.6; the authors' track I script validates greedily
     top_p: float = 0.95  # nucleus sampling for evaluation
     max_new_tokens: int = 2048  # response length cap for evaluation (track II: 4096)
     every_steps: int = 0  # run during training every this many steps (0 = never)
