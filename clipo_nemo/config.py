@@ -244,11 +244,20 @@ class TinyTaskConfig:
     the held-out files are the validation benchmarks (``val/heldout/pass@1``, ``val/heldout_perturbed/pass@1``)."""
 
     enabled: bool = False  # true: train on the generated task instead of data.train_files/val_files
-    max_operand: int = 4  # operands 0..max_operand; answers 0..2*max_operand with "+", else 0..max_operand
-    operators: List[str] = field(default_factory=lambda: ["+", "-"])  # subset of "+", "-", "max", "min"
+    max_operand: int = 4  # operands 0..max_operand; answers 0..3*max_operand with "chain", 0..2*max_operand with "+",
+    #   else 0..max_operand
+    operators: List[str] = field(default_factory=lambda: ["+", "-"])  # subset of "+", "-", "max", "min", "chain"
     val_fraction: float = 0.2  # share of the distinct problems held out for validation
     perturbed: bool = False  # also validate on the held-out problems reworded, with a distractor, with units
     seed: int = 0  # which problems go to which split
+    # Supervised warm start before RL (operators [chain] only; the tiny_chain config): this many teacher-forced
+    # steps of trainer.prompts_per_step x rollout.n demonstrations on training prompts, drawn with data.seed;
+    # then the reference policy becomes the warm-started one. 0 = none. Not repeated on resume.
+    warm_start_steps: int = 0
+    # Shares of the demonstrations that are (correct derivations "s \boxed{t}", direct answers "\boxed{t}",
+    # derivations with a wrong intermediate s and the right answer t): the last two are right answers by a wrong process
+    warm_start_mix: List[float] = field(default_factory=lambda: [0.5, 0.35, 0.15])
+    warm_start_recall: float = 0.3  # a direct demonstration holds the right answer with this probability, else a guess
 
 
 @dataclass
@@ -516,6 +525,17 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
         problems.append(f"parallel.context_parallel_size={cfg.parallel.context_parallel_size} cannot be served by "
                         "rollout.engine=megatron: its KV-cached decoding feeds whole sequences to each rank "
                         "(megatron's static inference context has no context-parallel split); use CP=1")
+    task = cfg.task
+    if task.warm_start_steps < 0:
+        problems.append(f"task.warm_start_steps={task.warm_start_steps} must be >= 0")
+    if task.warm_start_steps > 0 and list(task.operators) != ["chain"]:
+        problems.append(f"task.warm_start_steps={task.warm_start_steps} needs task.operators=[chain] (its "
+                        f"demonstrations are chain derivations), got {list(task.operators)}")
+    if len(task.warm_start_mix) != 3 or any(not w >= 0 for w in task.warm_start_mix) or not sum(task.warm_start_mix) > 0:
+        problems.append(f"task.warm_start_mix={list(task.warm_start_mix)} must be three shares >= 0 (derivation, "
+                        "direct, inconsistent) with a positive sum")
+    if not 0 <= task.warm_start_recall <= 1:
+        problems.append(f"task.warm_start_recall={task.warm_start_recall} must lie in [0, 1]")
     if not cfg.task.enabled and not cfg.data.train_files:
         problems.append("data.train_files is empty and task.enabled=false: there is nothing to train on")
     if trainer.require_init_from and not trainer.init_from:
