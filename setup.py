@@ -28,7 +28,8 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        # scipy: the ablation's statistics (benchmarks/ablation.py) and their tests.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "scipy"],
         # Provided by NGC NeMo / TensorRT-LLM containers; not installable on CPU machines.
         "gpu": ["tensorrt-llm", "transformer-engine"],
     },
