@@ -258,6 +258,7 @@ class TinyTaskConfig:
     # derivations with a wrong intermediate s and the right answer t): the last two are right answers by a wrong process
     warm_start_mix: List[float] = field(default_factory=lambda: [0.5, 0.35, 0.15])
     warm_start_recall: float = 0.3  # a direct demonstration holds the right answer with this probability, else a guess
+    warm_start_lr: float = 2e-3  # the policy optimizer's learning rate during the warm start (actor.lr after it)
 
 
 @dataclass
@@ -534,6 +535,8 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
     if len(task.warm_start_mix) != 3 or any(not w >= 0 for w in task.warm_start_mix) or not sum(task.warm_start_mix) > 0:
         problems.append(f"task.warm_start_mix={list(task.warm_start_mix)} must be three shares >= 0 (derivation, "
                         "direct, inconsistent) with a positive sum")
+    if not task.warm_start_lr > 0:
+        problems.append(f"task.warm_start_lr={task.warm_start_lr} must be > 0")
     if not 0 <= task.warm_start_recall <= 1:
         problems.append(f"task.warm_start_recall={task.warm_start_recall} must lie in [0, 1]")
     if not cfg.task.enabled and not cfg.data.train_files:

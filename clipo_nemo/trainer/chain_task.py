@@ -33,6 +33,14 @@ from clipo_nemo.trainer.actor import Actor
 from clipo_nemo.trainer.experience import Rollouts, build_experience
 
 
+def _dp_group():
+    """The data-parallel group (None without a process group: the sums are then this process's)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group() if dist.is_initialized() else None
+
+
 def question_of(prompt: Prompt) -> str:
     """The text of a prompt's (last) user message."""
     return prompt.problem.messages[-1]["content"]
@@ -41,13 +49,17 @@ def question_of(prompt: Prompt) -> str:
 def warm_start(actor: Actor, prompts: Sequence[Prompt], tokenizer, cfg: ClipoConfig, dp_rank: int,
                dp_size: int) -> str:
     """Run ``task.warm_start_steps`` supervised steps of ``trainer.prompts_per_step x rollout.n``
-    demonstrations each (the RL batch's size), then sync the reference. Returns a line for the log."""
+    demonstrations each (the RL batch's size) with the policy optimizer at ``task.warm_start_lr`` (its
+    moments carry over into RL), then sync the reference. Returns a line for the log."""
     task = cfg.task
     rng = random.Random(cfg.data.seed * 1_000_003 + 17)
     answers = tiny_answer_range(task.max_operand, tuple(task.operators))
     batch_size = cfg.trainer.prompts_per_step * cfg.rollout.n
     per_rank = batch_size // dp_size
     losses = []
+    rl_lrs = [group["lr"] for group in actor.optimizer.param_groups]
+    for group in actor.optimizer.param_groups:  # the warm start's own step size; RL's is restored after it
+        group["lr"] = task.warm_start_lr
     for _ in range(task.warm_start_steps):
         chosen = [rng.choice(prompts) for _ in range(batch_size)]
         demos = [chain_demonstration(question_of(p), rng, task.warm_start_mix, task.warm_start_recall, answers)
@@ -59,8 +71,10 @@ def warm_start(actor: Actor, prompts: Sequence[Prompt], tokenizer, cfg: ClipoCon
         exp, _ = build_experience(rollouts, torch.zeros(per_rank), 0, 0, 1, tokenizer.pad_token_id,
                                   tokenizer.eos_token_id)
         losses.append(actor.supervised_step(PolicyBatch(exp.tokens, exp.response_mask))["sft_loss"])
+    for group, lr in zip(actor.optimizer.param_groups, rl_lrs):
+        group["lr"] = lr
     actor.sync_reference()
-    return (f"supervised warm start: {task.warm_start_steps} steps of {batch_size} demonstrations "
+    return (f"supervised warm start: {task.warm_start_steps} steps of {batch_size} demonstrations at lr {task.warm_start_lr} "
             f"(mix derivation/direct/inconsistent {list(task.warm_start_mix)}, recall {task.warm_start_recall}); "
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
@@ -70,8 +84,6 @@ def chain_metrics(questions: Sequence[str], texts: Sequence[str], correct: torch
     """The mechanism metrics of this step (see module doc) from this rank's responses: ``questions``
     and decoded ``texts`` per response, ``correct`` [b] and ``contrastive_rewards`` [b]. Collective
     (sums over the data-parallel group). A mean over no response is left out."""
-    from megatron.core import parallel_state
-
     forms = [chain_response_form(q, t) for q, t in zip(questions, texts)]
     correct = [bool(c) for c in correct.tolist()]
     rewards = contrastive_rewards.tolist()
@@ -80,7 +92,7 @@ def chain_metrics(questions: Sequence[str], texts: Sequence[str], correct: torch
     sums = [float(len(forms))] + [float(forms.count(form)) for form in CHAIN_FORMS] + [
         float(sum(shortcut)), float(sum(derivation)), sum(r for r, d in zip(rewards, derivation) if d),
         sum(r for r, s in zip(rewards, shortcut) if s)]
-    total, *counts, n_shortcut, n_derivation, rc_derivation, rc_shortcut = all_reduce_values(sums, parallel_state.get_data_parallel_group())
+    total, *counts, n_shortcut, n_derivation, rc_derivation, rc_shortcut = all_reduce_values(sums, _dp_group())
     metrics = {f"chain/{form}_frac": count / max(total, 1.0) for form, count in zip(CHAIN_FORMS, counts)}
     metrics["chain/correct_inconsistent_frac"] = n_shortcut / max(total, 1.0)
     if n_derivation:
@@ -108,8 +120,6 @@ def chain_validation_metrics(benchmarks: Sequence[str], prompt_sets: Dict[str, L
     percent, as Pass@1 elsewhere). ``benchmarks``: every benchmark's name (the same on every rank);
     ``prompt_sets``: this rank's prompts by benchmark; ``record``: samples by prompt text; ``results``: this rank's ProblemResults.
     A Pass@1 within a path that no sample took is left out. Collective."""
-    from megatron.core import parallel_state
-
     verdicts = {(r.benchmark, r.index): r.correct for r in results}
     paths = ("derivation", "direct", "inconsistent")
     sums = []
@@ -121,7 +131,7 @@ def chain_validation_metrics(benchmarks: Sequence[str], prompt_sets: Dict[str, L
                 counts[form][0] += 1
                 counts[form][1] += float(correct)
         sums += [value for form in counts for value in counts[form]]
-    sums = all_reduce_values(sums, parallel_state.get_data_parallel_group())
+    sums = all_reduce_values(sums, _dp_group())
     metrics, per_benchmark = {}, 2 * (len(paths) + 1)
     for i, name in enumerate(benchmarks):
         values = sums[i * per_benchmark:(i + 1) * per_benchmark]
