@@ -151,6 +151,8 @@ def rows_final(rows: List[Dict[str, float]], key: str, last_vals: int, how: Opti
     derivations and correct answers by another path."""
     how = how or {**FINAL_METRICS, **CHAIN_METRICS}[key][1]
     if key == "chain/rc_gap":
+        if not any("contrastive_loss" in row for row in rows):
+            return float("nan")  # no head (GRPO): no contrastive reward to compare
         gaps = [row["chain/rc_correct_derivation"] - row["chain/rc_correct_shortcut"] for row in rows
                 if row.get("policy_updated") == 0.0 and "chain/rc_correct_derivation" in row
                 and "chain/rc_correct_shortcut" in row]
@@ -247,6 +249,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--last-vals", type=int, default=2, help="validations averaged into a run's final Pass@1")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablation")
     parser.add_argument("--from-runs", action="store_true", help="no training: report the runs already in --out")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="train only the (variant, seed) runs that --out does not hold yet, e.g. a dose sweep "
+                             "added to an earlier ablation with the same config and seeds")
     args = parser.parse_args(argv)
     if args.seeds < 2 or args.jobs < 1 or args.last_vals < 1 or not {"grpo", "clipo"} <= set(args.variants):
         parser.error("need --seeds >= 2, --jobs >= 1, --last-vals >= 1 and at least the variants grpo and clipo")
@@ -262,10 +267,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         finished, wall_s = {job: read_run(*job, args.out) for job in jobs}, float("nan")
     else:
         print(f"{len(jobs)} runs ({', '.join(args.variants)} x {args.seeds} seeds), {args.jobs} at a time", flush=True)
+        done = {job for job in jobs if args.reuse_runs
+                and (args.out / "runs" / f"{job[0]}_seed{job[1]}" / "metrics.jsonl").is_file()}
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = {job: pool.submit(train_one, args.config_name, *job, args.out, args.steps, args.last_vals)
-                       for job in jobs}
+                       for job in jobs if job not in done}
             finished = {job: future.result() for job, future in futures.items()}
+        finished.update({job: read_run(*job, args.out) for job in done})
         wall_s = time.perf_counter() - clock
     results = {variant: [finished[(variant, seed)] for seed in range(args.seeds)] for variant in args.variants}
 
