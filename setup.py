@@ -36,8 +36,9 @@ setup(
         "trackers": TRACKERS,
         # Hugging Face datasets as data (save_to_disk directories, hub names from the local cache).
         "datasets": DATASETS,
-        # The tests log to W&B (offline) and MLflow (file store) and build small datasets.
-        "test": ["pytest", "pytest-timeout", "hypothesis", *TRACKERS, *DATASETS],
+        # The tests log to W&B (offline) and MLflow (file store) and build small datasets; scipy: the
+        # ablation's statistics (benchmarks/ablation.py) and their tests.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "scipy", *TRACKERS, *DATASETS],
         # Provided by NGC NeMo / TensorRT-LLM containers; not installable on CPU machines.
         "gpu": ["tensorrt-llm", "transformer-engine"],
     },

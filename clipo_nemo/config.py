@@ -38,14 +38,29 @@ class ContrastiveConfig:
     temperature: float = 0.05  # tau; logits are s / tau (paper's best on track II: 0.02)
     level: str = "group"  # "group" | "cross" | "batch": where positives and candidates come from
     eps: float = 1e-8  # log(sum exp + eps) on max-shifted logits, as the authors' code; 0 = exact log-sum-exp
+    # What each anchor's logits are shifted by before those eps-logs: "candidates" = the maximum over the anchor
+    # and its candidates; "batch" = the maximum of its whole global-batch row, other groups included (the
+    # authors' code; O(B^2 D)). They differ only for similarity=neg_cosine, whose row maximum is not the self-similarity.
+    row_shift: str = "candidates"
     anchors: str = "correct"  # "correct" | "incorrect" | "all" (reference masked_label 0/1/-1); positives
     # share the anchor's correctness; only correct responses receive the contrastive reward
     skip_trivial: bool = True  # false: anchors without a negative count too (without a positive: loss 0)
     reward_scale: float = 0.2  # lambda in rc = c - lambda * L
     reward_offset: float = 0.0  # c, the reward of responses that are not valid anchors
     reward_floor: float = -0.5  # rc is clamped from below at this value
-    warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58)
+    warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58: one epoch, as SPEC says).
+    #   Steps count from 0 here: 14 skips 14 policy updates. The authors' critic_warmup=14 counts from 1 and
+    #   skips 13 (set 13 / 57 to match their code exactly)
     seed: int = 1234  # seeds the generator that draws each InfoNCE anchor's positive
+    # The pooled hidden state h_i the head sees (SPEC step 3): the final-norm states H summed over a window of
+    # the response and divided by its length L. "mean": every response position 0..L-1 (the paper's Eq. 9,
+    # SPEC's formula). "authors": positions 0..L-2, as the authors' patched rollout engine sums one state per
+    # decode step and never computes the last token's (usually EOS's); a 1-token response keeps its only state.
+    pooling: str = "mean"
+    # Placebo arm (ablations): the contrastive rewards are permuted at random among the rewarded (correct,
+    # valid-anchor) responses of each group before they enter the advantages: the same reward noise and
+    # distribution, no link to the embeddings. A benefit of CLIPO counts only if it beats this arm too.
+    placebo: bool = False
     head: HeadConfig = field(default_factory=HeadConfig)
 
 
@@ -233,7 +248,8 @@ class EvaluationConfig:
     )  # file stems to score (track II: math, math_perturb_simple, math_perturb_hard, amc, aime, aime2025), or hub
     #   datasets hf:NAME[:CONFIG]:SPLIT
     k: int = 1  # samples per problem; Pass@1 is their mean correctness (track I: 1, track II: 16)
-    temperature: float = 0.6  # sampling temperature for evaluation
+    temperature: float = 0.6  # sampling temperature for evaluation; 0 = greedy (the samples of a problem are then
+    #   identical: use k=1). The paper states 0.6; the authors' track I script validates greedily
     top_p: float = 0.95  # nucleus sampling for evaluation
     max_new_tokens: int = 2048  # response length cap for evaluation (track II: 4096)
     every_steps: int = 0  # run during training every this many steps (0 = never)
@@ -250,11 +266,21 @@ class TinyTaskConfig:
     the held-out files are the validation benchmarks (``val/heldout/pass@1``, ``val/heldout_perturbed/pass@1``)."""
 
     enabled: bool = False  # true: train on the generated task instead of data.train_files/val_files
-    max_operand: int = 4  # operands 0..max_operand; answers 0..2*max_operand with "+", else 0..max_operand
-    operators: List[str] = field(default_factory=lambda: ["+", "-"])  # subset of "+", "-", "max", "min"
+    max_operand: int = 4  # operands 0..max_operand; answers 0..3*max_operand with "chain", 0..2*max_operand with "+",
+    #   else 0..max_operand
+    operators: List[str] = field(default_factory=lambda: ["+", "-"])  # subset of "+", "-", "max", "min", "chain"
     val_fraction: float = 0.2  # share of the distinct problems held out for validation
     perturbed: bool = False  # also validate on the held-out problems reworded, with a distractor, with units
     seed: int = 0  # which problems go to which split
+    # Supervised warm start before RL (operators [chain] only; the tiny_chain config): this many teacher-forced
+    # steps of trainer.prompts_per_step x rollout.n demonstrations on training prompts, drawn with data.seed;
+    # then the reference policy becomes the warm-started one. 0 = none. Not repeated on resume.
+    warm_start_steps: int = 0
+    # Shares of the demonstrations that are (correct derivations "s \boxed{t}", direct answers "\boxed{t}",
+    # derivations with a wrong intermediate s and the right answer t): the last two are right answers by a wrong process
+    warm_start_mix: List[float] = field(default_factory=lambda: [0.5, 0.35, 0.15])
+    warm_start_recall: float = 0.3  # a direct demonstration holds the right answer with this probability, else a guess
+    warm_start_lr: float = 2e-3  # the policy optimizer's learning rate during the warm start (actor.lr after it)
 
 
 @dataclass
@@ -591,6 +617,19 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
         problems.append(f"parallel.context_parallel_size={cfg.parallel.context_parallel_size} cannot be served by "
                         "rollout.engine=megatron: its KV-cached decoding feeds whole sequences to each rank "
                         "(megatron's static inference context has no context-parallel split); use CP=1")
+    task = cfg.task
+    if task.warm_start_steps < 0:
+        problems.append(f"task.warm_start_steps={task.warm_start_steps} must be >= 0")
+    if task.warm_start_steps > 0 and list(task.operators) != ["chain"]:
+        problems.append(f"task.warm_start_steps={task.warm_start_steps} needs task.operators=[chain] (its "
+                        f"demonstrations are chain derivations), got {list(task.operators)}")
+    if len(task.warm_start_mix) != 3 or any(not w >= 0 for w in task.warm_start_mix) or not sum(task.warm_start_mix) > 0:
+        problems.append(f"task.warm_start_mix={list(task.warm_start_mix)} must be three shares >= 0 (derivation, "
+                        "direct, inconsistent) with a positive sum")
+    if not task.warm_start_lr > 0:
+        problems.append(f"task.warm_start_lr={task.warm_start_lr} must be > 0")
+    if not 0 <= task.warm_start_recall <= 1:
+        problems.append(f"task.warm_start_recall={task.warm_start_recall} must lie in [0, 1]")
     if not cfg.task.enabled and not cfg.data.train_files:
         problems.append("data.train_files is empty and task.enabled=false: there is nothing to train on")
     if trainer.require_init_from and not trainer.init_from:

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import List
 
 from clipo_nemo.algorithms.advantages import ADVANTAGE_ESTIMATORS
-from clipo_nemo.algorithms.contrastive import ANCHORS, CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES
+from clipo_nemo.algorithms.contrastive import ANCHORS, CONTRASTIVE_LOSSES, LEVELS, ROW_SHIFTS, SIMILARITIES
 from clipo_nemo.algorithms.head import HEAD_TYPES
 from clipo_nemo.algorithms.policy_losses import AGG_MODES, OWN_AGG_MODES, POLICY_LOSSES
 from clipo_nemo.config import ClipoConfig, ConfigError, schema_problems
 from clipo_nemo.conversion.weights import is_weights_checkpoint
+from clipo_nemo.models.forward import POOLING_MODES
 from clipo_nemo.models.policy import RECOMPUTE_MODES, TORCH_DTYPES
 from clipo_nemo.rollout import ROLLOUT_ENGINES
 from clipo_nemo.trainer.trackers import tracker_problems
@@ -33,6 +34,8 @@ def registry_problems(cfg: ClipoConfig) -> List[str]:
                ("contrastive.level", cfg.contrastive.level, LEVELS),
                ("contrastive.similarity", cfg.contrastive.similarity, SIMILARITIES),
                ("contrastive.anchors", cfg.contrastive.anchors, ANCHORS),
+               ("contrastive.pooling", cfg.contrastive.pooling, POOLING_MODES),
+               ("contrastive.row_shift", cfg.contrastive.row_shift, ROW_SHIFTS),
                ("contrastive.head.type", cfg.contrastive.head.type, HEAD_TYPES),
                ("rollout.engine", cfg.rollout.engine, ROLLOUT_ENGINES),
                ("model.params_dtype", cfg.model.params_dtype, TORCH_DTYPES),

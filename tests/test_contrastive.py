@@ -13,11 +13,12 @@ AUTHORS_EPS = 1e-8
 
 
 def reference_losses(z, correct, groups, loss_type, similarity, tau, level, uniform, eps=AUTHORS_EPS,
-                     anchors="correct", skip_trivial=True):
+                     anchors="correct", skip_trivial=True, row_shift="candidates"):
     """Per-anchor losses by the definition, one anchor at a time over the whole batch (B x B).
 
     The authors' numerics: each anchor's logits are shifted by the maximum over the anchor itself and
-    its candidates, and every log of a sum of exponentials is log(sum + eps) (eps = 0: exact).
+    its candidates (``row_shift="batch"``: over its whole batch row, as their code does), and every
+    log of a sum of exponentials is log(sum + eps) (eps = 0: exact).
     """
     z = torch.nn.functional.normalize(z.double(), dim=-1)
     B = len(z)
@@ -38,7 +39,7 @@ def reference_losses(z, correct, groups, loss_type, similarity, tau, level, unif
         valid[i] = True
         if not pos:
             continue  # a kept trivial anchor without positives: loss 0
-        shift = max(sim(j) / tau for j in [i] + cands)
+        shift = max(sim(j) / tau for j in ([i] + cands if row_shift == "candidates" else range(B)))
 
         def logit(j):
             return sim(j) / tau - shift
@@ -129,6 +130,31 @@ def test_matches_dense_reference_where_eps_dominates(level, loss_type, similarit
     out, _ = _check_against_reference(z, correct, groups, 0.02, level, loss_type, similarity, dtype, eps, atol)
     if eps and similarity != "neg_cosine" and loss_type in ("infonce", "supcon_out"):
         assert float(out.loss) > 15  # the eps-dominated regime, not the exact log-sum-exp's moderate loss
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSSES)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_authors_batch_row_shift_matches_dense_reference(level, loss_type, similarity):
+    """row_shift=batch (the authors' code: each anchor's whole batch row) against the per-anchor
+    reference; with neg_cosine and the eps-dominated regime it really differs from the default."""
+    z, correct, groups = random_batch(12, [8, 8, 6], dim=64)
+    # Group 0 clusters around v, group 1 around -v: under neg_cosine the largest logit of a group-0 row
+    # (about 1/tau) lies in group 1, far above any of its own candidates' (about -1/tau).
+    v = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    z[:8] = v + 0.3 * z[:8]
+    z[8:16] = -v + 0.3 * z[8:16]
+    correct[[0, 1, 8, 9]] = True
+    correct[[2, 10]] = False
+    out, _ = _check_against_reference(z, correct, groups, 0.02, level, loss_type, similarity, torch.float64,
+                                      AUTHORS_EPS, 1e-9, row_shift="batch")
+    default = contrastive_loss(z.double(), correct, groups, loss_type=loss_type, similarity=similarity,
+                               temperature=0.02, level=level, generator=torch.Generator().manual_seed(5))
+    gap = float((out.per_anchor_loss - default.per_anchor_loss).abs().max())
+    if similarity == "neg_cosine" and level == "group":
+        assert gap > 1.0  # other groups' rows hold larger logits: the eps term moves
+    elif similarity != "neg_cosine":
+        assert gap < 1e-9  # cosine and l2: the row maximum is the self-similarity either way
 
 
 @pytest.mark.parametrize("skip_trivial", [True, False])

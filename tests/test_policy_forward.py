@@ -76,12 +76,14 @@ def _run_layout(rank: int, world_size: int, model_cfg: ModelConfig, tp: int, pp:
         batch = PolicyBatch(*_batch())
         kwargs = dict(micro_batch_size=MICRO_BATCH, temperature=TEMPERATURE, vocab_size=model_cfg.vocab_size)
         outputs = compute_policy_outputs(model, batch, **kwargs)
+        authors = compute_policy_outputs(model, batch, pooling="authors", **kwargs)
         forward_backward_policy(model, batch, loss_func=_loss_weights, **kwargs)
         with torch.no_grad():  # gather the gradients with the weight-gathering collective
             for param in model.parameters():
                 param.copy_(param.grad)
         grads = gather_full_state_dict(model, model_cfg.vocab_size)
-        return {"state": full_state, "outputs": outputs, "grads": grads}
+        return {"state": full_state, "outputs": outputs, "grads": grads,
+                "authors_pooled": None if authors is None else authors.pooled_hidden}
     finally:
         destroy_parallel_state()
 
@@ -172,6 +174,14 @@ def test_single_process_matches_dense_oracle(reference):
     assert torch.allclose(out.entropy, entropy, atol=TOL, rtol=0)
     assert torch.allclose(out.pooled_hidden, pooled, atol=TOL, rtol=0)
     assert out.logprobs.abs().sum() > 1.0 and out.entropy.min() >= 0  # not trivially zero
+    # contrastive.pooling=authors: the states at response positions 0..L-2 summed, divided by L.
+    tokens, mask = _batch()
+    final, _ = _oracle(MODEL, reference["state"], tokens)
+    lengths = mask.sum(1, keepdim=True)
+    last = mask.cumsum(1) == lengths
+    authors = (final * (mask & ~last)[..., None]).sum(1) / lengths
+    assert torch.allclose(reference["authors_pooled"], authors, atol=TOL, rtol=0)
+    assert (reference["authors_pooled"] - pooled).abs().max() > 10 * TOL  # the two windows differ
     grads = _oracle_grads(reference["state"])
     assert _max_diff(reference["grads"], grads) < TOL
 
@@ -183,6 +193,7 @@ def test_layouts_match_single_process(reference, tp, pp):
     assert len(last_stage) == tp  # the TP ranks of the last PP stage
     for result in last_stage:
         _assert_outputs_close(result["outputs"], reference["outputs"])
+        assert (result["authors_pooled"] - reference["authors_pooled"]).abs().max() < TOL
     for result in results:
         assert _max_diff(result["state"], reference["state"]) == 0.0
         assert _max_diff(result["grads"], reference["grads"]) < TOL
@@ -233,3 +244,13 @@ def test_layout_validation_batch_and_gpu_only_features():
     # a good layout returns the data-parallel size
     assert validate_layout(8, MODEL, ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2),
                            batch_size=16, group_size=8) == 2
+
+
+def test_authors_pooling_window_drops_the_last_response_position_but_never_all():
+    from clipo_nemo.models.forward import pooling_window
+
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    assert pooling_window(mask, "mean").tolist() == mask.tolist()
+    assert pooling_window(mask, "authors").int().tolist() == [[0, 1, 1, 0, 0], [0, 0, 1, 0, 0], [0, 1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="pooling='last'"):
+        pooling_window(mask, "last")

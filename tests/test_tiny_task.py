@@ -217,9 +217,9 @@ def _ablation():
 
 def test_ablation_intervals_and_paired_differences():
     ablation = _ablation()
-    # [1..5]: mean 3, sd sqrt(2.5), t_{0.975,4} = 2.776 -> half-width 2.776 * 1.5811 / sqrt(5) = 1.9630
+    # [1..5]: mean 3, sd sqrt(2.5), t_{0.975,4} = 2.7764 -> half-width 2.7764 * 1.5811 / sqrt(5) = 1.9632
     stat = ablation.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert stat["mean"] == 3.0 and stat["hi"] - 3.0 == pytest.approx(1.9630, abs=1e-4)
+    assert stat["mean"] == 3.0 and stat["hi"] - 3.0 == pytest.approx(1.9632, abs=1e-4)
 
     def run(clean, perturbed, reward):
         rows = [{"step": s, "reward_mean": reward} for s in range(30)]
@@ -229,8 +229,32 @@ def test_ablation_intervals_and_paired_differences():
     results = {"grpo": [run(10, 5, 0.5), run(20, 10, 0.5), run(30, 20, 0.5)],
                "clipo": [run(12, 9, 0.6), run(22, 12, 0.6), run(33, 23, 0.6)]}
     table, summary = ablation.report(results, 3, 60.0)
-    diff = summary["paired_minus_grpo"]["clipo"]["val/heldout_perturbed/pass@1"]
-    # paired differences 4, 2, 3: mean 3, sd 1, t_{0.975,2} = 4.303 -> half-width 4.303 / sqrt(3) = 2.4843
-    assert diff["mean"] == pytest.approx(3.0) and diff["lo"] == pytest.approx(3.0 - 2.4843, abs=1e-4)
+    diff = summary["paired"]["clipo - grpo"]["val/heldout_perturbed/pass@1"]
+    # paired differences 4, 2, 3: mean 3, sd 1, t_{0.975,2} = 4.3027 -> half-width 4.3027 / sqrt(3) = 2.4841
+    assert diff["mean"] == pytest.approx(3.0) and diff["lo"] == pytest.approx(3.0 - 2.4841, abs=1e-4)
+    # exact Wilcoxon signed-rank, 3 positive differences: p = 2 * (1/2)^3 = 0.25; signs 3 / 0 / 0
+    assert diff["wilcoxon_p"] == pytest.approx(0.25) and diff["signs"] == [3, 0, 0]
     assert summary["final"]["clipo"]["reward_mean"]["mean"] == pytest.approx(0.6)
+    assert summary["per_seed"]["clipo"] == [9, 12, 23]
     assert "| clipo - grpo |" in table and "n/a" in table  # GRPO has no positive-pair cosine
+
+
+def test_ablation_endpoint_averages_the_last_validations_and_placebo_comparisons():
+    ablation = _ablation()
+    rows = [{"step": s, "reward_mean": 0.1} for s in range(10)]
+    for step, value in ((0, 10.0), (5, 30.0), (9, 50.0)):
+        rows[step]["val/heldout_perturbed/pass@1"] = value
+    assert ablation.rows_final(rows, "val/heldout_perturbed/pass@1", 2) == 40.0
+    assert ablation.rows_final(rows, "val/heldout_perturbed/pass@1", 1) == 50.0
+    assert ablation._comparisons(["grpo", "clipo", "placebo"]) == [
+        ("clipo", "grpo"), ("placebo", "grpo"), ("clipo", "placebo")]
+    # 5 of 5 positive: exact two-sided Wilcoxon p = 2 / 2^5 = 0.0625
+    assert ablation.paired_stats([1.0, 2.0, 3.0, 4.0, 5.0])["wilcoxon_p"] == pytest.approx(0.0625)
+
+
+def test_ablation_seeds_for_power_match_the_textbook_paired_t_sizes():
+    ablation = _ablation()
+    # One-sample / paired t, two-sided alpha 0.05, power 0.8 (Cohen's tables, G*Power): d = 1 -> 10, d = 0.5 -> 34
+    assert ablation.seeds_for_power(1.0, 1.0) == 10
+    assert ablation.seeds_for_power(5.0, 10.0) == 34
+    assert ablation.seeds_for_power(0.0, 1.0) is None

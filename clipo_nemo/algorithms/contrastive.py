@@ -19,7 +19,9 @@ Invalid anchors get loss 0.
 Numerics (SPEC step 7): the logits of anchor ``i``'s row (itself and its candidates) are shifted by
 their maximum, which includes the self-similarity (``1/tau`` for cosine), and every log of a sum of
 exponentials is ``log(sum + eps)``, as in the authors' code (``eps = 1e-8``); ``eps = 0`` gives the
-exact log-sum-exp. The group level is computed per group on a padded
+exact log-sum-exp. ``row_shift="batch"`` shifts by the maximum of the anchor's whole row of the
+batch instead (other groups included), as the authors' code does; the two differ only where that
+maximum is not the self-similarity (``neg_cosine``) and only through eps. The group level is computed per group on a padded
 ``[G, n, n]`` similarity tensor: O(B * n * D) work instead of a dense ``B x B`` matrix (the paper's
 batch is 512 prompts x 16 rollouts). ``cross``/``batch`` need every pair by definition.
 
@@ -39,6 +41,9 @@ from clipo_nemo.algorithms.checks import check_finite, check_shape
 LEVELS = ("group", "cross", "batch")
 SIMILARITIES = ("cosine", "l2", "neg_cosine")
 ANCHORS = ("correct", "incorrect", "all")  # which responses are anchors (the reference's masked_label 0 / 1 / -1)
+# What each anchor's logits are shifted by before the eps-logs: the maximum over the anchor itself and its
+# candidates ("candidates"), or over its whole row of the batch, other groups included ("batch", the authors').
+ROW_SHIFTS = ("candidates", "batch")
 AUTHORS_EPS = 1e-8  # the authors' eps inside every log of a sum of exponentials
 L2_EPS = 1e-8  # floor under 2 - 2s before the square root of the l2 similarity
 
@@ -116,13 +121,15 @@ class AnchorRule:
     """Which anchors count and how their losses are computed (see module doc).
 
     loss_type: a CONTRASTIVE_LOSSES name; anchors: one of ANCHORS; skip_trivial: drop anchors
-    without a positive or without a negative; eps: inside every log of a sum of exponentials.
+    without a positive or without a negative; eps: inside every log of a sum of exponentials;
+    row_shift: one of ROW_SHIFTS.
     """
 
     loss_type: str = "infonce"
     anchors: str = "correct"
     skip_trivial: bool = True
     eps: float = AUTHORS_EPS
+    row_shift: str = "candidates"
 
 
 def _anchor_losses(
@@ -132,11 +139,13 @@ def _anchor_losses(
     anchor_selected: torch.Tensor,
     uniform: torch.Tensor,
     rule: AnchorRule,
+    batch_row_max: Optional[torch.Tensor] = None,
 ):
     """Per-anchor losses for anchors laid out along ``[...]`` against candidates ``[..., M]``.
 
     logits [..., M] with the anchor's own (self-similarity) logit on the diagonal of the last two
-    dims; candidate_mask, pos_mask: [..., M]; anchor_selected, uniform: [...].
+    dims; candidate_mask, pos_mask: [..., M]; anchor_selected, uniform: [...]; batch_row_max [...]:
+    the maximum logit of each anchor's whole batch row (``row_shift="batch"`` only).
     Returns (loss [...], valid [...]).
     """
     num_pos = pos_mask.sum(-1)
@@ -147,9 +156,12 @@ def _anchor_losses(
         valid = anchor_selected & candidate_mask.any(-1)
     # Shift each row by its maximum over the anchor itself and its candidates (a constant per row:
     # it cancels exactly when eps = 0, and places eps relative to it otherwise).
-    self_logit = torch.diagonal(logits, dim1=-2, dim2=-1)
-    row_max = logits.masked_fill(~candidate_mask, float("-inf")).amax(-1)
-    shifted = logits - torch.maximum(row_max, self_logit).detach().unsqueeze(-1)
+    if batch_row_max is None:
+        self_logit = torch.diagonal(logits, dim1=-2, dim2=-1)
+        shift = torch.maximum(logits.masked_fill(~candidate_mask, float("-inf")).amax(-1), self_logit)
+    else:
+        shift = batch_row_max
+    shifted = logits - shift.detach().unsqueeze(-1)
     # The k-th positive in batch order, k = floor(u * |P|).
     k = (uniform * num_pos.to(uniform.dtype)).floor().long().clamp(max=(num_pos - 1).clamp(min=0))
     pos_rank = pos_mask.long().cumsum(-1) - 1
@@ -248,6 +260,8 @@ def _validate(embeddings, correct, group_ids, rule, similarity, temperature, lev
         raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}")
     if level not in LEVELS:
         raise ValueError(f"unknown contrastive level {level!r}; choose one of {LEVELS}")
+    if rule.row_shift not in ROW_SHIFTS:
+        raise ValueError(f"unknown contrastive row_shift {rule.row_shift!r}; choose one of {ROW_SHIFTS}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
@@ -259,7 +273,7 @@ def _selected_anchors(correct: torch.Tensor, anchors: str) -> torch.Tensor:
     return ~correct if anchors == "incorrect" else torch.ones_like(correct)
 
 
-def _group_level(z, correct, group_ids, uniform, rule, similarity, temperature, partial_sum):
+def _group_level(z, correct, group_ids, uniform, rule, similarity, temperature, partial_sum, batch_row_max):
     """Group level on padded per-group blocks: z [B, D] -> (loss [B], valid [B])."""
     layout = GroupLayout.from_group_ids(group_ids)
     member = layout.member
@@ -269,11 +283,12 @@ def _group_level(z, correct, group_ids, uniform, rule, similarity, temperature, 
     block_correct = layout.to_blocks(correct)
     pos_mask = candidate_mask & (block_correct.unsqueeze(-2) == block_correct.unsqueeze(-1))
     loss, valid = _anchor_losses(logits, candidate_mask, pos_mask, _selected_anchors(block_correct, rule.anchors) & member,
-                                 layout.to_blocks(uniform), rule)
+                                 layout.to_blocks(uniform), rule,
+                                 None if batch_row_max is None else layout.to_blocks(batch_row_max))
     return layout.from_blocks(loss), layout.from_blocks(valid)
 
 
-def _dense(z, correct, group_ids, uniform, rule, similarity, temperature, level, partial_sum):
+def _dense(z, correct, group_ids, uniform, rule, similarity, temperature, level, partial_sum, batch_row_max):
     """Any level over the dense [B, B] similarity matrix: z [B, D] -> (loss [B], valid [B])."""
     batch = z.shape[0]
     logits = similarity_matrix(z, similarity, partial_sum) / temperature
@@ -283,7 +298,8 @@ def _dense(z, correct, group_ids, uniform, rule, similarity, temperature, level,
     pos_mask = candidate_mask & (correct.unsqueeze(0) == correct.unsqueeze(1))
     if level != "batch":
         pos_mask = pos_mask & same_group
-    return _anchor_losses(logits, candidate_mask, pos_mask, _selected_anchors(correct, rule.anchors), uniform, rule)
+    return _anchor_losses(logits, candidate_mask, pos_mask, _selected_anchors(correct, rule.anchors), uniform, rule,
+                          batch_row_max)
 
 
 def contrastive_loss(
@@ -301,6 +317,7 @@ def contrastive_loss(
     eps: float = AUTHORS_EPS,
     anchors: str = "correct",
     skip_trivial: bool = True,
+    row_shift: str = "candidates",
 ) -> ContrastiveLossOutput:
     """Contrastive loss of one batch.
 
@@ -318,18 +335,24 @@ def contrastive_loss(
         eps:        inside every log of a sum of exponentials (authors: 1e-8; 0 = exact log-sum-exp).
         anchors:    "correct" | "incorrect" | "all", the responses that act as anchors.
         skip_trivial: drop anchors without a positive or without a negative (see module doc).
+        row_shift:  "candidates" | "batch" (the authors': each anchor's whole batch row; see module doc).
     """
-    rule = AnchorRule(loss_type, anchors, skip_trivial, eps)
+    rule = AnchorRule(loss_type, anchors, skip_trivial, eps, row_shift)
     _validate(embeddings, correct, group_ids, rule, similarity, temperature, level)
     correct = correct.bool()
     z = embeddings
     uniform = draw_positive_uniforms(z.shape[0], generator, z.device)
     if z.shape[0] == 0:
         return ContrastiveLossOutput(z.new_zeros(0), correct.clone(), embeddings.sum() * 0.0)
+    # The authors' shift needs every pair of the batch: O(B^2 D), an exactness option.
+    batch_row_max = (similarity_matrix(z, similarity, partial_sum) / temperature).amax(-1) \
+        if row_shift == "batch" else None
     if level == "group" and not dense:
-        per_anchor, valid = _group_level(z, correct, group_ids, uniform, rule, similarity, temperature, partial_sum)
+        per_anchor, valid = _group_level(z, correct, group_ids, uniform, rule, similarity, temperature, partial_sum,
+                                         batch_row_max)
     else:
-        per_anchor, valid = _dense(z, correct, group_ids, uniform, rule, similarity, temperature, level, partial_sum)
+        per_anchor, valid = _dense(z, correct, group_ids, uniform, rule, similarity, temperature, level, partial_sum,
+                                   batch_row_max)
     loss = per_anchor.sum() / valid.sum().clamp(min=1)
     return ContrastiveLossOutput(per_anchor, valid, loss)
 

@@ -53,7 +53,7 @@ def build_head_optimizer(head: nn.Module, cfg: ContrastiveConfig) -> Optional[to
 def contrastive_loss_options(cfg: ContrastiveConfig) -> Dict[str, Any]:
     """The ``contrastive_loss`` keyword arguments ``cfg`` sets (everything but the batch and generator)."""
     return dict(loss_type=cfg.loss, similarity=cfg.similarity, temperature=cfg.temperature, level=cfg.level,
-                eps=cfg.eps, anchors=cfg.anchors, skip_trivial=cfg.skip_trivial)
+                eps=cfg.eps, anchors=cfg.anchors, skip_trivial=cfg.skip_trivial, row_shift=cfg.row_shift)
 
 
 def rewarded_anchors(valid_anchor_mask: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:

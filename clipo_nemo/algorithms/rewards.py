@@ -43,3 +43,24 @@ def token_level_rewards(sequence_rewards: torch.Tensor, response_mask: torch.Ten
     rows = torch.arange(mask.shape[0], device=mask.device)[has_tokens]
     rewards[rows, last[has_tokens]] = sequence_rewards[has_tokens]
     return rewards
+
+
+def permute_within_groups(
+    rewards: torch.Tensor, rewarded_mask: torch.Tensor, group_ids: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The placebo arm's rewards: within each group, the rewards of the rewarded responses shuffled
+    among those same responses (uniform random permutation from ``generator``); the others unchanged.
+
+    rewards [B], rewarded_mask [B] bool, group_ids [B] -> [B]. The multiset of rewards in every group
+    is kept (same noise, same reward distribution) while their link to the embeddings is broken.
+    Groups are visited in ascending id order, so the draws depend only on the batch's contents.
+    """
+    check_shape("rewarded_mask", rewarded_mask, (rewards.shape[0],))
+    check_shape("group_ids", group_ids, (rewards.shape[0],))
+    out = rewards.clone()
+    for group in torch.unique(group_ids).tolist():
+        members = ((group_ids == group) & rewarded_mask.bool()).nonzero().flatten()
+        if len(members) > 1:
+            order = torch.randperm(len(members), generator=generator).to(members.device)
+            out[members] = rewards[members[order]]
+    return out

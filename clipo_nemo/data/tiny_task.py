@@ -20,6 +20,13 @@ Operators (``operators``, any non-empty subset of :data:`TINY_OPERATORS`):
 - ``max`` and ``min`` (``What is the larger of 3 and 7?`` / ``the smaller of``): a rule a tiny model
   does learn from part of the pairs (compare two numbers, copy one) and applies to held-out pairs;
   the embedded default uses these, so held-out Pass@1 measures learning a rule, not recall.
+- ``chain`` (``What is 3 + 4 + 2?``, three operands): a response may write the intermediate sum
+  before the answer (``7 \\boxed{9}``, a *derivation*) or answer directly (``\\boxed{9}``); only the
+  boxed answer is scored. Every step-level fact (a + b, then s + c) occurs in the training triples,
+  so a derivation can reach held-out triples, while a direct answer to one can only be recalled or
+  guessed: correct responses differ in their reasoning path (the ``tiny_chain`` config, with a
+  supervised warm start from :func:`chain_demonstration`). :func:`chain_response_form` names a
+  response's path.
 
 Held-out problems: all distinct problems are enumerated, shuffled with the seed, and a fraction goes
 to the ``heldout`` split. With ``perturbed=True`` the ``heldout_perturbed`` split holds every held-out
@@ -36,38 +43,43 @@ arguments always give the same rows.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 TINY_DATA_SOURCE = "tiny/arith"
 # Short on purpose: every prompt token costs a tiny model attention capacity and CPU time.
 TINY_INSTRUCTION = "Answer in \\boxed{}."
-TINY_OPERATORS = ("+", "-", "max", "min")
+TINY_OPERATORS = ("+", "-", "max", "min", "chain")
 ARITHMETIC_OPERATORS = ("+", "-")  # the default: the tokenizer and rows of earlier versions
 PERTURBATIONS = ("reworded", "distractor", "units")
 
 # The question of each operator: clean (training and ``heldout``) and per perturbation. Fields:
 # {a} {b} operands, {c} the distractor's number, {name} {things} its words, {unit} the quantities' name.
+# ``chain``'s third operand is {e}.
 CLEAN_TEMPLATES = {"+": "What is {a} + {b}?", "-": "What is {a} - {b}?",
-                   "max": "What is the larger of {a} and {b}?", "min": "What is the smaller of {a} and {b}?"}
+                   "max": "What is the larger of {a} and {b}?", "min": "What is the smaller of {a} and {b}?",
+                   "chain": "What is {a} + {b} + {e}?"}
 REWORDED_TEMPLATES = {"+": "{a} + {b} is what?", "-": "{a} - {b} is what?",
-                      "max": "Of {a} and {b}, what is the larger?", "min": "Of {a} and {b}, what is the smaller?"}
+                      "max": "Of {a} and {b}, what is the larger?", "min": "Of {a} and {b}, what is the smaller?",
+                      "chain": "{a} + {b} + {e} is what?"}
 UNITS_TEMPLATES = {"+": "What is {a} {unit} + {b} {unit}?", "-": "What is {a} {unit} - {b} {unit}?",
                    "max": "What is the larger of {a} {unit} and {b} {unit}?",
-                   "min": "What is the smaller of {a} {unit} and {b} {unit}?"}
+                   "min": "What is the smaller of {a} {unit} and {b} {unit}?",
+                   "chain": "What is {a} {unit} + {b} {unit} + {e} {unit}?"}
 DISTRACTOR_TEMPLATE = "{name} has {c} {things}."
 DISTRACTOR_NAMES = ("Tom", "Sue")
 DISTRACTOR_THINGS = ("pens", "books")
 UNITS = ("cats", "coins")
 
 Row = Dict[str, object]
-TinyProblem = Tuple[int, str, int, int]  # (a, operator, b, answer)
+TinyProblem = Tuple[int, str, int, int, int]  # (a, operator, b, e, answer); e (the third operand) is 0 but for chain
 
 
 def tiny_answer_range(max_operand: int, operators: Sequence[str] = ARITHMETIC_OPERATORS) -> range:
-    """Every answer ``operators`` can have with operands in ``0..max_operand``: up to ``2 * max_operand``
-    with ``+``, else up to ``max_operand``."""
-    return range(0, (2 if "+" in operators else 1) * max_operand + 1)
+    """Every answer (and ``chain`` intermediate) ``operators`` can have with operands in ``0..max_operand``:
+    up to ``3 * max_operand`` with ``chain``, ``2 * max_operand`` with ``+``, else ``max_operand``."""
+    return range(0, (3 if "chain" in operators else 2 if "+" in operators else 1) * max_operand + 1)
 
 
 def tiny_template_texts(operators: Sequence[str], perturbed: bool) -> List[str]:
@@ -78,7 +90,7 @@ def tiny_template_texts(operators: Sequence[str], perturbed: bool) -> List[str]:
         texts += [REWORDED_TEMPLATES[op] for op in operators] + [UNITS_TEMPLATES[op] for op in operators]
         texts += [DISTRACTOR_TEMPLATE.replace("{name}", name).replace("{things}", things)
                   for name in DISTRACTOR_NAMES for things in DISTRACTOR_THINGS]
-    fields = {"{a}": "", "{b}": "", "{c}": "", "{unit}": " ".join(UNITS)}
+    fields = {"{a}": "", "{b}": "", "{c}": "", "{e}": "", "{unit}": " ".join(UNITS)}
     out = []
     for text in texts:
         for field, value in fields.items():
@@ -98,14 +110,21 @@ def _check_args(max_operand: int, operators: Sequence[str], val_fraction: float)
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
 
 
-def _answer(a: int, op: str, b: int) -> int:
-    return {"+": a + b, "-": a - b, "max": max(a, b), "min": min(a, b)}[op]
+def _answer(a: int, op: str, b: int, e: int) -> int:
+    return {"+": a + b, "-": a - b, "max": max(a, b), "min": min(a, b), "chain": a + b + e}[op]
 
 
 def _all_problems(max_operand: int, operators: Sequence[str]) -> List[TinyProblem]:
-    """Every distinct problem as ``(a, op, b, answer)``, in a fixed order (``-`` only with ``a >= b``)."""
-    return [(a, op, b, _answer(a, op, b)) for op in operators for a in range(max_operand + 1)
-            for b in range(max_operand + 1) if op != "-" or a >= b]
+    """Every distinct problem as ``(a, op, b, e, answer)``, in a fixed order (``-`` only with ``a >= b``;
+    ``e`` ranges over the operands for ``chain`` only)."""
+    operands = range(max_operand + 1)
+    return [(a, op, b, e, _answer(a, op, b, e)) for op in operators for a in operands for b in operands
+            for e in (operands if op == "chain" else (0,)) if op != "-" or a >= b]
+
+
+def _question(template: str, problem: TinyProblem, **fields) -> str:
+    a, _, b, e, _ = problem
+    return template.format(a=a, b=b, e=e, **fields)
 
 
 def _row(question: str, answer: int, index: int, split: str) -> Row:
@@ -121,12 +140,12 @@ def _row(question: str, answer: int, index: int, split: str) -> Row:
 def perturbed_questions(problem: TinyProblem, max_operand: int, rng: random.Random) -> Dict[str, str]:
     """The problem's question under each of :data:`PERTURBATIONS` (same numbers, same answer);
     the distractor's number and words and the unit are drawn from ``rng``."""
-    a, op, b, _ = problem
+    op = problem[1]
     distractor = DISTRACTOR_TEMPLATE.format(name=rng.choice(DISTRACTOR_NAMES), c=rng.randint(0, max_operand),
                                             things=rng.choice(DISTRACTOR_THINGS))
-    return {"reworded": REWORDED_TEMPLATES[op].format(a=a, b=b),
-            "distractor": f"{distractor} {CLEAN_TEMPLATES[op].format(a=a, b=b)}",
-            "units": UNITS_TEMPLATES[op].format(a=a, b=b, unit=rng.choice(UNITS))}
+    return {"reworded": _question(REWORDED_TEMPLATES[op], problem),
+            "distractor": f"{distractor} {_question(CLEAN_TEMPLATES[op], problem)}",
+            "units": _question(UNITS_TEMPLATES[op], problem, unit=rng.choice(UNITS))}
 
 
 def make_tiny_arith_splits(
@@ -150,12 +169,11 @@ def make_tiny_arith_splits(
     n_val = min(max(1, round(len(problems) * val_fraction)), len(problems) - 1)
     heldout, train = problems[:n_val], problems[n_val:]
     splits = {
-        "train": [_row(CLEAN_TEMPLATES[op].format(a=a, b=b), ans, i, "train") for i, (a, op, b, ans) in enumerate(train)],
-        "heldout": [_row(CLEAN_TEMPLATES[op].format(a=a, b=b), ans, i, "heldout")
-                    for i, (a, op, b, ans) in enumerate(heldout)],
+        "train": [_row(_question(CLEAN_TEMPLATES[p[1]], p), p[4], i, "train") for i, p in enumerate(train)],
+        "heldout": [_row(_question(CLEAN_TEMPLATES[p[1]], p), p[4], i, "heldout") for i, p in enumerate(heldout)],
     }
     if perturbed:
-        questions = [(q, problem[3]) for problem in heldout
+        questions = [(q, problem[4]) for problem in heldout
                      for q in perturbed_questions(problem, max_operand, rng).values()]
         splits["heldout_perturbed"] = [_row(q, ans, i, "heldout_perturbed") for i, (q, ans) in enumerate(questions)]
     return splits
@@ -187,3 +205,52 @@ def write_tiny_arith_parquet(out_dir: str | Path, **task_args) -> Dict[str, Path
         paths[split] = out / f"{split}.parquet"
         pq.write_table(pa.Table.from_pylist(rows, schema=_paper_parquet_schema()), paths[split])
     return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# ``chain``: reasoning paths
+# --------------------------------------------------------------------------------------------------
+CHAIN_FORMS = ("derivation", "inconsistent", "direct", "other")
+# "a + b + e" in any wording of the task (units between the numbers; a distractor's number has no "+").
+_CHAIN_OPERANDS = re.compile(r"(\d+)(?: [A-Za-z]+)? \+ (\d+)(?: [A-Za-z]+)? \+ (\d+)")
+_CHAIN_RESPONSE = re.compile(r"^\s*(?:(\d+)\s*)?\\boxed\{(\d+)\}\s*$")
+
+
+def chain_operands(question: str) -> Tuple[int, int, int]:
+    """(a, b, e) of a ``chain`` question in any of its wordings; ValueError when it has none."""
+    match = _CHAIN_OPERANDS.search(question)
+    if match is None:
+        raise ValueError(f"not a chain question: {question!r}")
+    a, b, e = (int(x) for x in match.groups())
+    return a, b, e
+
+
+def chain_response_form(question: str, response: str) -> str:
+    """The reasoning path of a response to a ``chain`` question (one of :data:`CHAIN_FORMS`):
+    ``derivation`` (``s \\boxed{t}`` with s = a + b), ``inconsistent`` (an intermediate s != a + b),
+    ``direct`` (``\\boxed{t}`` alone) or ``other`` (anything else). The answer's correctness is the
+    verifier's business, not this function's."""
+    match = _CHAIN_RESPONSE.match(response)
+    if match is None:
+        return "other"
+    if match.group(1) is None:
+        return "direct"
+    a, b, _ = chain_operands(question)
+    return "derivation" if int(match.group(1)) == a + b else "inconsistent"
+
+
+def chain_demonstration(question: str, rng: random.Random, mix: Sequence[float], recall: float,
+                        answers: range) -> str:
+    """One supervised warm-start response to a ``chain`` question: with the probabilities ``mix`` =
+    (derivation, direct, inconsistent) a correct derivation ``s \\boxed{t}``; a direct ``\\boxed{t}``
+    that is the right answer with probability ``recall`` and otherwise a uniform guess from ``answers``;
+    or a derivation with a wrong intermediate and the right answer (right answer, wrong process)."""
+    a, b, e = chain_operands(question)
+    form = rng.choices(("derivation", "direct", "inconsistent"), weights=mix)[0]
+    if form == "derivation":
+        return f"{a + b} \\boxed{{{a + b + e}}}"
+    if form == "direct":
+        answer = a + b + e if rng.random() < recall else rng.choice(answers)
+        return f"\\boxed{{{answer}}}"
+    wrong = rng.choice([s for s in answers if s != a + b])
+    return f"{wrong} \\boxed{{{a + b + e}}}"

@@ -12,7 +12,9 @@ Outputs (``PolicyOutputs``), aligned with ``tokens``::
     logprobs       [b, S] float32  log p(tokens[b, t] | tokens[b, :t]) / temperature-scaled, i.e.
                                    from the logits at position t-1; 0 where response_mask is False
     entropy        [b, S] float32  entropy of that same distribution (the one that sampled token t)
-    pooled_hidden  [b, H] float32  mean of the final-norm output H[t] over t with response_mask set
+    pooled_hidden  [b, H] float32  the final-norm output H[t] summed over the pooling window
+                                   (:func:`pooling_window`) and divided by the response length L:
+                                   ``mean`` = the mean over t with response_mask set
 
 Column 0 can never be a response token (nothing predicts it). Every row needs >= 1 response token.
 
@@ -181,9 +183,33 @@ class PolicyOutputs:
 LossFunc = Callable[[PolicyOutputs, PolicyBatch], Tuple[Any, ...]]
 
 
+POOLING_MODES = ("mean", "authors")
+
+
+def pooling_window(response_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, S] bool: the positions whose final-norm state is summed into the pooled hidden state (the
+    sum is then divided by the response length L in both modes).
+
+    ``mean``: every response position (0..L-1 of the response; SPEC step 3, the paper's Eq. 9).
+    ``authors``: response positions 0..L-2, i.e. without the last response token's state (usually
+    EOS), as the authors' patched rollout engine accumulates one state per decode step and never
+    computes the last one; a 1-token response keeps its only position (their engine would have no
+    state at all).
+    """
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling={pooling!r} is not one of {POOLING_MODES}")
+    mask = response_mask.bool()
+    if pooling == "mean":
+        return mask
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1, keepdim=True).values
+    without_last = mask & (positions != last)
+    return torch.where(without_last.any(dim=1, keepdim=True), without_last, mask)
+
+
 def compute_policy_outputs(
     model: torch.nn.Module, batch: PolicyBatch, *, micro_batch_size: int, temperature: float, vocab_size: int,
-    max_tokens_per_micro_batch: int = 0, logprob_chunk_size: int = 1024,
+    max_tokens_per_micro_batch: int = 0, logprob_chunk_size: int = 1024, pooling: str = "mean",
 ) -> Optional[PolicyOutputs]:
     """Forward only, without autograd (e.g. old log-probs): the whole batch's outputs on the last
     PP stage, in the batch's row order and at its full width S (zeros past each micro-batch's
@@ -193,7 +219,7 @@ def compute_policy_outputs(
         infos = forward_backward_policy(
             model, batch, micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
             loss_func=_keep_outputs, forward_only=True, max_tokens_per_micro_batch=max_tokens_per_micro_batch,
-            logprob_chunk_size=logprob_chunk_size, plan=plan,
+            logprob_chunk_size=logprob_chunk_size, plan=plan, pooling=pooling,
         )
     if not infos:
         return None
@@ -226,6 +252,7 @@ def forward_backward_policy(
     max_tokens_per_micro_batch: int = 0,
     logprob_chunk_size: int = 1024,
     plan: Optional[MicroBatchPlan] = None,
+    pooling: str = "mean",
 ) -> List[Any]:
     """Run ``batch`` in micro-batches through megatron's forward-backward schedule.
 
@@ -240,7 +267,8 @@ def forward_backward_policy(
     accumulated into the parameters (or the DDP buffers) unless ``forward_only``. Log-probs and
     entropy are computed ``logprob_chunk_size`` response positions at a time (``actor.logprob_chunk_size``).
     ``plan``: the caller's ``batch.micro_batch_plan(micro_batch_size, max_tokens_per_micro_batch)``
-    when it needs the plan itself (built here otherwise).
+    when it needs the plan itself (built here otherwise). ``pooling``: the pooled state's window
+    (:func:`pooling_window`).
 
     Returns the ``info`` of each micro-batch in the plan's order on the last PP stage; ``[]`` on the
     others.
@@ -262,7 +290,7 @@ def forward_backward_policy(
     seq_length = max(plan.widths) + _sequence_padding(max(plan.widths), sequence_parallel)
     step = functools.partial(
         _forward_step, temperature=temperature, vocab_size=vocab_size, loss_func=loss_func,
-        sequence_parallel=sequence_parallel, logprob_chunk_size=logprob_chunk_size,
+        sequence_parallel=sequence_parallel, logprob_chunk_size=logprob_chunk_size, pooling=pooling,
     )
     return get_forward_backward_func()(
         forward_step_func=step,
@@ -289,13 +317,14 @@ def _sequence_padding(seq_len: int, sequence_parallel: bool) -> int:
 
 
 def _forward_step(data_iterator: Iterator[PolicyBatch], model: torch.nn.Module, *, temperature: float,
-                  vocab_size: int, loss_func: LossFunc, sequence_parallel: bool, logprob_chunk_size: int):
+                  vocab_size: int, loss_func: LossFunc, sequence_parallel: bool, logprob_chunk_size: int,
+                  pooling: str):
     from megatron.core.utils import unwrap_model
 
     micro_batch = next(data_iterator)
     gpt = unwrap_model(model)
     device = next(gpt.parameters()).device
-    inputs = _prepare_inputs(micro_batch, device, sequence_parallel)
+    inputs = _prepare_inputs(micro_batch, device, sequence_parallel, pooling)
     if not gpt.post_process:  # an intermediate PP stage: the schedule sends `output` on
         return model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"]), None
     with _output_layer_returns_input(gpt):
@@ -333,7 +362,8 @@ def _output_weight(gpt: torch.nn.Module) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
-def _prepare_inputs(micro_batch: PolicyBatch, device: torch.device, sequence_parallel: bool) -> Dict[str, Any]:
+def _prepare_inputs(micro_batch: PolicyBatch, device: torch.device, sequence_parallel: bool,
+                    pooling: str = "mean") -> Dict[str, Any]:
     """Pad, shift labels into place (position t predicts token t+1) and take this CP rank's part."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -348,7 +378,7 @@ def _prepare_inputs(micro_batch: PolicyBatch, device: torch.device, sequence_par
         "position_ids": torch.arange(seq_len, device=device).expand_as(tokens),
         "labels": torch.nn.functional.pad(tokens[:, 1:], (0, 1)),
         "label_mask": torch.nn.functional.pad(mask[:, 1:], (0, 1)),
-        "hidden_mask": mask,
+        "hidden_mask": pooling_window(mask, pooling),
     }
     inputs = get_batch_on_this_cp_rank(inputs)
     # An explicit causal mask (True = hidden) is needed on CPU, where megatron would build its

@@ -28,7 +28,7 @@ import torch.nn as nn
 from clipo_nemo.algorithms.contrastive import contrastive_loss, positive_pair_cosine
 from clipo_nemo.algorithms.head import (HEAD_TYPES, ContrastiveHead, HeadStepOutput, contrastive_loss_options,
                                        rewarded_anchors)
-from clipo_nemo.algorithms.rewards import contrastive_rewards
+from clipo_nemo.algorithms.rewards import contrastive_rewards, permute_within_groups
 from clipo_nemo.config import ContrastiveConfig
 from clipo_nemo.parallel.gather import GlobalBatch, all_reduce_grads, tensor_parallel_partial_sum
 
@@ -140,6 +140,7 @@ def parallel_contrastive_step(
     cfg: ContrastiveConfig,
     generator: Optional[torch.Generator],
     dp_group=None,
+    placebo_generator: Optional[torch.Generator] = None,
 ) -> HeadStepOutput:
     """One CLIPO head step on a data-parallel rank: global loss -> local rewards -> head update.
 
@@ -148,6 +149,8 @@ def parallel_contrastive_step(
     hold different counts and split groups. Returns this rank's rewards [b] from the loss before the
     update; metrics and ``embeddings`` are global. ``optimizer=None`` (a fixed head) skips the update,
     and so does a global batch without a valid anchor (on every rank alike: the loss is global).
+    ``placebo_generator`` (the placebo arm, ``contrastive.placebo``): the rewards are permuted among each
+    group's rewarded responses with it (:func:`~clipo_nemo.algorithms.rewards.permute_within_groups`).
     """
     if dp_group is None:
         from megatron.core import parallel_state
@@ -159,8 +162,13 @@ def parallel_contrastive_step(
     out = contrastive_loss(all_embeddings, all_correct, all_groups, generator=generator, partial_sum=head.partial_sum(),
                            **contrastive_loss_options(cfg))
     local_loss, local_valid = view.local(out.per_anchor_loss), view.local(out.valid_anchor_mask)
-    rewards = contrastive_rewards(local_loss, rewarded_anchors(local_valid, correct), scale=cfg.reward_scale,
-                                  offset=cfg.reward_offset, floor=cfg.reward_floor)
+    rewarded = rewarded_anchors(out.valid_anchor_mask, all_correct)
+    all_rewards = contrastive_rewards(out.per_anchor_loss, rewarded, scale=cfg.reward_scale, offset=cfg.reward_offset,
+                                      floor=cfg.reward_floor)
+    if placebo_generator is not None:  # the placebo arm (global batch, the same draws on every rank)
+        all_rewards = permute_within_groups(all_rewards.cpu(), rewarded.cpu(), all_groups.cpu(),
+                                            placebo_generator).to(all_rewards.device)
+    rewards = view.local(all_rewards)
     if optimizer is not None and bool(out.valid_anchor_mask.any()):
         optimizer.zero_grad(set_to_none=True)
         (local_loss.sum() / out.valid_anchor_mask.sum().clamp(min=1)).backward()

@@ -129,7 +129,8 @@ class Actor:
             return compute_policy_outputs(model, batch, micro_batch_size=self.cfg.parallel.micro_batch_size,
                                           temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
                                           max_tokens_per_micro_batch=self.cfg.parallel.max_tokens_per_micro_batch,
-                                          logprob_chunk_size=self.cfg.actor.logprob_chunk_size)
+                                          logprob_chunk_size=self.cfg.actor.logprob_chunk_size,
+                                          pooling=self.cfg.contrastive.pooling)
 
     def old_outputs(self, batch: PolicyBatch) -> Optional[PolicyOutputs]:
         """One forward pass: old log-probs, entropy and pooled hidden states (last PP stage; else None)."""
@@ -223,11 +224,32 @@ class Actor:
                 info["entropy"] = entropy.detach()
             return loss * scale, info
 
+        return self._step_on(mini_batch, plan, loss_func, self.cfg.rollout.temperature)
+
+    def supervised_step(self, batch: PolicyBatch) -> Dict[str, float]:
+        """One optimizer step on the mean negative log-likelihood of the response tokens of every rank's
+        ``batch`` (teacher forcing at temperature 1: the supervised warm start). Returns ``sft_loss``
+        (over all DP ranks) and the step's metrics."""
+        from megatron.core import parallel_state
+
+        norm = self._normalizer(batch)
+        plan = batch.micro_batch_plan(self.cfg.parallel.micro_batch_size, self.cfg.parallel.max_tokens_per_micro_batch)
+        scale = len(plan.rows) * parallel_state.get_data_parallel_world_size()  # as in _optimizer_step
+
+        def loss_func(outputs: PolicyOutputs, mb: PolicyBatch):
+            nll = aggregate_loss(-outputs.logprobs, mb.response_mask.to(outputs.logprobs.device), "token-mean", norm)
+            return nll * scale, {"sft_loss": nll.detach()}
+
+        return self._step_on(batch, plan, loss_func, 1.0)
+
+    def _step_on(self, batch: PolicyBatch, plan: MicroBatchPlan, loss_func, temperature: float) -> Dict[str, float]:
+        """Forward-backward ``batch`` in ``plan``'s micro-batches with ``loss_func``, then clip and step."""
         self.model.zero_grad_buffer()  # DDP's main-grad buffers
         self.optimizer.zero_grad(set_to_none=True)  # torch's .grad (CPU) / megatron's fp32 copies (GPU)
-        infos = forward_backward_policy(self.model, mini_batch, micro_batch_size=micro,
-                                        temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
-                                        loss_func=loss_func, max_tokens_per_micro_batch=max_tokens,
+        infos = forward_backward_policy(self.model, batch, micro_batch_size=self.cfg.parallel.micro_batch_size,
+                                        temperature=temperature, vocab_size=self.cfg.model.vocab_size,
+                                        loss_func=loss_func,
+                                        max_tokens_per_micro_batch=self.cfg.parallel.max_tokens_per_micro_batch,
                                         logprob_chunk_size=self.cfg.actor.logprob_chunk_size, plan=plan)
         grad_norm, skipped = self._apply_gradients()
         return {**self._reduce_infos(infos), **_padding_metrics(plan), "grad_norm": grad_norm,
@@ -258,7 +280,7 @@ class Actor:
         from megatron.core import parallel_state
 
         keys = sorted(infos[0]) if infos else []
-        summed = {"pg_loss", "kl_loss", "entropy"}
+        summed = {"pg_loss", "kl_loss", "entropy", "sft_loss"}
         values = [sum(float(i[k]) for i in infos) / (1 if k in summed else len(infos)) for k in keys]
         if keys:  # only the last PP stage has infos; its DP group reduces them
             dp_size = parallel_state.get_data_parallel_world_size()

@@ -240,6 +240,12 @@ class Trainer:
                    "dynamic_sampling/rollout_batches": float(info["batches"])}
         if exp.rollout_logprobs is not None:
             metrics.update(logprob_mismatch_metrics(exp, out.old_logprobs))
+        if cfg.task.enabled and "chain" in cfg.task.operators:  # the tiny_chain task's mechanism metrics
+            from clipo_nemo.trainer.chain_task import chain_metrics, question_of
+
+            metrics.update(chain_metrics([question_of(g.prompt) for g in groups for _ in range(n)],
+                                         self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True),
+                                         scores > 0, out.contrastive_rewards))
         metrics["step_time_s"] = time.perf_counter() - clock
         if cfg.trainer.plot_embeddings and out.head_embeddings is not None and (
                 step == 0 or step == cfg.trainer.max_steps - 1):
@@ -274,8 +280,16 @@ class Trainer:
             prompt_sets.setdefault(Path(prompt.problem.source_file).stem, []).append(prompt)
         generate_fn = engine_generate_fn(self.engine, self.tokenizer, mine, self.train_params, ev.max_new_tokens,
                                          self.cfg.rollout.seed + 7_777_777 + self.dp_rank * 100_003)
+        chain = self.cfg.task.enabled and "chain" in self.cfg.task.operators
+        if chain:  # the tiny_chain task's Pass@1 per reasoning path needs the samples themselves
+            from clipo_nemo.trainer.chain_task import chain_validation_metrics, recording
+
+            samples: Dict[str, List[str]] = {}
+            generate_fn = recording(generate_fn, samples)
         with training_state_released(self.actor, self.cfg.actor.release_for_rollout):
             results = evaluation.evaluate(generate_fn, prompt_sets, self.pool, ev.k, ev.temperature, ev.top_p)
+        chain_flat = chain_validation_metrics(sorted(Path(f).stem for f in self.cfg.data.val_files), prompt_sets,
+                                              samples, results) if chain else {}
         if dist.is_initialized():
             gathered = [None] * self.dp_size
             dist.all_gather_object(gathered, results, group=parallel_state.get_data_parallel_group())
@@ -283,7 +297,7 @@ class Trainer:
         flat = evaluation.metrics(evaluation.summarize(results))
         per_benchmark = [v for k, v in flat.items() if k.endswith("/pass@1")]
         flat["val/pass@1_mean"] = sum(per_benchmark) / max(len(per_benchmark), 1)
-        return flat
+        return {**flat, **chain_flat}
 
     # ----------------------------------------------------------------------------------------------
     def run(self, stop: Optional[StopRequested] = None) -> Dict[str, object]:
@@ -306,6 +320,11 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
         elif cfg.trainer.init_from:
             self._init_from(Path(cfg.trainer.init_from))
+        warm_note = None
+        if state is None and cfg.task.enabled and cfg.task.warm_start_steps > 0:
+            from clipo_nemo.trainer.chain_task import warm_start
+
+            warm_note = warm_start(self.actor, self.train_set.prompts, self.tokenizer, cfg, self.dp_rank, self.dp_size)
         weights_note = self._check_optimizer_copies()
         self.reference_pointer = None if self.actor.reference is None else pointer_for_run(
             point.checkpoint if state is not None else None, cfg.trainer.init_from)
@@ -317,6 +336,8 @@ class Trainer:
             logger.note(f"resumed from {point.checkpoint} at step {self.step}")
         elif cfg.trainer.init_from:
             logger.note(f"initialised from {cfg.trainer.init_from}")
+        if warm_note:
+            logger.note(warm_note)
         if state is not None or cfg.trainer.init_from or self.weights_check.reloaded:
             logger.note(weights_note)  # what the load guard found (a fresh run loads nothing)
         data_lines, data_counts = self._data_report()

@@ -26,6 +26,9 @@ from clipo_nemo.parallel.gather import GlobalBatch, all_reduce_values
 from clipo_nemo.trainer.actor import Actor, broadcast_from_last_stage
 
 
+PLACEBO_SEED_OFFSET = 7919  # the placebo permutations' seed is contrastive.seed + this + step
+
+
 @dataclass
 class Experience:
     """This DP rank's responses.
@@ -113,10 +116,13 @@ def learn_from_experience(actor: Actor, clipo: Optional[ClipoHead], exp: Experie
     head_embeddings = None
     if clipo is not None and old is not None:
         generator = torch.Generator().manual_seed(cfg.contrastive.seed + step)  # same draws on every rank
+        # The placebo's own stream, so that its InfoNCE draws (and hence losses) equal the CLIPO arm's.
+        placebo = torch.Generator().manual_seed(cfg.contrastive.seed + PLACEBO_SEED_OFFSET + step) \
+            if cfg.contrastive.placebo else None
         device = old.pooled_hidden.device
         head_out = parallel_contrastive_step(clipo.head, clipo.optimizer, old.pooled_hidden, (exp.scores > 0).to(device),
                                              exp.group_ids.to(device), exp.batch_index.to(device), cfg.contrastive,
-                                             generator, dp_group)
+                                             generator, dp_group, placebo_generator=placebo)
         contrastive_loss, contrastive_rewards = head_out.per_anchor_loss.cpu(), head_out.rewards.cpu()
         head_embeddings = head_out.embeddings
         metrics.update(head_out.metrics)
