@@ -313,10 +313,32 @@ def check_known_keys(values: Mapping[str, Any]) -> None:
                           "clipo_nemo/config.py; '+key=value' cannot add new ones)")
 
 
+def run_stamp() -> str:
+    """``YYYYmmdd-HHMMSS-<host>-<pid>``, the ``${run_stamp:}`` of the example configs' default
+    ``trainer.output_dir``: two runs started in the same second (on one host or several sharing a
+    file system) still get different run directories (``${now:%Y%m%d-%H%M%S}`` gave them the same one).
+    Under torchrun every rank resolves its own and rank 0's is used."""
+    import os
+    import socket
+    import time
+
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+def register_resolvers() -> None:
+    """Register ``${run_stamp:}`` (:func:`run_stamp`) with OmegaConf (Hydra's entry point and
+    :func:`load_config` call it)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
     """A YAML of ``examples/conf`` (or a run's ``config.yaml``) as a typed config, outside Hydra.
 
-    Hydra-only keys (``defaults``, ``hydra``) are dropped, ``${now:...}`` resolves as under Hydra,
+    Hydra-only keys (``defaults``, ``hydra``) are dropped, ``${now:...}`` resolves as under Hydra
+    (and ``${run_stamp:}`` as under the entry point),
     and ``overrides`` are ``key=value`` strings applied last.
     """
     from datetime import datetime
@@ -325,6 +347,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
 
     if not OmegaConf.has_resolver("now"):
         OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern))
+    register_resolvers()
     yaml = OmegaConf.load(path)
     for key in ("defaults", "hydra"):
         yaml.pop(key, None)
@@ -349,6 +372,25 @@ def _same(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
     return a == b
+
+
+def architecture_differences(model: ModelConfig, theirs: Mapping[str, Any]) -> List[str]:
+    """``key: ours vs theirs`` for every architecture key (:data:`ARCHITECTURE_KEYS`) on which ``model``
+    and another run's ``model`` section ``theirs`` differ (``kv_channels`` as the head size it implies;
+    ``rope_scaling_factor`` only when RoPE is scaled). Keys ``theirs`` lacks are not compared."""
+    ours_all, theirs_all = {k: getattr(model, k) for k in ARCHITECTURE_KEYS}, dict(theirs)
+    differences = []
+    for key in ARCHITECTURE_KEYS:
+        if key not in theirs_all:
+            continue
+        ours, other = ours_all[key], theirs_all[key]
+        if key == "kv_channels":
+            ours, other = head_dim(model), head_dim(SimpleNamespace(**{**ours_all, **theirs_all}))
+        if key == "rope_scaling_factor" and not (model.rope_scaling or theirs_all.get("rope_scaling")):
+            continue
+        if not _same(ours, other):
+            differences.append(f"model.{key}={ours} now, {other} before")
+    return differences
 
 
 def apply_checkpoint_model(cfg: ClipoConfig, description: Dict[str, Any], source: str,

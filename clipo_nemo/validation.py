@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from clipo_nemo.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from clipo_nemo.algorithms.contrastive import ANCHORS, CONTRASTIVE_LOSSES, LEVELS, SIMILARITIES
 from clipo_nemo.algorithms.head import HEAD_TYPES
 from clipo_nemo.algorithms.policy_losses import AGG_MODES, OWN_AGG_MODES, POLICY_LOSSES
-from clipo_nemo.config import ClipoConfig, ConfigError, schema_problems
+from clipo_nemo.checkpoint.recovery import checkpoints_dir, complete_checkpoints
+from clipo_nemo.config import ClipoConfig, ConfigError, architecture_differences, schema_problems
 from clipo_nemo.conversion.weights import is_weights_checkpoint
 from clipo_nemo.models.policy import RECOMPUTE_MODES, TORCH_DTYPES
 from clipo_nemo.rollout import ROLLOUT_ENGINES
@@ -51,6 +52,31 @@ def init_from_problems(cfg: ClipoConfig) -> List[str]:
             "--hf DIR --out CKPT)"]
 
 
+def _changed_architecture(cfg: ClipoConfig, run: Path, role: str) -> List[str]:
+    """The architecture keys on which ``cfg`` differs from the run ``run`` (its ``config.yaml``)."""
+    from omegaconf import OmegaConf
+
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return []
+    theirs = OmegaConf.to_container(OmegaConf.load(saved)).get("model") or {}
+    return [f"{line} (in {saved}, {role})" for line in architecture_differences(cfg.model, theirs)]
+
+
+def architecture_change_problems(cfg: ClipoConfig, run_dir: Optional[Path] = None) -> List[str]:
+    """Every architecture key (``model.*`` of :data:`~clipo_nemo.config.ARCHITECTURE_KEYS`) that differs
+    from the run ``trainer.init_from`` names, and, given ``run_dir``, from the run being resumed there
+    (one that holds a complete checkpoint): a checkpoint loads only into the architecture it came from."""
+    problems = []
+    source = Path(cfg.trainer.init_from) if cfg.trainer.init_from else None
+    if source is not None and not is_weights_checkpoint(source):
+        run = source.parent.parent if source.parent.name == "checkpoints" else source
+        problems += _changed_architecture(cfg, run, f"the run trainer.init_from={cfg.trainer.init_from} names")
+    if run_dir is not None and complete_checkpoints(checkpoints_dir(run_dir)):
+        problems += _changed_architecture(cfg, Path(run_dir), "the run this one resumes")
+    return problems
+
+
 def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
     """Raise :class:`~clipo_nemo.config.ConfigError` listing every key whose value cannot work."""
     algo = cfg.algorithm
@@ -60,5 +86,6 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
                       f"algorithm.loss_agg_mode={algo.loss_agg_mode} applies to the KL and entropy terms only",
                       stacklevel=2)
     problems = registry_problems(cfg) + schema_problems(cfg, world_size) + init_from_problems(cfg)
+    problems += architecture_change_problems(cfg) if not init_from_problems(cfg) else []
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

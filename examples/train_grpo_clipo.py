@@ -17,9 +17,10 @@ import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from clipo_nemo.config import ClipoConfig, check_known_keys  # noqa: E402
+from clipo_nemo.config import ClipoConfig, check_known_keys, register_resolvers  # noqa: E402
 
 ConfigStore.instance().store(name="clipo_schema", node=ClipoConfig)
+register_resolvers()  # ${run_stamp:} in the default trainer.output_dir
 
 
 @hydra.main(config_path="conf", config_name="tiny", version_base=None)

@@ -450,16 +450,38 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     if plan is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"memory plan ({plan.peak_phase} phase peak): {plan.verdict()}", flush=True)
     init_parallel_state(cfg.parallel)
+    lock = None
     try:
         # Rank 0's choice wins: a ${now:} in the path may resolve differently per rank.
         run_dir = broadcast_object(Path(cfg.trainer.output_dir).resolve(), src=0)
         cfg.trainer.output_dir = str(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if dist.get_rank() == 0:  # what tools/evaluate.py --checkpoint rebuilds the policy from
-            from omegaconf import OmegaConf
-
-            OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+        lock = _claim(cfg, run_dir)
         return Trainer(cfg, run_dir).run(stop)
     finally:
+        if lock is not None:
+            lock.release()
         destroy_parallel_state()
+
+
+def _claim(cfg: ClipoConfig, run_dir: Path):
+    """Rank 0 claims ``run_dir`` (:func:`clipo_nemo.trainer.run_directory.claim_run_directory`: its lock,
+    writable checkpoints, an unchanged architecture, config.yaml, the file tools/evaluate.py --checkpoint
+    rebuilds the policy from); its error, if any, is raised on every rank. Returns rank 0's lock."""
+    from omegaconf import OmegaConf
+
+    from clipo_nemo.trainer.run_directory import claim_run_directory
+
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = claim_run_directory(cfg, run_dir, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            for note in lock.notes:
+                print(f"warning: {note}", flush=True)
+        except Exception as err:  # noqa: BLE001 -- every rank raises it below
+            error = err
+    error = broadcast_object(error, src=0)
+    if error is not None:
+        raise error
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return lock
 
