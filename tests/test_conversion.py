@@ -8,6 +8,7 @@ is bit-identical; greedy generation with our rollout engine equals ``transformer
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -407,6 +408,35 @@ def test_tool_verify_prints_the_two_lines_and_catches_a_bad_conversion(converted
     assert result.max_abs_logit_diff > 1e-3 and not result.ok
 
 
+def test_verify_fails_a_checkpoint_with_nan_weights(converted, tmp_path):
+    """max(0.0, nan) is 0.0: the summary used to print max_abs_logit_diff 0 and pass a NaN model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from clipo_nemo.conversion.verify import verify_conversion
+
+    hf_dir, ckpt = converted["qwen2"]
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    name = "decoder.layers.1.mlp.linear_fc2.weight"
+    shard = broken / "weights" / LazyWeights(broken).weight_map[name]
+    tensors = load_file(str(shard))
+    tensors[name][0, 0] = float("nan")  # past the converter's own check, as a disk or a later edit could
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    result = verify_conversion(broken, hf_dir, log=None)
+    assert math.isnan(result.max_abs_logit_diff) and not result.ok
+
+
+def test_nan_max_keeps_a_nan_wherever_it_is():
+    from clipo_nemo.algorithms.checks import nan_max
+
+    assert max(0.0, float("nan")) == 0.0  # why it exists
+    for values in ([float("nan"), 1.0], [1.0, float("nan")], [float("nan")]):
+        assert math.isnan(nan_max(values))
+    assert nan_max([0.5, 2.0], 1.0) == 2.0 and nan_max([], 3.0) == 3.0
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error before anything is written
 # ------------------------------------------------------------------------------------------------
@@ -436,6 +466,8 @@ def _hf_dir_with(directory: Path, config_change=None, state_change=None, kind="q
     ("tokenizer", "tokenizer .* has 32 tokens, more than the model's vocab_size=20"),
     ("tp", "num_attention_heads=4 is not divisible by TP=3"),
     ("no_weights", "no model.safetensors"),
+    ("nan", "model.safetensors: tensor 'model.layers.2.mlp.down_proj.weight' holds 1 non-finite value"),
+    ("inf", "tensor 'model.norm.weight' holds 2 non-finite value"),
 ])
 def test_bad_inputs_fail_before_anything_is_written(tmp_path, case, message):
     from clipo_nemo.conversion.convert import convert_hf
@@ -446,6 +478,8 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path, case, message):
         "extra": dict(state_change=lambda s: s.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})),
         "shape": dict(state_change=lambda s: s.update({"model.layers.3.self_attn.k_proj.weight": torch.zeros(16, 64)})),
         "dtype": dict(state_change=lambda s: s.update({"model.norm.weight": s["model.norm.weight"].bfloat16()})),
+        "nan": dict(state_change=lambda s: s["model.layers.2.mlp.down_proj.weight"].view(-1)[7:8].fill_(float("nan"))),
+        "inf": dict(state_change=lambda s: s["model.norm.weight"][:2].fill_(float("-inf"))),
         "tokenizer": dict(config_change={"vocab_size": 20}, state_change=lambda s: s.update(
             {k: s[k][:20].clone() for k in ("model.embed_tokens.weight", "lm_head.weight")})),
     }

@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from safetensors import safe_open
 
+from clipo_nemo.algorithms.checks import nonfinite_count
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import (
     ConversionError,
@@ -150,6 +151,11 @@ class HFCheckpoint:
             with safe_open(str(self.hf_dir / filename), framework="pt") as handle:
                 for name in file_names:
                     tensors[name] = handle.get_tensor(name)
+                    bad = nonfinite_count(tensors[name])
+                    if bad:
+                        raise ConversionError(
+                            f"{self.hf_dir / filename}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) "
+                            f"of {tensors[name].numel()}: a broken model is not converted")
         return [tensors[name] for name in names]
 
     def stream(self) -> Iterator[Tuple[TensorGroup, List[torch.Tensor]]]:

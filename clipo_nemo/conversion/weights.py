@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clipo_nemo.algorithms.checks import nonfinite_count
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import ConversionError, tensor_groups
 from clipo_nemo.models.policy import TORCH_DTYPES
@@ -133,6 +134,10 @@ class WeightsWriter:
         """Add one canonical tensor (cast to the checkpoint dtype, copied off any shared storage)."""
         if name in self._weight_map or name in self._buffer:
             raise ConversionError(f"tensor {name!r} added twice")
+        bad = nonfinite_count(tensor)
+        if bad:
+            raise ConversionError(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}: "
+                                  "a broken model is not converted")
         tensor = tensor.detach().to(device="cpu", dtype=TORCH_DTYPES[self.dtype_name]).contiguous().clone()
         nbytes = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.shard_size_bytes:
