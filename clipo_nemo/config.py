@@ -41,9 +41,9 @@ class ContrastiveConfig:
     anchors: str = "correct"  # "correct" | "incorrect" | "all" (reference masked_label 0/1/-1); positives
     # share the anchor's correctness; only correct responses receive the contrastive reward
     skip_trivial: bool = True  # false: anchors without a negative count too (without a positive: loss 0)
-    reward_scale: float = 0.2  # lambda in rc = c - lambda * L
+    reward_scale: float = 0.2  # lambda in rc = c - lambda * L (> 0)
     reward_offset: float = 0.0  # c, the reward of responses that are not valid anchors
-    reward_floor: float = -0.5  # rc is clamped from below at this value
+    reward_floor: float = -0.5  # rc is clamped from below at this value (must be < reward_offset)
     warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58)
     seed: int = 1234  # seeds the generator that draws each InfoNCE anchor's positive
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -468,6 +468,20 @@ def _anchor_problems(con: ContrastiveConfig, n: int, responses_per_step: int) ->
     return []
 
 
+def _constant_reward_problems(con: ContrastiveConfig) -> List[str]:
+    """Why the contrastive reward ``max(c - lambda * L, floor)`` (``max(c, floor)`` off the valid
+    anchors) could never depend on the contrastive loss ``L >= 0``: empty when it can."""
+    fix = "or set contrastive.enabled=false (plain RLVR)"
+    if not con.reward_scale > 0:
+        return [f"contrastive.reward_scale={con.reward_scale} must be > 0: at 0 every contrastive reward is "
+                f"contrastive.reward_offset, below 0 a worse contrastive loss earns more; {fix}"]
+    if not con.reward_floor < con.reward_offset:
+        return [f"contrastive.reward_floor={con.reward_floor} must be below contrastive.reward_offset="
+                f"{con.reward_offset}: c - lambda * L never exceeds the offset, so every contrastive reward would be "
+                f"the floor (a sign slip? the default floor is -0.5); {fix}"]
+    return []
+
+
 def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
     """Every value that cannot work, judged from the schema alone (ranges, cross-key arithmetic, the
     layout's divisibility), one message per problem naming the key. The checks that need the
@@ -549,7 +563,7 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
                         "starting weights (trainer.init_from=CKPT: a checkpoint converted by "
                         "tools/convert_hf_to_megatron.py, or a clipo-nemo run) instead of training from random init")
     if con.enabled:
-        problems += _anchor_problems(con, roll.n, trainer.prompts_per_step * roll.n)
+        problems += _anchor_problems(con, roll.n, trainer.prompts_per_step * roll.n) + _constant_reward_problems(con)
     ev, data, verifier = cfg.evaluation, cfg.data, cfg.verifier
     for key, value in (("verifier.timeout_s", verifier.timeout_s), ("verifier.chunk_size", verifier.chunk_size),
                        ("evaluation.k", ev.k), ("evaluation.max_new_tokens", ev.max_new_tokens),
