@@ -30,17 +30,20 @@ from typing import Deque, List, Optional, Sequence
 from clipo_nemo.verifiers.registry import VerifyRequest, VerifyResult, check_request_valid, run_verifier
 
 _READY = "ready"
-_WORKER_COMMAND = "import sys; from clipo_nemo.verifiers.pool import worker_main; worker_main(int(sys.argv[1]), int(sys.argv[2]))"
+# SIGINT is ignored first thing (before the imports): a Ctrl-C to the process group during start-up must not kill it.
+_WORKER_COMMAND = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys; "
+                   "from clipo_nemo.verifiers.pool import worker_main; worker_main(int(sys.argv[1]), int(sys.argv[2]))")
 
 
 def worker_main(fd: int, max_memory_mb: int) -> None:
     """A worker's whole life: announce readiness, then judge chunks of ``(position, request)`` until
     ``None`` arrives, sending one ``(position, result)`` per check as soon as it is known."""
-    # Stop requests are the trainer's: a scheduler may signal every process of the job, and a worker
-    # killed mid-check would give a response reward 0. A worker ends when the trainer closes the pool or
-    # goes away (EOF below).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Stop requests are the trainer's: a scheduler may signal every process of the job, a terminal's
+    # Ctrl-C reaches the whole process group, and a worker killed mid-check would give a response
+    # reward 0 (the trainer finishes and saves the step it is in). A worker ends when the trainer closes
+    # the pool or goes away (EOF below).
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
     conn = Connection(fd)
     if max_memory_mb > 0:
         limit = max_memory_mb * 1024 * 1024
