@@ -132,7 +132,7 @@ class RolloutConfig:
     engine: str = "megatron"  # rollout engine registry name: "megatron" (the policy's own megatron-core model) or
     #   "trtllm" (TensorRT-LLM >= 1.2, its container; weights refitted in place each step; README)
     n: int = 16  # responses sampled per prompt (the group size)
-    temperature: float = 1.0  # sampling temperature; also applied to the log-probs of the update
+    temperature: float = 1.0  # sampling temperature (> 0); also applied to the log-probs of the update
     top_p: float = 1.0  # nucleus sampling (1.0 = off)
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 2048  # response length cap (track I: 2048, track II: 4096)
@@ -512,7 +512,11 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
                        ("parallel.micro_batch_size", cfg.parallel.micro_batch_size),
                        ("parallel.timeout_s", cfg.parallel.timeout_s)):
         positive(key, value)
-    for key, value in (("rollout.temperature", roll.temperature), ("contrastive.warmup_steps", con.warmup_steps),
+    if not roll.temperature > 0:
+        problems.append(f"rollout.temperature={roll.temperature} must be > 0: the update divides the policy's logits by "
+                        "it to score the sampled tokens (greedy rollouts would also give every response of a group "
+                        "the same tokens, hence zero advantage); for greedy evaluation set evaluation.temperature=0")
+    for key, value in (("contrastive.warmup_steps", con.warmup_steps),
                        ("trainer.max_steps", trainer.max_steps), ("trainer.save_every_steps", trainer.save_every_steps),
                        ("parallel.max_tokens_per_micro_batch", cfg.parallel.max_tokens_per_micro_batch),
                        ("algorithm.kl_loss_coef", algo.kl_loss_coef), ("actor.clip_grad", act.clip_grad)):

@@ -169,6 +169,7 @@ def test_group_level_with_one_response_per_prompt_names_the_keys():
     ("data.max_prompt_length=61", "data.max_prompt_length=61 + rollout.max_new_tokens=4 = 65 tokens"),
     ("verifier.chunk_size=0", "verifier.chunk_size=0 must be > 0"),
     ("evaluation.top_p=0", "evaluation.top_p=0.0 must be in (0, 1]"),
+    ("rollout.temperature=0", "rollout.temperature=0.0 must be > 0"),
 ])
 def test_late_failures_are_config_errors(override, message):
     assert message in _problems(load_config(CONF / "tiny.yaml", [override]))

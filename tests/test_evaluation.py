@@ -230,6 +230,18 @@ def test_load_prompt_sets_from_the_configs(tmp_path):
     assert [prompt.problem.row for prompt in sets["toy"]] == [0, 1]  # row 2 has 4 words > 3
     with pytest.raises(FileNotFoundError, match="benchmark 'nope'"):
         load_prompt_sets(EvaluationConfig(data_dir=str(tmp_path), benchmarks=["nope"]), DataConfig(), _WordTokenizer())
+    with pytest.raises(ValueError, match="benchmark 'toy': all 3 prompts are longer than data.max_prompt_length=1"):
+        load_prompt_sets(EvaluationConfig(data_dir=str(tmp_path), benchmarks=["toy"]), DataConfig(max_prompt_length=1),
+                         _WordTokenizer())
+
+
+def test_validation_metrics_leave_the_mean_out_when_nothing_was_scored():
+    from clipo_nemo.trainer.evaluation import ProblemResult, metrics, summarize
+
+    assert metrics(summarize([])) == {}  # was {"val/pass@1_mean": 0.0}: a score for nothing
+    results = [ProblemResult("a", 0, "1", [True], ["ok"], ["1"]), ProblemResult("b", 0, "1", [False], ["wrong"], ["2"])]
+    flat = metrics(summarize(results))
+    assert flat["val/a/pass@1"] == 100.0 and flat["val/b/pass@1"] == 0.0 and flat["val/pass@1_mean"] == 50.0
 
 
 @pytest.mark.skipif(not TEST_DATA.exists(), reason=f"the paper's test sets are not at {TEST_DATA}")

@@ -254,10 +254,7 @@ class Trainer:
             gathered = [None] * self.dp_size
             dist.all_gather_object(gathered, results, group=parallel_state.get_data_parallel_group())
             results = [r for part in gathered for r in part]
-        flat = evaluation.metrics(evaluation.summarize(results))
-        per_benchmark = [v for k, v in flat.items() if k.endswith("/pass@1")]
-        flat["val/pass@1_mean"] = sum(per_benchmark) / max(len(per_benchmark), 1)
-        return flat
+        return evaluation.metrics(evaluation.summarize(results))
 
     # ----------------------------------------------------------------------------------------------
     def run(self, stop: Optional[StopRequested] = None) -> Dict[str, object]:
