@@ -468,6 +468,9 @@ def _hf_dir_with(directory: Path, config_change=None, state_change=None, kind="q
     ("no_weights", "no model.safetensors"),
     ("nan", "model.safetensors: tensor 'model.layers.2.mlp.down_proj.weight' holds 1 non-finite value"),
     ("inf", "tensor 'model.norm.weight' holds 2 non-finite value"),
+    ("truncated", "hf/model.safetensors: not a readable safetensors file .*truncated or corrupt"),
+    ("bad_index", "model.safetensors.index.json: not a JSON index"),
+    ("bad_tokenizer", "hf: the tokenizer cannot be loaded from \\[.*'tokenizer.json'.*\\].*truncated or corrupt"),
 ])
 def test_bad_inputs_fail_before_anything_is_written(tmp_path, case, message):
     from clipo_nemo.conversion.convert import convert_hf
@@ -487,6 +490,14 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path, case, message):
     if case == "no_weights":
         for shard in hf_dir.glob("model*.safetensors*"):
             shard.unlink()
+    if case == "truncated":
+        data = (hf_dir / "model.safetensors").read_bytes()
+        (hf_dir / "model.safetensors").write_bytes(data[:len(data) // 2])
+    if case == "bad_index":
+        (hf_dir / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    if case == "bad_tokenizer":
+        data = (hf_dir / "tokenizer.json").read_bytes()
+        (hf_dir / "tokenizer.json").write_bytes(data[:len(data) // 3])
     with pytest.raises(ConversionError, match=message):
         convert_hf(hf_dir, tmp_path / "out", tensor_parallel_size=3 if case == "tp" else 1, log=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

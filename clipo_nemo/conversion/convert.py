@@ -40,7 +40,12 @@ def check_tokenizer(tokenizer_src: Path, vocab_size: int) -> int:
         raise ConversionError(
             f"{tokenizer_src}: no tokenizer files (tokenizer.json or tokenizer_config.json); pass the tokenizer's directory"
         )
-    size = len(AutoTokenizer.from_pretrained(str(tokenizer_src)))
+    try:
+        size = len(AutoTokenizer.from_pretrained(str(tokenizer_src)))
+    except Exception as err:  # noqa: BLE001 -- tokenizers/transformers raise many types for one verdict
+        files = sorted(p.name for p in Path(tokenizer_src).glob("*token*"))
+        raise ConversionError(f"{tokenizer_src}: the tokenizer cannot be loaded from {files} ({type(err).__name__}: "
+                              f"{str(err)[:300]}); a truncated or corrupt file? Copy it again, or pass --tokenizer DIR") from None
     if size > vocab_size:
         raise ConversionError(
             f"the tokenizer in {tokenizer_src} has {size} tokens, more than the model's vocab_size={vocab_size}"

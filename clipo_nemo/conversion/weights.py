@@ -22,11 +22,12 @@ import dataclasses
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clipo_nemo.algorithms.checks import nonfinite_count
@@ -207,6 +208,18 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(handle.fileno())
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)`` whose failure (a truncated or corrupt file) is a ConversionError naming the file."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ConversionError(f"{path}: not a readable safetensors file ({err}); truncated or corrupt? Copy or "
+                              "download it again") from None
+    with handle:
+        yield handle
+
+
 class LazyWeights(Mapping[str, torch.Tensor]):
     """A checkpoint's canonical tensors by name, each read from its shard when asked for."""
 
@@ -223,7 +236,7 @@ class LazyWeights(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(name)
-        with safe_open(str(self.weights_dir / self.weight_map[name]), framework="pt") as handle:
+        with open_safetensors(self.weights_dir / self.weight_map[name]) as handle:
             return handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
