@@ -122,7 +122,46 @@ def test_hf_config_from_model_round_trips_through_transformers():
         assert model_config_from_hf(reloaded.to_dict()) == model
 
 
+@pytest.mark.parametrize("rope", [
+    # both dicts: transformers reads rope_scaling instead of rope_parameters (conversion used to keep "default")
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+     "rope_scaling": {**LLAMA3_ROPE, "rope_theta": 500000.0}},
+    {"rope_parameters": {"rope_type": "default"}, "rope_scaling": dict(LLAMA3_ROPE), "rope_theta": 300000.0},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 250000.0}, "rope_scaling": {**LLAMA3_ROPE, "factor": 4.0},
+     "rope_theta": 250000.0},
+    {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}},
+    {"rope_scaling": {**LLAMA3_ROPE, "type": "llama3"}, "rope_theta": 123.0},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 40000.0}},
+])
+def test_rope_is_read_as_transformers_reads_it(rope):
+    import warnings
+
+    from transformers import LlamaConfig
+
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 100,
+              "max_position_embeddings": 16384, **rope}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = LlamaConfig.from_dict(dict(config)).rope_parameters  # the oracle: transformers' own reading
+    ours = model_config_from_hf(config)
+    assert ours.rotary_base == theirs["rope_theta"]
+    assert ours.rope_scaling == (theirs.get("rope_type", theirs.get("type")) == "llama3")
+    if ours.rope_scaling:
+        assert ours.rope_scaling_factor == theirs["factor"]
+
+
+def test_contradictory_rope_dicts_are_refused():
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 100,
+              "max_position_embeddings": 16384, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+              "rope_scaling": dict(LLAMA3_ROPE)}  # transformers would use rope_theta 10000 here
+    with pytest.raises(ConversionError, match="rope_parameters with rope_theta=500000.0 and rope_scaling"):
+        model_config_from_hf(config)
+
+
 @pytest.mark.parametrize("change,message", [
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
     ({"architectures": ["MistralForCausalLM"]}, "architectures"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_act": "gelu"}, "hidden_act"),
