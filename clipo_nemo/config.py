@@ -259,6 +259,9 @@ class TrainerConfig:
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
     gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
     require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
+    allow_tokenizer_mismatch: bool = False  # true: train a converted init_from with a trainer.tokenizer whose
+    #   vocabulary differs from the checkpoint's own tokenizer/ (the same ids then mean other words: only for a
+    #   tokenizer known to be compatible); false: such a run is refused at start
 
 
 # --------------------------------------------------------------------------------------------------

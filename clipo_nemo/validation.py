@@ -18,7 +18,7 @@ from clipo_nemo.algorithms.head import HEAD_TYPES
 from clipo_nemo.algorithms.policy_losses import AGG_MODES, OWN_AGG_MODES, POLICY_LOSSES
 from clipo_nemo.checkpoint.recovery import checkpoints_dir, complete_checkpoints
 from clipo_nemo.config import ClipoConfig, ConfigError, architecture_differences, schema_problems
-from clipo_nemo.conversion.weights import is_weights_checkpoint
+from clipo_nemo.conversion.weights import is_weights_checkpoint, tokenizer_dir
 from clipo_nemo.models.policy import RECOMPUTE_MODES, TORCH_DTYPES
 from clipo_nemo.rollout import ROLLOUT_ENGINES
 
@@ -50,6 +50,38 @@ def init_from_problems(cfg: ClipoConfig) -> List[str]:
     return [f"trainer.init_from={init_from!r} is not a clipo-nemo run, one of its checkpoints/step_N, or a converted "
             "checkpoint (a Hugging Face model directory must be converted first: tools/convert_hf_to_megatron.py "
             "--hf DIR --out CKPT)"]
+
+
+def _vocabulary(tokenizer: str, cfg: ClipoConfig) -> dict:
+    """token -> id of the tokenizer ``tokenizer`` (a directory, or "tiny" for the task's own)."""
+    if tokenizer == "tiny":
+        from clipo_nemo.data.tiny_tokenizer import build_task_tokenizer
+
+        return build_task_tokenizer(cfg.task).get_vocab()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer).get_vocab()
+
+
+def tokenizer_problems(cfg: ClipoConfig) -> List[str]:
+    """A ``trainer.tokenizer`` whose vocabulary is not that of the converted ``trainer.init_from``'s own
+    tokenizer (unless ``trainer.allow_tokenizer_mismatch``): its ids would decode to other words."""
+    source, chosen = cfg.trainer.init_from, cfg.trainer.tokenizer
+    if not source or not chosen or cfg.trainer.allow_tokenizer_mismatch or not is_weights_checkpoint(source):
+        return []
+    own = tokenizer_dir(source)
+    if own is None or (chosen != "tiny" and Path(chosen).resolve() == own.resolve()):
+        return []
+    if chosen != "tiny" and not Path(chosen).is_dir():
+        return []  # reported when the tokenizer is loaded
+    theirs, ours = _vocabulary(str(own), cfg), _vocabulary(chosen, cfg)
+    if theirs == ours:
+        return []
+    differing = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda item: item[1])[:3]
+    return [f"trainer.tokenizer={chosen!r} has another vocabulary ({len(ours)} tokens) than the tokenizer of the "
+            f"converted trainer.init_from={source} ({own}, {len(theirs)} tokens; e.g. token/id pairs in only one "
+            f"of them: {differing}): the same ids would decode to other words. Leave trainer.tokenizer empty to use "
+            "the checkpoint's, or set trainer.allow_tokenizer_mismatch=true if this tokenizer is known to fit"]
 
 
 def _changed_architecture(cfg: ClipoConfig, run: Path, role: str) -> List[str]:
@@ -86,6 +118,6 @@ def validate_config(cfg: ClipoConfig, world_size: int = 1) -> None:
                       f"algorithm.loss_agg_mode={algo.loss_agg_mode} applies to the KL and entropy terms only",
                       stacklevel=2)
     problems = registry_problems(cfg) + schema_problems(cfg, world_size) + init_from_problems(cfg)
-    problems += architecture_change_problems(cfg) if not init_from_problems(cfg) else []
+    problems += (architecture_change_problems(cfg) + tokenizer_problems(cfg)) if not init_from_problems(cfg) else []
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -338,3 +338,29 @@ def test_a_contradicting_model_key_stops_the_run_before_it_starts(converted, tmp
     cfg = _tiny_config_without_model(tmp_path, root / "hf")  # an HF directory, not converted
     with pytest.raises(ConfigError, match="must be converted first: tools/convert_hf_to_megatron.py"):
         train(cfg)
+
+
+def test_a_tokenizer_other_than_the_converted_checkpoints_is_refused_unless_allowed(converted, tmp_path):
+    """The same ids decoded to other words, silently (issue 24 point 5)."""
+    import shutil
+
+    from clipo_nemo.config import ConfigError
+    from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+    from clipo_nemo.trainer.loop import use_converted_checkpoint
+    from clipo_nemo.validation import validate_config
+
+    root, _ = converted
+    other = tmp_path / "other_tokenizer"
+    build_tiny_tokenizer(3).save_pretrained(other)  # operands 0..3: another vocabulary, fewer tokens
+    cfg = _tiny_config_without_model(tmp_path, root / "ckpt", f"trainer.tokenizer={other}")
+    use_converted_checkpoint(cfg)
+    with pytest.raises(ConfigError, match=r"trainer.tokenizer='.*other_tokenizer' has another vocabulary .* "
+                                          r"trainer.allow_tokenizer_mismatch=true"):
+        validate_config(cfg)
+    cfg.trainer.allow_tokenizer_mismatch = True
+    validate_config(cfg)
+    same = tmp_path / "same_tokenizer"
+    shutil.copytree(root / "ckpt" / "tokenizer", same)  # the checkpoint's own vocabulary, elsewhere: fine
+    cfg = _tiny_config_without_model(tmp_path, root / "ckpt", f"trainer.tokenizer={same}")
+    use_converted_checkpoint(cfg)
+    validate_config(cfg)
