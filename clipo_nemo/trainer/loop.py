@@ -396,11 +396,18 @@ class Trainer:
         if self.is_logger and target in self.old_checkpoints and target.is_dir():
             moved = recovery.set_aside(target)  # an old checkpoint (skipped at resume) is kept, not replaced
             logger.note(f"{target.name} of the earlier run moved to {moved.name} before saving step {self.step}")
-        save.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
-                             {"step": self.step, "sampler": self.sampler.state_dict()},
-                             keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
-                             reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
-                             asynchronous=self.cfg.trainer.async_save)
+        try:
+            save.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
+                                 {"step": self.step, "sampler": self.sampler.state_dict()},
+                                 keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
+                                 reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
+                                 asynchronous=self.cfg.trainer.async_save)
+        except BaseException as err:  # torch's CheckpointException (a failed write) is a BaseException
+            no_space = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else \
+                save.out_of_space(err, self.run_dir, self.step)
+            if no_space is None:
+                raise
+            raise no_space from err
 
     def _plots(self, history) -> None:
         from clipo_nemo.trainer.plots import plot_embeddings, plot_training_curves
