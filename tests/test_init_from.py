@@ -140,6 +140,21 @@ def test_guard_on_torch_optim_needs_the_models_own_parameters():
         check_optimizer_matches_model(torch.optim.AdamW(list(built_before.parameters())[:2]), model)
 
 
+@pytest.mark.parametrize("optimizer", ["torch", "float16"])
+def test_non_finite_loaded_weights_are_named_not_called_stale(optimizer):
+    """NaN != NaN made a NaN weight read as a stale optimizer copy 'by up to nan' (issue 24 point 11)."""
+    from clipo_nemo.checkpoint.load_guard import NonFiniteWeightsError
+
+    model = _bf16_model(0)
+    opt = _float16_optimizer(model) if optimizer == "float16" else torch.optim.SGD(model.parameters(), lr=0.1)
+    _load(model, seed=1)
+    with torch.no_grad():
+        model[1].weight[2, 5] = float("nan")
+        model[1].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match=r"1.weight holds 2 non-finite value\(s\) \(NaN or inf\) of 24"):
+        sync_optimizer_with_model(opt, model)
+
+
 # --------------------------------------------------------------------------------------------------
 # The model description: config keys filled from a converted checkpoint, contradictions refused
 # --------------------------------------------------------------------------------------------------
