@@ -565,6 +565,46 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
     assert is_weights_checkpoint(tmp_path / "out")
 
 
+def test_sigterm_mid_conversion_leaves_no_hidden_folder(tmp_path):
+    """SIGTERM used to end the tool at once, leaving .tmp-<out> until the next conversion to that path."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    hf_dir = _save_hf_dir(tmp_path / "hf", tiny_hf_model("qwen2"))
+    root = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(root / "tools")!r})
+        from clipo_nemo.conversion import hf_checkpoint
+        real_read, calls = hf_checkpoint.HFCheckpoint.read, []
+        def read_slowly(self, names):  # holds the conversion in layer 1 until the signal comes
+            calls.append(names)
+            if len(calls) == 6:
+                print("mid-conversion", flush=True)
+                time.sleep(120)
+            return real_read(self, names)
+        hf_checkpoint.HFCheckpoint.read = read_slowly
+        import convert_hf_to_megatron
+        sys.exit(convert_hf_to_megatron.main(["--hf", {str(hf_dir)!r}, "--out", {str(tmp_path / "out")!r}]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        lines = []
+        while not lines or lines[-1].strip() != "mid-conversion":
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+        assert (tmp_path / ".tmp-out").is_dir()  # the conversion is under way
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_tied_model_storing_a_copy_of_the_embedding_as_lm_head(tmp_path):
     """Some tied checkpoints also store lm_head.weight: accepted as an exact copy, refused otherwise."""
     from clipo_nemo.conversion.convert import convert_hf

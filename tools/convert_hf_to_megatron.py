@@ -27,7 +27,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clipo_nemo.conversion.convert import DTYPE_CHOICES, convert_hf
+from clipo_nemo.conversion.convert import DTYPE_CHOICES, convert_hf, exit_on_stop_signals
 from clipo_nemo.conversion.mapping import ConversionError
 
 
@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    exit_on_stop_signals()  # a SIGTERM mid-conversion leaves no hidden .tmp-<out> folder
     warnings.filterwarnings("ignore", module="megatron")
     if args.nemo and args.verify:
         print("convert_hf_to_megatron.py: --verify compares against transformers and needs --hf", file=sys.stderr)
