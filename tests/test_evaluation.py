@@ -81,6 +81,21 @@ def test_fixed_per_problem_file_reproduces_hand_computed_aggregates(tmp_path):
     assert summarize(read_per_problem(tmp_path / "out" / "per_problem.jsonl")) == report
 
 
+def test_an_earlier_report_is_not_overwritten_silently(tmp_path):
+    per_problem = _write_fixed(tmp_path / "per_problem.jsonl", FIXED)
+    out = tmp_path / "out"
+    assert evaluate_tool.main(["--per-problem", str(per_problem), "--out", str(out)]) == 0
+    first = (out / "results.json").read_text()
+    _write_fixed(per_problem, {"gsm8k": FIXED["gsm8k"]})  # another evaluation, same --out
+    with pytest.raises(SystemExit, match="already holds a report .*pass --overwrite"):
+        evaluate_tool.main(["--per-problem", str(per_problem), "--out", str(out)])
+    assert (out / "results.json").read_text() == first
+    with pytest.raises(FileExistsError, match="already holds a report"):
+        write_report(read_per_problem(per_problem), out)
+    assert evaluate_tool.main(["--per-problem", str(per_problem), "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["benchmarks"].keys() == {"gsm8k"}
+
+
 def test_aggregates_need_every_member_benchmark(tmp_path):
     results = read_per_problem(_write_fixed(tmp_path / "p.jsonl", ["gsm8k", "gsm_symbolic", "gsm_p1", "gsm_p2", "mmlu2k", "aime"]))
     summary = summarize(results)

@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clipo_nemo.trainer.evaluation import load_benchmarks, markdown_table, read_per_problem, read_responses, score, write_report
+from clipo_nemo.trainer.evaluation import (existing_reports, load_benchmarks, markdown_table, read_per_problem,
+                                           read_responses, score, write_report)
 from clipo_nemo.verifiers import VerifierPool
 
 
@@ -59,12 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="default: the run's evaluation.max_new_tokens (2048 for --hf-model)")
     parser.add_argument("--skip-bad-lines", action="store_true", help="--responses: leave out lines that are not "
                         "UTF-8, not JSON or not a {benchmark, index, response} record (listed on stderr) instead of stopping")
-    parser.add_argument("--out", required=True, help="output folder for the reports")
+    parser.add_argument("--out", required=True, help="output folder for the reports (not one holding a report)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report already in --out")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if existing_reports(args.out) and not args.overwrite:  # before any generation, not after it
+        raise SystemExit(f"evaluate.py: {args.out} already holds a report ({', '.join(existing_reports(args.out))}): "
+                         "choose another --out, or pass --overwrite to replace it")
     try:
         if args.checkpoint or args.hf_model:
             results = generate_and_score(args)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"evaluate.py: {exc}") from None
     if not results:
         raise SystemExit("evaluate.py: nothing to score (no problems or responses): no report written")
-    summary = write_report(results, args.out)
+    summary = write_report(results, args.out, overwrite=args.overwrite)
     print(markdown_table(summary))
     print(f"reports written to {args.out}/ (results.json, results.md, results.csv, per_problem.jsonl)")
     return 0

@@ -207,9 +207,21 @@ def _table(title: str, names: List[str], values: List[Optional[float]]) -> str:
     return f"### {title}\n\n| {' | '.join(names)} |\n|{'---|' * len(names)}\n| {' | '.join(cells)} |\n"
 
 
-def write_report(results: Sequence[ProblemResult], out_dir: str | Path) -> Dict[str, Dict]:
-    """Write ``per_problem.jsonl``, ``results.json``, ``results.md`` and ``results.csv``; return the summary."""
+REPORT_FILES = ("per_problem.jsonl", "results.json", "results.md", "results.csv")
+
+
+def existing_reports(out_dir: str | Path) -> List[str]:
+    """The report files :func:`write_report` would replace in ``out_dir``."""
+    return [name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
+
+
+def write_report(results: Sequence[ProblemResult], out_dir: str | Path, overwrite: bool = False) -> Dict[str, Dict]:
+    """Write ``per_problem.jsonl``, ``results.json``, ``results.md`` and ``results.csv``; return the summary.
+    An earlier report in ``out_dir`` is a FileExistsError unless ``overwrite``."""
     out_dir = Path(out_dir)
+    if existing_reports(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a report ({', '.join(existing_reports(out_dir))}): choose "
+                              "another output folder, or overwrite it explicitly")
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "per_problem.jsonl", "w", encoding="utf-8") as per_problem:
         for result in results:
