@@ -146,6 +146,9 @@ def test_a_fresh_start_keeps_the_earlier_config_in_the_history(tmp_path):
     claim_run_directory(_tiny(run, "model.vocab_size=64"), run, "second").release()
     assert (run / "config.yaml").read_text() == "second"
     assert [p.read_text() for p in (run / CONFIG_HISTORY).iterdir()] == ["first"]
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')  # logged steps, no checkpoint: the run will stop, config kept
+    claim_run_directory(_tiny(run), run, "third").release()
+    assert (run / "config.yaml").read_text() == "second"
 
 
 def test_init_from_a_run_with_another_architecture_names_key_and_both_values(tmp_path):

@@ -119,7 +119,7 @@ def check_checkpoints_writable(run_dir: Path) -> None:
 def write_config(run_dir: Path, config_yaml: str, resuming: bool) -> Optional[Path]:
     """Keep ``run_dir/config.yaml`` the config its checkpoints were trained with, and every other one.
 
-    A resume (``resuming``: the directory holds a complete checkpoint) leaves ``config.yaml`` as it is
+    A resume (``resuming``: the directory holds a checkpoint or logged steps) leaves ``config.yaml`` as it is
     and adds its own config to ``config_history/``; a fresh start in a directory with an older
     ``config.yaml`` (of a run that never saved) moves that one to ``config_history/`` first. Returns the
     path written to ``config_history/``, if any."""
@@ -154,7 +154,9 @@ def claim_run_directory(cfg, run_dir: Path, config_yaml: str) -> RunLock:
             raise ConfigError("the model's architecture differs from the checkpoints it would load (a checkpoint "
                               "loads only into the architecture it was saved from; use a new trainer.output_dir "
                               "for another architecture):\n  - " + "\n  - ".join(problems))
-        write_config(run_dir, config_yaml, resuming=bool(complete_checkpoints(checkpoints_dir(run_dir))))
+        # Logged steps without a checkpoint stop the run later (recovery.check_fresh_start): keep their config too.
+        earlier_run = bool(complete_checkpoints(checkpoints_dir(run_dir))) or (run_dir / "metrics.jsonl").is_file()
+        write_config(run_dir, config_yaml, resuming=earlier_run)
     except BaseException:
         lock.release()
         raise
