@@ -130,7 +130,7 @@ class RolloutConfig:
     """Generation of the training responses."""
 
     engine: str = "megatron"  # rollout engine registry name: "megatron" (the policy's own megatron-core model) or
-    #   "trtllm" (TensorRT-LLM >= 1.2, its container; weights refitted in place each step; README)
+    #   "trtllm" (TensorRT-LLM 1.2.x, its container; weights refitted in place each step; README)
     n: int = 16  # responses sampled per prompt (the group size)
     temperature: float = 1.0  # sampling temperature (> 0); also applied to the log-probs of the update
     top_p: float = 1.0  # nucleus sampling (1.0 = off)
@@ -140,9 +140,19 @@ class RolloutConfig:
     seed: int = 1234  # base seed; each request's sampling is seeded from it
     max_batch_size: Optional[int] = None  # most responses decoded together; None = as many as kv_cache_gb allows
     kv_cache_gb: float = 16.0  # KV-cache budget per GPU for one generation chunk (GiB); sets the rows decoded together
-    trtllm_kv_cache_fraction: float = 0.4  # engine=trtllm: share of the GPU memory left free after the weights
-    #   that TensorRT-LLM's KV cache takes (KvCacheConfig.free_gpu_memory_fraction); released while training
+    trtllm_kv_cache_fraction: float = 0.4  # engine=trtllm: upper bound on the share of the GPU memory free at engine
+    #   start that TensorRT-LLM's KV cache takes (KvCacheConfig.free_gpu_memory_fraction); released while training
+    trtllm_kv_cache_gb: float = 16.0  # engine=trtllm: the engine's KV cache per GPU in GiB (KvCacheConfig.max_tokens
+    #   = this / one token's KV bytes at TP x PP); the layout planner counts it next to the trainer's memory
     trtllm_refit_bucket_mb: float = 512.0  # engine=trtllm: MiB of HF tensors per weight-update call of a refit
+    trtllm_dtype: str = "bfloat16"  # engine=trtllm: the engine's weight/compute dtype, "bfloat16" | "float16"
+    #   (TensorRT-LLM's attention backend serves no float32); the refit casts the policy's weights to it
+    trtllm_sleep_weights: bool = True  # engine=trtllm: release the engine's weights while training too (TRT-LLM
+    #   1.2 copies them to pinned host memory and back each step); false keeps them on the GPU (no copy, the
+    #   planner counts them during training)
+    trtllm_refit_check_tolerance: float = 0.05  # engine=trtllm: after each refit, the largest allowed mean
+    #   |logp_engine - logp_trainer| over a fixed 8-token probe; above it the run stops (a misnamed tensor)
+    trtllm_gpus_per_node: int = 8  # engine=trtllm: GPUs per node; one engine serves TP x PP GPUs of one node
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +266,8 @@ class TrainerConfig:
     #   by the next save or the end of the run
     max_consecutive_nonfinite: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient
     plot_embeddings: bool = True  # save head embeddings at the first and last step for the Figure-4 plot
+    log_level: str = "info"  # "info": our start-up lines, the progress bar and the summary, with the library
+    #   messages listed in clipo_nemo/console.py filtered out; "debug": those shown too (tools: --log-level)
     seed: int = 1234  # seeds rollouts and anything else stochastic in the loop
     gpu_memory_gib: float = 80.0  # per-GPU memory the layout planner checks the run against at start (0 = no check)
     require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
@@ -364,6 +376,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
 
+
+# trainer.log_level's values (clipo_nemo.console applies them).
+LOG_LEVELS = ("info", "debug")
 
 # The model.* keys that fix a converted checkpoint's weights: a config may only repeat them.
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -506,6 +521,7 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
         problems.append(f"contrastive.eps={con.eps} must be >= 0")
     choice("contrastive.head.tp_mode", con.head.tp_mode, ("replicated", "column"))
     choice("actor.optimizer", act.optimizer, ("adamw", "sgd"))
+    choice("trainer.log_level", trainer.log_level, LOG_LEVELS)
     for key, value in (("contrastive.temperature", con.temperature), ("contrastive.head.dim", con.head.dim),
                        ("actor.lr", act.lr), ("actor.ppo_epochs", act.ppo_epochs),
                        ("actor.num_mini_batches", act.num_mini_batches), ("rollout.n", roll.n),
@@ -549,6 +565,15 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
         if not 0 < roll.trtllm_kv_cache_fraction < 1:
             problems.append(f"rollout.trtllm_kv_cache_fraction={roll.trtllm_kv_cache_fraction} must lie in (0, 1)")
         positive("rollout.trtllm_refit_bucket_mb", roll.trtllm_refit_bucket_mb)
+        positive("rollout.trtllm_kv_cache_gb", roll.trtllm_kv_cache_gb)
+        positive("rollout.trtllm_refit_check_tolerance", roll.trtllm_refit_check_tolerance)
+        if roll.trtllm_dtype not in ("bfloat16", "float16"):
+            problems.append(f"rollout.trtllm_dtype={roll.trtllm_dtype!r}: TensorRT-LLM's engine serves 'bfloat16' or "
+                            "'float16' (the refit casts the policy's weights)")
+        if mp > roll.trtllm_gpus_per_node:
+            problems.append(f"rollout.engine=trtllm runs one engine per model-parallel group on one node, but TP x PP "
+                            f"= {mp} exceeds rollout.trtllm_gpus_per_node={roll.trtllm_gpus_per_node} (a group spanning "
+                            "nodes would wait for GPUs its private Ray cluster does not have)")
         if cfg.model.num_attention_heads % mp:
             problems.append(f"rollout.engine=trtllm generates with tensor parallel = TP x PP = {mp}, which must divide "
                             f"model.num_attention_heads={cfg.model.num_attention_heads}")

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clipo_nemo.console import add_log_level_argument, setup_console
 from clipo_nemo.conversion.convert import DTYPE_CHOICES, convert_hf, exit_on_stop_signals
 from clipo_nemo.conversion.mapping import ConversionError
 
@@ -45,13 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --hf, or the NeMo checkpoint's)")
     parser.add_argument("--shard-size-mb", type=float, default=2048, help="largest output safetensors shard")
     parser.add_argument("--verify", action="store_true", help="compare the result with transformers afterwards")
+    add_log_level_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     exit_on_stop_signals()  # a SIGTERM mid-conversion leaves no hidden .tmp-<out> folder
-    warnings.filterwarnings("ignore", module="megatron")
+    setup_console(args.log_level)
     if args.nemo and args.verify:
         print("convert_hf_to_megatron.py: --verify compares against transformers and needs --hf", file=sys.stderr)
         return 2

@@ -33,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clipo_nemo.config import EvaluationConfig
+from clipo_nemo.console import add_log_level_argument, setup_console
 from clipo_nemo.trainer.evaluation import (existing_reports, load_benchmarks, markdown_table, read_per_problem,
                                            read_responses, score, write_report)
 from clipo_nemo.verifiers import VerifierPool
@@ -49,24 +51,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="../shared/data/clipo/test", help="folder with <benchmark>.parquet")
     parser.add_argument("--benchmarks", nargs="*", help="benchmarks to generate for (generation modes)")
     parser.add_argument("--k", type=int, default=1, help="samples per problem (track I: 1, track II: 16)")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--temperature", type=float, default=EvaluationConfig.temperature)
+    parser.add_argument("--top-p", type=float, default=EvaluationConfig.top_p)
     parser.add_argument("--timeout-s", type=float, default=5.0, help="hard limit per verification")
     parser.add_argument("--workers", type=int, default=0, help="verifier processes (0 = one per CPU)")
     parser.add_argument("--engine", choices=("megatron", "trtllm"), default=None,
                         help="rollout engine to sample with (default: the run's rollout.engine; megatron for converted "
-                             "checkpoints); trtllm needs TensorRT-LLM >= 1.2 (its NGC container)")
+                             "checkpoints); trtllm needs TensorRT-LLM 1.2.x (the Dockerfile's trtllm image)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: the run's evaluation.max_new_tokens (2048 for --hf-model)")
     parser.add_argument("--skip-bad-lines", action="store_true", help="--responses: leave out lines that are not "
                         "UTF-8, not JSON or not a {benchmark, index, response} record (listed on stderr) instead of stopping")
     parser.add_argument("--out", required=True, help="output folder for the reports (not one holding a report)")
     parser.add_argument("--overwrite", action="store_true", help="replace the report already in --out")
+    add_log_level_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_console(args.log_level)
     if existing_reports(args.out) and not args.overwrite:  # before any generation, not after it
         raise SystemExit(f"evaluate.py: {args.out} already holds a report ({', '.join(existing_reports(args.out))}): "
                          "choose another --out, or pass --overwrite to replace it")

@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clipo_nemo.console import add_log_level_argument, setup_console  # noqa: E402
 from clipo_nemo.conversion.convert import exit_on_stop_signals  # noqa: E402
 from clipo_nemo.conversion.hf_writer import export_to_hf, parse_size  # noqa: E402
 from clipo_nemo.conversion.mapping import SUPPORTED_ARCHITECTURES, ConversionError  # noqa: E402
@@ -35,8 +36,10 @@ def main(argv=None) -> int:
                         help="HF architecture (default: recorded by the converted init_from checkpoint, else inferred)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the written weights (default: the run's model.params_dtype)")
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
     exit_on_stop_signals()  # a SIGTERM mid-export leaves no hidden .tmp-<out> folder
+    setup_console(args.log_level)
     try:
         index = export_to_hf(args.checkpoint, args.out, parse_size(args.shard_size), args.architecture, args.dtype)
     except ConversionError as err:

@@ -2,6 +2,7 @@
 # The project's GPU checks (one GPU, a few minutes). CI has no GPU: nothing here runs there.
 #
 #   bash tools/gpu_check.sh                       # from the repository root, on a machine with CUDA torch
+#   bash tools/gpu_check.sh trtllm                # rollout.engine=trtllm only (the Dockerfile's trtllm image)
 #   GPU_CHECK_WHEELS=/path/to/wheels GPU_CHECK_SKIP="memprobe" OUT=/tmp/out bash tools/gpu_check.sh
 #
 # Dependencies: torch with CUDA, numpy, transformers, safetensors, psutil, pandas, pyarrow must be
@@ -21,6 +22,11 @@
 #              chunked fused pass vs a full-vocabulary fp32 reference, forward and backward
 #   plan       the layout planner's per-component estimates vs torch.cuda memory measured on a few-layer
 #              model at Qwen2.5-7B width (weights, gradient buffer, optimizer state, activations, log-probs)
+#   trtllm     (`gpu_check.sh trtllm`, in the TensorRT-LLM 1.2 container, < 5 min): the trtllm engine at TP1
+#              on random weights of a small Qwen2 shape: workers on the trainer's GPU (device UUIDs), log-probs
+#              of the sampled tokens within 0.05 mean |diff| of the trainer's at T=1 and T=0.6, same seeds ->
+#              same tokens, a refit that moves them as the trainer's moved, memory after wake-up vs the planner.
+#              Runs without expandable segments (CUDA IPC handles).
 set -uo pipefail
 
 ROOT=$(pwd)
@@ -29,10 +35,14 @@ OUT=${OUT:-$ROOT/gpu_check_out}
 SITE=${GPU_CHECK_SITE:-/tmp/clipo_gpu_site}
 WHEELS=${GPU_CHECK_WHEELS:-$ROOT/../shared/gpu/wheels}
 SKIP=" ${GPU_CHECK_SKIP:-} "
+MODE=${1:-all}
+[[ $MODE == all || $MODE == trtllm ]] || { echo "usage: bash tools/gpu_check.sh [trtllm]"; exit 2; }
+ALLOC_CONF=expandable_segments:True
+[[ $MODE == trtllm ]] && ALLOC_CONF=  # the engine imports the policy's weights through CUDA IPC handles
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1 MPLBACKEND=Agg
-export TOKENIZERS_PARALLELISM=false CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export TOKENIZERS_PARALLELISM=false CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=$ALLOC_CONF
 
 [[ -d $ROOT/clipo_nemo ]] || { echo "run from the clipo-nemo repository root"; exit 2; }
 
@@ -75,10 +85,14 @@ export -f tiny
 export PY
 
 check env 90 $PY tools/gpu_checks.py env
-check guard 120 $PY tools/gpu_checks.py guard
-check tiny 240 bash -c tiny
-check memprobe 150 $PY tools/gpu_checks.py memprobe
-check plan 150 $PY tools/gpu_checks.py plan
+if [[ $MODE == trtllm ]]; then
+  check trtllm 300 $PY tools/gpu_checks.py trtllm
+else
+  check guard 120 $PY tools/gpu_checks.py guard
+  check tiny 240 bash -c tiny
+  check memprobe 150 $PY tools/gpu_checks.py memprobe
+  check plan 150 $PY tools/gpu_checks.py plan
+fi
 echo "===== summary"
 cat "$OUT/summary.txt"
 ((FAILED == 0))

@@ -2,7 +2,7 @@
 """The checks behind ``tools/gpu_check.sh`` (one CUDA GPU). Each prints ``RESULT <name> PASS|FAIL|SKIP
 <detail>`` lines and exits 1 if any FAILed.
 
-    python tools/gpu_checks.py env | guard | memprobe | plan
+    python tools/gpu_checks.py env | guard | memprobe | plan | trtllm
 """
 from __future__ import annotations
 
@@ -211,16 +211,99 @@ def cmd_plan(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+def _mean_abs(a, b) -> float:
+    known = ~torch.isnan(a.double()) & ~torch.isnan(b)
+    return float((a.double()[known] - b[known]).abs().mean())
+
+
+def cmd_trtllm(args) -> None:
+    """rollout.engine=trtllm at TP1 on one GPU (random weights, a small Qwen2 shape, nothing converted):
+    placement, the sampled tokens' log-probs vs the trainer's, a refit, memory after wake-up."""
+    from clipo_nemo.conversion.verify import response_logprobs
+    from clipo_nemo.parallel.state import destroy_parallel_state, init_parallel_state
+    from clipo_nemo.planner import GIB, plan_memory
+    from clipo_nemo.rollout import GenerationParams, build_rollout_engine
+    from clipo_nemo.rollout.trtllm_placement import local_gpu
+    from clipo_nemo.trainer.actor import Actor
+    from clipo_nemo.trainer.loop import load_tokenizer
+
+    cfg = tiny_config(["rollout.engine=trtllm", "model.params_dtype=bfloat16", "model.hidden_size=256",
+                       "model.ffn_hidden_size=768", "model.num_attention_heads=4", "model.num_query_groups=2",
+                       "model.add_qkv_bias=true", "model.max_position_embeddings=256", "rollout.trtllm_kv_cache_gb=2",
+                       "rollout.max_batch_size=64", "rollout.max_new_tokens=24", "data.max_prompt_length=16",
+                       "algorithm.kl_loss_coef=0", "contrastive.enabled=false",
+                       f"trainer.output_dir=/tmp/clipo_trtllm_check_{os.getpid()}"])
+    init_parallel_state(cfg.parallel)
+    try:
+        actor = Actor.build(cfg)
+        with torch.no_grad():  # peaked distributions: a log-prob of the wrong token or temperature shows
+            for param in actor.module.parameters():
+                param.mul_(2.0)
+        engine = build_rollout_engine(cfg.rollout, model=actor.module, tokenizer=load_tokenizer(cfg), cfg=cfg)
+        prompts = [[(5 * i + j) % cfg.model.vocab_size for j in range(6 + i)] for i in range(8)]
+        seeds = list(range(100, 108))
+        outs = {}
+        for temperature in (1.0, 0.6):
+            params = GenerationParams(n=4, max_new_tokens=24, temperature=temperature)
+            outs[temperature] = out = engine.generate(prompts, params, seeds)
+            diff = _mean_abs(out.logprobs, response_logprobs(actor.module, prompts, out, temperature,
+                                                             cfg.model.vocab_size))
+            ends = sum(int(r == "stop") for r in out.finish_reasons)
+            # the same check against the untempered distribution must fail, or it proves nothing
+            raw = _mean_abs(out.logprobs, response_logprobs(actor.module, prompts, out, 1.0, cfg.model.vocab_size))
+            telling = temperature == 1.0 or raw > 0.1
+            result(f"trtllm-logprobs-T{temperature:g}", "PASS" if diff < 0.05 and telling else "FAIL",
+                   f"mean|logp_engine - logp_trainer| = {diff:.4f} over {int((~out.logprobs.isnan()).sum())} sampled "
+                   f"tokens (limit 0.05; vs the T=1 distribution: {raw:.4f}); {ends} of {len(out.finish_reasons)} "
+                   "responses ended with the end token")
+        workers, mine = engine.llm._executor.report_device_ids(), local_gpu()[2]
+        result("trtllm-placement", "PASS" if workers == [mine] else "FAIL", f"workers {workers}, trainer GPU {mine}")
+        again = engine.generate(prompts, GenerationParams(n=4, max_new_tokens=24, temperature=0.6), seeds)
+        same = torch.equal(again.tokens, outs[0.6].tokens)
+        result("trtllm-seeds", "PASS" if same else "FAIL", "same seeds, same weights: same tokens" if same else
+               "same seeds and weights gave other tokens")
+
+        engine.release()
+        free_asleep = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+        with torch.no_grad():
+            for param in actor.module.parameters():
+                param.mul_(1.25)
+        params = GenerationParams(n=4, max_new_tokens=24, temperature=1.0)
+        changed = engine.generate(prompts, params, seeds)
+        trainer_after = response_logprobs(actor.module, prompts, changed, 1.0, cfg.model.vocab_size)
+        with torch.no_grad():
+            for param in actor.module.parameters():
+                param.div_(1.25)
+        trainer_before = response_logprobs(actor.module, prompts, changed, 1.0, cfg.model.vocab_size)
+        follows, stale = _mean_abs(changed.logprobs, trainer_after), _mean_abs(changed.logprobs, trainer_before)
+        result("trtllm-refit", "PASS" if follows < 0.05 and stale > 4 * max(follows, 0.01) else "FAIL",
+               f"after the trainer's weights changed: mean|engine - trainer(new)| = {follows:.4f}, "
+               f"mean|engine - trainer(old)| = {stale:.4f}; probe {engine.probe_mismatch:.4f}; "
+               f"sleep/wake seconds {', '.join(f'{k}={v:.2f}' for k, v in engine.timings.items())}")
+        if not torch.cuda.is_available():
+            result("trtllm-memory", "SKIP", "no CUDA device")
+            return
+        free, total = torch.cuda.mem_get_info()
+        used, planned = total - free, plan_memory(cfg, 1, total / GIB).totals["rollout"]
+        result("trtllm-memory", "PASS" if free > 0.05 * total else "FAIL",
+               f"after wake-up {used / GIB:.2f} GiB of {total / GIB:.1f} GiB in use (asleep: "
+               f"{(total - free_asleep) / GIB:.2f} GiB); the planner's rollout phase: {planned / GIB:.2f} GiB")
+    finally:
+        destroy_parallel_state()
+
+
+# ------------------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=("env", "guard", "memprobe", "plan"))
+    parser.add_argument("check", choices=("env", "guard", "memprobe", "plan", "trtllm"))
     parser.add_argument("--tokens", type=int, default=4608, help="memprobe, plan: tokens per sequence")
     parser.add_argument("--layers", type=int, default=2, help="plan: transformer layers of the probe model")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     clock = time.perf_counter()
     try:
-        {"env": cmd_env, "guard": cmd_guard, "memprobe": cmd_memprobe, "plan": cmd_plan}[args.check](args)
+        {"env": cmd_env, "guard": cmd_guard, "memprobe": cmd_memprobe, "plan": cmd_plan,
+         "trtllm": cmd_trtllm}[args.check](args)
     except Exception as exc:  # a crash is a FAIL line too, with the traceback in the log
         traceback.print_exc()
         result(args.check, "FAIL", f"{type(exc).__name__}: {str(exc)[:300]}")

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clipo_nemo.config import load_config  # noqa: E402
+from clipo_nemo.console import add_log_level_argument, setup_console  # noqa: E402
 from clipo_nemo.planner import GIB, plan_memory, recommendations  # noqa: E402
 
 
@@ -50,7 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--local-attention", action="store_true",
                         help="plan for megatron's local (unfused) attention: GPUs without Transformer Engine")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
+    setup_console(args.log_level)
 
     cfg = load_config(ROOT / "examples" / "conf" / f"{args.config_name}.yaml", args.overrides)
     par = cfg.parallel

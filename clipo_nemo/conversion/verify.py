@@ -67,6 +67,26 @@ def full_logits(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int) -
     return infos[0] if infos else None
 
 
+def response_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], output, temperature: float,
+                      vocab_size: int) -> Optional[torch.Tensor]:
+    """The megatron model's own log-prob of every generated token of a rollout ``output`` (a
+    :class:`clipo_nemo.rollout.base.RolloutOutput` with ``logprobs``), under ``softmax(logits / T)``:
+    [N, T] float64 on the CPU, NaN past each response; None off the last pipeline stage. Collective
+    over the model-parallel group (:func:`full_logits`)."""
+    rows = [list(prompts[int(i)]) + output.response(r) for r, i in enumerate(output.prompt_index)]
+    width = max(len(r) for r in rows)
+    logits = full_logits(model, torch.tensor([r + [0] * (width - len(r)) for r in rows]), vocab_size)
+    if logits is None:
+        return None
+    logp = torch.log_softmax(logits.double().cpu() / temperature, -1)
+    result = torch.full(output.logprobs.shape, float("nan"), dtype=torch.float64)
+    for r, row in enumerate(rows):
+        start = len(prompts[int(output.prompt_index[r])])
+        for t in range(start, len(row)):
+            result[r, t - start] = logp[r, t - 1, row[t]]
+    return result
+
+
 def _prompt_ids(tokenizer, prompts: Sequence[str]) -> List[List[int]]:
     return [tokenizer(prompt)["input_ids"] for prompt in prompts]
 

@@ -98,6 +98,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig):
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # no CUDA graphs; megatron's default "full" is deprecated (a warning per build)
         **recompute_settings(model),
     )
 

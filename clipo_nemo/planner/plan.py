@@ -21,6 +21,9 @@ global [b n_h / t, s, s] score buffer, allocated at the first training forward a
 (Generation prefills use it too, at [prompts n_h / t, p, p]: smaller than a training micro-batch's
 for these configs, and their softmax transients are not modelled.)
 
+With ``rollout.engine=trtllm`` the rollout phase holds the TensorRT-LLM engine's weights and KV
+cache instead of the megatron engine's KV cache and logits (:mod:`clipo_nemo.planner.trtllm`).
+
 Each phase gets a framework overhead: :data:`OVERHEAD_FIXED_GIB` (CUDA context, cuBLAS/cuDNN
 workspaces, NCCL communicators) plus :data:`OVERHEAD_FRACTION` of the phase's tensors (allocator
 fragmentation). Both are estimates (not calibrated on a GPU here). The plan is made for the worst
@@ -33,13 +36,14 @@ from typing import Dict, List, Optional
 
 from clipo_nemo.config import ClipoConfig, max_sequence_length
 from clipo_nemo.planner import components as c
+from clipo_nemo.planner.trtllm import apply_trtllm_engine
 
 GIB = 1024 ** 3
 OVERHEAD_FIXED_GIB = 2.5
 OVERHEAD_FRACTION = 0.08
 PHASES = ("rollout", "logprobs", "update")
 COMPONENTS = ("weights", "gradients", "optimizer", "reference", "head", "contrastive", "activations", "attention_buffer",
-              "logprob_pass", "kv_cache", "generation_logits", "overhead")
+              "logprob_pass", "kv_cache", "generation_logits", "engine_weights", "engine_kv_cache", "overhead")
 
 
 class MemoryPlanError(ValueError):
@@ -247,6 +251,8 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
                    # freed before the layers' backward: only what exceeds the attention's transient
                    "logprob_pass": update_peak - saved - attention},
     }
+    if cfg.rollout.engine == "trtllm":
+        apply_trtllm_engine(cfg, phases, notes)
     for parts in phases.values():
         for name in COMPONENTS:
             parts.setdefault(name, 0)

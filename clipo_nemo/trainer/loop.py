@@ -23,9 +23,11 @@ import torch.distributed as dist
 
 from clipo_nemo.algorithms.advantages import zero_variance_groups
 from clipo_nemo.config import ClipoConfig, apply_checkpoint_model
+from clipo_nemo.console import say
 from clipo_nemo.validation import validate_config
 from clipo_nemo.data.prompts import Prompt
 from clipo_nemo.parallel.gather import all_reduce_values, broadcast_object
+from clipo_nemo.trainer.run_report import describe_run, memory_line, next_steps
 from clipo_nemo.trainer.experience import (Rollouts, SampledGroup, build_experience, engine_generate_fn, generate,
                                            logprob_mismatch_metrics, rollout_logprobs, verify)
 from clipo_nemo.trainer.step import ClipoHead, learn_from_experience
@@ -286,12 +288,14 @@ class Trainer:
             logger.note(f"resumed from {point.checkpoint} at step {self.step}")
         elif cfg.trainer.init_from:
             logger.note(f"initialised from {cfg.trainer.init_from}")
-        logger.note(weights_note)
+        if state is not None or cfg.trainer.init_from or self.weights_check.reloaded:
+            logger.note(weights_note)  # what the load guard found (a fresh run loads nothing)
         data_lines, data_counts = self._data_report()
         for line in data_lines:
             logger.note(line)
         stop = stop or StopRequested()
         status = "completed"
+        logger.start()  # the progress bar, below the start-up lines
         try:
             while self.step < cfg.trainer.max_steps:
                 metrics = self.train_one_step()
@@ -328,7 +332,9 @@ class Trainer:
         if self.is_logger:
             self._plots(logger.history)
             counts = "\n".join(line for line in data_lines if line.startswith("data "))
-            print(f"\n== clipo-nemo run {status} ==\nrun directory: {self.run_dir}\n{counts}\n{summary}", flush=True)
+            after = "\n".join(next_steps(cfg, self.run_dir))
+            print(f"\n== clipo-nemo run {status} ==\nrun directory: {self.run_dir}\n{counts}\n{summary}\n{after}",
+                  flush=True)
         return {"status": status, "step": self.step, "history": logger.history}
 
     def _data_report(self) -> (List[str], Dict[str, float]):
@@ -444,15 +450,17 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
     stop = StopRequested()  # first: a stop request while the model is built is kept for the first step
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     filled = use_converted_checkpoint(cfg)
-    if filled and int(os.environ.get("RANK", "0")) == 0:
-        print(f"trainer.init_from={cfg.trainer.init_from} sets " + ", ".join(filled), flush=True)
+    if filled:
+        say(f"trainer.init_from={cfg.trainer.init_from} sets " + ", ".join(filled))
     validate_config(cfg, world_size)
     validate_layout(world_size, cfg.model, cfg.parallel,
                     batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n, group_size=cfg.rollout.n)
     # Before anything is built: refuse a layout whose planned peak exceeds trainer.gpu_memory_gib.
-    plan = check_memory_plan(cfg, world_size, on_gpu=torch.cuda.is_available())
-    if plan is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"memory plan ({plan.peak_phase} phase peak): {plan.verdict()}", flush=True)
+    on_gpu = torch.cuda.is_available()
+    plan = check_memory_plan(cfg, world_size, on_gpu=on_gpu)
+    say(describe_run(cfg, world_size, torch.cuda.get_device_name() if on_gpu else "CPU"))
+    if plan is not None:
+        say(memory_line(plan, world_size, on_gpu))
     init_parallel_state(cfg.parallel)
     lock = None
     try:
@@ -460,6 +468,7 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
         run_dir = broadcast_object(Path(cfg.trainer.output_dir).resolve(), src=0)
         cfg.trainer.output_dir = str(run_dir)
         lock = _claim(cfg, run_dir)
+        say(f"run directory: {run_dir}")
         return Trainer(cfg, run_dir).run(stop)
     finally:
         if lock is not None:
@@ -480,7 +489,7 @@ def _claim(cfg: ClipoConfig, run_dir: Path):
         try:
             lock = claim_run_directory(cfg, run_dir, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             for note in lock.notes:
-                print(f"warning: {note}", flush=True)
+                say(f"warning: {note}")
         except Exception as err:  # noqa: BLE001 -- every rank raises it below
             error = err
     error = broadcast_object(error, src=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -24,7 +25,6 @@ class MetricsLogger:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
 
         notes = [repair_torn_last_line(self.path)]
         logged = read_metrics(self.path)
@@ -38,9 +38,22 @@ class MetricsLogger:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         os.replace(tmp, self.path)
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.bar = None  # opened by start(), after the start-up lines
+        self.redirect = ExitStack()  # console logging through the bar while it is open
+        self.bar_range = (start_step, total_steps)
         for note in filter(None, notes):
             self.note(note)
+
+    def start(self) -> None:
+        """Open the progress bar. Until :meth:`close`, our lines (:meth:`note`) and the console's log
+        records (library messages and warnings, clipo_nemo.console) are written above it."""
+        if self.enabled and self.bar is None:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            start_step, total_steps = self.bar_range
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.redirect.enter_context(logging_redirect_tqdm())
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
@@ -53,19 +66,25 @@ class MetricsLogger:
             if key != "step" and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
+        self.start()
         self.bar.set_postfix({k.replace("_mean", ""): f"{row[k]:.3f}" for k in HEADLINE if k in row})
         self.bar.update(1)
 
     def note(self, text: str) -> None:
-        """A line of output that does not break the progress bar."""
+        """A line of output: printed before the progress bar opens, written above it after."""
         if self.enabled:
-            self.bar.write(text)
+            if self.bar is None:
+                print(text, flush=True)
+            else:
+                self.bar.write(text)
 
     def close(self) -> Optional[str]:
         """Close files; return the summary text (rank 0) or None."""
         if not self.enabled:
             return None
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+            self.redirect.close()
         self.writer.close()
         return summarize(self.history)
 
