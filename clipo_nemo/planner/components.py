@@ -336,7 +336,7 @@ def head_parameters(hidden_size: int, dim: int, head_type: str, tp: int, tp_mode
 
 CONTRASTIVE_TEMPORARIES = 10  # [.., n, n]-sized fp32 tensors alive at once in the contrastive loss and its backward
 #   (similarities, logits, shifted logits, exp, log-probabilities, selections and their gradients) plus 3 bool
-#   masks: 43 bytes per element; tests/test_planner.py measures 42-45 (peak RSS of the loss and backward on CPU)
+#   masks: 43 bytes per element; tests/test_planner.py measures 41-42 (peak RSS growth of the loss and backward on CPU)
 
 
 def contrastive_bytes(prompts: int, n: int, level: str) -> int:
