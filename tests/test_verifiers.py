@@ -318,13 +318,15 @@ def test_big_batch_with_timeouts_keeps_every_position(pool):
 
 def test_stop_signals_to_the_workers_mid_batch_change_no_result():
     """Ctrl-C reaches the whole process group: the trainer finishes and saves its step, so the workers
-    must finish its checks (they ignored SIGTERM but died on SIGINT: verifier/error in the saved step)."""
+    must finish its checks (they ignored SIGTERM but died on SIGINT: verifier/error in the saved step).
+    Each signal is sent to the workers themselves, as a scheduler signalling every process of a job does."""
     import threading
 
     requests = [VerifyRequest("math", f"\\boxed{{{i}}}", str(i if i % 3 else i + 1)) for i in range(400)]
     expected = [run_verifier(request) for request in requests]
     with VerifierPool(num_workers=2, timeout_s=TIMEOUT_S, chunk_size=4) as fresh:
-        fresh.verify(requests[:2])  # both workers started
+        while not all(worker.ready for worker in fresh._workers):  # past their first statement
+            fresh.verify(requests[:8])
         pids = [worker.process.pid for worker in fresh._workers]
         done = threading.Event()
 
@@ -343,6 +345,7 @@ def test_stop_signals_to_the_workers_mid_batch_change_no_result():
             done.set()
             sender.join()
         assert [worker.process.pid for worker in fresh._workers] == pids  # none was replaced
+        assert all(os.getpgid(pid) != os.getpgrp() for pid in pids)  # a terminal's Ctrl-C does not reach them
     assert results == expected
 
 
