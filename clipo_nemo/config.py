@@ -45,9 +45,9 @@ class ContrastiveConfig:
     anchors: str = "correct"  # "correct" | "incorrect" | "all" (reference masked_label 0/1/-1); positives
     # share the anchor's correctness; only correct responses receive the contrastive reward
     skip_trivial: bool = True  # false: anchors without a negative count too (without a positive: loss 0)
-    reward_scale: float = 0.2  # lambda in rc = c - lambda * L
+    reward_scale: float = 0.2  # lambda in rc = c - lambda * L (> 0)
     reward_offset: float = 0.0  # c, the reward of responses that are not valid anchors
-    reward_floor: float = -0.5  # rc is clamped from below at this value
+    reward_floor: float = -0.5  # rc is clamped from below at this value (must be < reward_offset)
     warmup_steps: int = 0  # steps where only the head trains (track I: 14, track II: 58: one epoch, as SPEC says).
     #   Steps count from 0 here: 14 skips 14 policy updates. The authors' critic_warmup=14 counts from 1 and
     #   skips 13 (set 13 / 57 to match their code exactly)
@@ -147,7 +147,7 @@ class RolloutConfig:
     engine: str = "megatron"  # rollout engine registry name: "megatron" (the policy's own megatron-core model) or
     #   "trtllm" (TensorRT-LLM 1.2.x, its container; weights refitted in place each step; README)
     n: int = 16  # responses sampled per prompt (the group size)
-    temperature: float = 1.0  # sampling temperature; also applied to the log-probs of the update
+    temperature: float = 1.0  # sampling temperature (> 0); also applied to the log-probs of the update
     top_p: float = 1.0  # nucleus sampling (1.0 = off)
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 2048  # response length cap (track I: 2048, track II: 4096)
@@ -346,6 +346,9 @@ class TrainerConfig:
     #   (0 = no check; tools/plan_layout.py prints the per-node figures)
     gpus_per_node: int = 8  # ranks per node, for the planner's per-node host-RAM figures
     require_init_from: bool = False  # true: refuse to start with an empty init_from (the tracks: never random init)
+    allow_tokenizer_mismatch: bool = False  # true: train a converted init_from with a trainer.tokenizer whose
+    #   vocabulary differs from the checkpoint's own tokenizer/ (the same ids then mean other words: only for a
+    #   tokenizer known to be compatible); false: such a run is refused at start
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,10 +403,32 @@ def check_known_keys(values: Mapping[str, Any]) -> None:
                           "clipo_nemo/config.py; '+key=value' cannot add new ones)")
 
 
+def run_stamp() -> str:
+    """``YYYYmmdd-HHMMSS-<host>-<pid>``, the ``${run_stamp:}`` of the example configs' default
+    ``trainer.output_dir``: two runs started in the same second (on one host or several sharing a
+    file system) still get different run directories (``${now:%Y%m%d-%H%M%S}`` gave them the same one).
+    Under torchrun every rank resolves its own and rank 0's is used."""
+    import os
+    import socket
+    import time
+
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+def register_resolvers() -> None:
+    """Register ``${run_stamp:}`` (:func:`run_stamp`) with OmegaConf (Hydra's entry point and
+    :func:`load_config` call it)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
     """A YAML of ``examples/conf`` (or a run's ``config.yaml``) as a typed config, outside Hydra.
 
-    Hydra-only keys (``defaults``, ``hydra``) are dropped, ``${now:...}`` resolves as under Hydra,
+    Hydra-only keys (``defaults``, ``hydra``) are dropped, ``${now:...}`` resolves as under Hydra
+    (and ``${run_stamp:}`` as under the entry point),
     and ``overrides`` are ``key=value`` strings applied last.
     """
     from datetime import datetime
@@ -412,6 +437,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClipoConfig:
 
     if not OmegaConf.has_resolver("now"):
         OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern))
+    register_resolvers()
     yaml = OmegaConf.load(path)
     for key in ("defaults", "hydra"):
         yaml.pop(key, None)
@@ -439,6 +465,25 @@ def _same(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
     return a == b
+
+
+def architecture_differences(model: ModelConfig, theirs: Mapping[str, Any]) -> List[str]:
+    """``key: ours vs theirs`` for every architecture key (:data:`ARCHITECTURE_KEYS`) on which ``model``
+    and another run's ``model`` section ``theirs`` differ (``kv_channels`` as the head size it implies;
+    ``rope_scaling_factor`` only when RoPE is scaled). Keys ``theirs`` lacks are not compared."""
+    ours_all, theirs_all = {k: getattr(model, k) for k in ARCHITECTURE_KEYS}, dict(theirs)
+    differences = []
+    for key in ARCHITECTURE_KEYS:
+        if key not in theirs_all:
+            continue
+        ours, other = ours_all[key], theirs_all[key]
+        if key == "kv_channels":
+            ours, other = head_dim(model), head_dim(SimpleNamespace(**{**ours_all, **theirs_all}))
+        if key == "rope_scaling_factor" and not (model.rope_scaling or theirs_all.get("rope_scaling")):
+            continue
+        if not _same(ours, other):
+            differences.append(f"model.{key}={ours} now, {other} before")
+    return differences
 
 
 def apply_checkpoint_model(cfg: ClipoConfig, description: Dict[str, Any], source: str,
@@ -516,6 +561,20 @@ def _anchor_problems(con: ContrastiveConfig, n: int, responses_per_step: int) ->
     return []
 
 
+def _constant_reward_problems(con: ContrastiveConfig) -> List[str]:
+    """Why the contrastive reward ``max(c - lambda * L, floor)`` (``max(c, floor)`` off the valid
+    anchors) could never depend on the contrastive loss ``L >= 0``: empty when it can."""
+    fix = "or set contrastive.enabled=false (plain RLVR)"
+    if not con.reward_scale > 0:
+        return [f"contrastive.reward_scale={con.reward_scale} must be > 0: at 0 every contrastive reward is "
+                f"contrastive.reward_offset, below 0 a worse contrastive loss earns more; {fix}"]
+    if not con.reward_floor < con.reward_offset:
+        return [f"contrastive.reward_floor={con.reward_floor} must be below contrastive.reward_offset="
+                f"{con.reward_offset}: c - lambda * L never exceeds the offset, so every contrastive reward would be "
+                f"the floor (a sign slip? the default floor is -0.5); {fix}"]
+    return []
+
+
 def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
     """Every value that cannot work, judged from the schema alone (ranges, cross-key arithmetic, the
     layout's divisibility), one message per problem naming the key. The checks that need the
@@ -548,7 +607,11 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
                        ("parallel.micro_batch_size", cfg.parallel.micro_batch_size),
                        ("parallel.timeout_s", cfg.parallel.timeout_s)):
         positive(key, value)
-    for key, value in (("rollout.temperature", roll.temperature), ("contrastive.warmup_steps", con.warmup_steps),
+    if not roll.temperature > 0:
+        problems.append(f"rollout.temperature={roll.temperature} must be > 0: the update divides the policy's logits by "
+                        "it to score the sampled tokens (greedy rollouts would also give every response of a group "
+                        "the same tokens, hence zero advantage); for greedy evaluation set evaluation.temperature=0")
+    for key, value in (("contrastive.warmup_steps", con.warmup_steps),
                        ("trainer.max_steps", trainer.max_steps), ("trainer.save_every_steps", trainer.save_every_steps),
                        ("trainer.save_every_minutes", trainer.save_every_minutes),
                        ("trainer.node_ram_gib", trainer.node_ram_gib),
@@ -637,7 +700,7 @@ def schema_problems(cfg: ClipoConfig, world_size: int = 1) -> List[str]:
                         "starting weights (trainer.init_from=CKPT: a checkpoint converted by "
                         "tools/convert_hf_to_megatron.py, or a clipo-nemo run) instead of training from random init")
     if con.enabled:
-        problems += _anchor_problems(con, roll.n, trainer.prompts_per_step * roll.n)
+        problems += _anchor_problems(con, roll.n, trainer.prompts_per_step * roll.n) + _constant_reward_problems(con)
     ev, data, verifier = cfg.evaluation, cfg.data, cfg.verifier
     for key, value in (("verifier.timeout_s", verifier.timeout_s), ("verifier.chunk_size", verifier.chunk_size),
                        ("evaluation.k", ev.k), ("evaluation.max_new_tokens", ev.max_new_tokens),

@@ -113,6 +113,43 @@ def test_config_refuses_exactly_when_no_anchor_can_be_valid(level, n, prompts, s
         validate_config(cfg)
 
 
+def _contrastive_reward_varies(scale, offset, floor) -> bool:
+    """The oracle: the real loss and reward on random embeddings and correctness patterns; True when
+    two responses' contrastive rewards differ."""
+    from clipo_nemo.algorithms.contrastive import contrastive_loss
+    from clipo_nemo.algorithms.rewards import contrastive_rewards
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        z = torch.nn.functional.normalize(torch.randn(16, 4, generator=generator), dim=-1)
+        correct = torch.rand(16, generator=generator) < 0.5
+        out = contrastive_loss(z, correct, torch.arange(16) // 4, temperature=0.05, generator=generator)
+        rewards = contrastive_rewards(out.per_anchor_loss, out.valid_anchor_mask, scale=scale, offset=offset, floor=floor)
+        if bool((rewards != rewards[0]).any()):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("scale, offset, floor, message", [
+    (0.2, 0.0, 0.5, "contrastive.reward_floor=0.5 must be below contrastive.reward_offset=0.0"),
+    (0.2, 0.3, 0.3, "contrastive.reward_floor=0.3 must be below contrastive.reward_offset=0.3"),
+    (0.0, 0.0, -0.5, "contrastive.reward_scale=0.0 must be > 0"),
+    (-0.2, 0.0, -0.5, "contrastive.reward_scale=-0.2 must be > 0"),
+    (0.2, 0.0, -0.5, None),
+    (0.2, 1.0, 0.99, None),
+])
+def test_settings_that_make_the_contrastive_reward_constant_are_refused(scale, offset, floor, message):
+    cfg = load_config(CONF / "tiny.yaml", [f"contrastive.reward_scale={scale}", f"contrastive.reward_offset={offset}",
+                                           f"contrastive.reward_floor={floor}"])
+    problems = _problems(cfg)
+    if message is None:
+        assert problems == "" and _contrastive_reward_varies(scale, offset, floor)
+    else:
+        assert message in problems
+        if scale >= 0:  # refused because constant (a negative scale varies, the wrong way round)
+            assert not _contrastive_reward_varies(scale, offset, floor)
+
+
 def test_group_level_with_one_response_per_prompt_names_the_keys():
     cfg = load_config(CONF / "tiny.yaml", ["rollout.n=1", "parallel.micro_batch_size=8"])
     message = _problems(cfg)
@@ -132,6 +169,7 @@ def test_group_level_with_one_response_per_prompt_names_the_keys():
     ("data.max_prompt_length=61", "data.max_prompt_length=61 + rollout.max_new_tokens=4 = 65 tokens"),
     ("verifier.chunk_size=0", "verifier.chunk_size=0 must be > 0"),
     ("evaluation.top_p=0", "evaluation.top_p=0.0 must be in (0, 1]"),
+    ("rollout.temperature=0", "rollout.temperature=0.0 must be > 0"),
 ])
 def test_late_failures_are_config_errors(override, message):
     assert message in _problems(load_config(CONF / "tiny.yaml", [override]))

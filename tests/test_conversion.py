@@ -8,6 +8,7 @@ is bit-identical; greedy generation with our rollout engine equals ``transformer
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -121,7 +122,46 @@ def test_hf_config_from_model_round_trips_through_transformers():
         assert model_config_from_hf(reloaded.to_dict()) == model
 
 
+@pytest.mark.parametrize("rope", [
+    # both dicts: transformers reads rope_scaling instead of rope_parameters (conversion used to keep "default")
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+     "rope_scaling": {**LLAMA3_ROPE, "rope_theta": 500000.0}},
+    {"rope_parameters": {"rope_type": "default"}, "rope_scaling": dict(LLAMA3_ROPE), "rope_theta": 300000.0},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 250000.0}, "rope_scaling": {**LLAMA3_ROPE, "factor": 4.0},
+     "rope_theta": 250000.0},
+    {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}},
+    {"rope_scaling": {**LLAMA3_ROPE, "type": "llama3"}, "rope_theta": 123.0},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 40000.0}},
+])
+def test_rope_is_read_as_transformers_reads_it(rope):
+    import warnings
+
+    from transformers import LlamaConfig
+
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 100,
+              "max_position_embeddings": 16384, **rope}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = LlamaConfig.from_dict(dict(config)).rope_parameters  # the oracle: transformers' own reading
+    ours = model_config_from_hf(config)
+    assert ours.rotary_base == theirs["rope_theta"]
+    assert ours.rope_scaling == (theirs.get("rope_type", theirs.get("type")) == "llama3")
+    if ours.rope_scaling:
+        assert ours.rope_scaling_factor == theirs["factor"]
+
+
+def test_contradictory_rope_dicts_are_refused():
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 100,
+              "max_position_embeddings": 16384, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+              "rope_scaling": dict(LLAMA3_ROPE)}  # transformers would use rope_theta 10000 here
+    with pytest.raises(ConversionError, match="rope_parameters with rope_theta=500000.0 and rope_scaling"):
+        model_config_from_hf(config)
+
+
 @pytest.mark.parametrize("change,message", [
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
     ({"architectures": ["MistralForCausalLM"]}, "architectures"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_act": "gelu"}, "hidden_act"),
@@ -444,6 +484,35 @@ def test_tool_verify_prints_the_two_lines_and_catches_a_bad_conversion(converted
     assert result.max_abs_logit_diff > 1e-3 and not result.ok
 
 
+def test_verify_fails_a_checkpoint_with_nan_weights(converted, tmp_path):
+    """max(0.0, nan) is 0.0: the summary used to print max_abs_logit_diff 0 and pass a NaN model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from clipo_nemo.conversion.verify import verify_conversion
+
+    hf_dir, ckpt = converted["qwen2"]
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    name = "decoder.layers.1.mlp.linear_fc2.weight"
+    shard = broken / "weights" / LazyWeights(broken).weight_map[name]
+    tensors = load_file(str(shard))
+    tensors[name][0, 0] = float("nan")  # past the converter's own check, as a disk or a later edit could
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    result = verify_conversion(broken, hf_dir, log=None)
+    assert math.isnan(result.max_abs_logit_diff) and not result.ok
+
+
+def test_nan_max_keeps_a_nan_wherever_it_is():
+    from clipo_nemo.algorithms.checks import nan_max
+
+    assert max(0.0, float("nan")) == 0.0  # why it exists
+    for values in ([float("nan"), 1.0], [1.0, float("nan")], [float("nan")]):
+        assert math.isnan(nan_max(values))
+    assert nan_max([0.5, 2.0], 1.0) == 2.0 and nan_max([], 3.0) == 3.0
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error before anything is written
 # ------------------------------------------------------------------------------------------------
@@ -473,6 +542,11 @@ def _hf_dir_with(directory: Path, config_change=None, state_change=None, kind="q
     ("tokenizer", "tokenizer .* has 32 tokens, more than the model's vocab_size=20"),
     ("tp", "num_attention_heads=4 is not divisible by TP=3"),
     ("no_weights", "no model.safetensors"),
+    ("nan", "model.safetensors: tensor 'model.layers.2.mlp.down_proj.weight' holds 1 non-finite value"),
+    ("inf", "tensor 'model.norm.weight' holds 2 non-finite value"),
+    ("truncated", "hf/model.safetensors: not a readable safetensors file .*truncated or corrupt"),
+    ("bad_index", "model.safetensors.index.json: not a JSON index"),
+    ("bad_tokenizer", "hf: the tokenizer cannot be loaded from \\[.*'tokenizer.json'.*\\].*truncated or corrupt"),
 ])
 def test_bad_inputs_fail_before_anything_is_written(tmp_path, case, message):
     from clipo_nemo.conversion.convert import convert_hf
@@ -483,6 +557,8 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path, case, message):
         "extra": dict(state_change=lambda s: s.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})),
         "shape": dict(state_change=lambda s: s.update({"model.layers.3.self_attn.k_proj.weight": torch.zeros(16, 64)})),
         "dtype": dict(state_change=lambda s: s.update({"model.norm.weight": s["model.norm.weight"].bfloat16()})),
+        "nan": dict(state_change=lambda s: s["model.layers.2.mlp.down_proj.weight"].view(-1)[7:8].fill_(float("nan"))),
+        "inf": dict(state_change=lambda s: s["model.norm.weight"][:2].fill_(float("-inf"))),
         "tokenizer": dict(config_change={"vocab_size": 20}, state_change=lambda s: s.update(
             {k: s[k][:20].clone() for k in ("model.embed_tokens.weight", "lm_head.weight")})),
     }
@@ -490,6 +566,14 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path, case, message):
     if case == "no_weights":
         for shard in hf_dir.glob("model*.safetensors*"):
             shard.unlink()
+    if case == "truncated":
+        data = (hf_dir / "model.safetensors").read_bytes()
+        (hf_dir / "model.safetensors").write_bytes(data[:len(data) // 2])
+    if case == "bad_index":
+        (hf_dir / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    if case == "bad_tokenizer":
+        data = (hf_dir / "tokenizer.json").read_bytes()
+        (hf_dir / "tokenizer.json").write_bytes(data[:len(data) // 3])
     with pytest.raises(ConversionError, match=message):
         convert_hf(hf_dir, tmp_path / "out", tensor_parallel_size=3 if case == "tp" else 1, log=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
@@ -516,6 +600,46 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_checkpoint.HFCheckpoint, "read", real_read)
     convert_hf(hf_dir, tmp_path / "out", log=None)  # a rerun then succeeds
     assert is_weights_checkpoint(tmp_path / "out")
+
+
+def test_sigterm_mid_conversion_leaves_no_hidden_folder(tmp_path):
+    """SIGTERM used to end the tool at once, leaving .tmp-<out> until the next conversion to that path."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    hf_dir = _save_hf_dir(tmp_path / "hf", tiny_hf_model("qwen2"))
+    root = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(root / "tools")!r})
+        from clipo_nemo.conversion import hf_checkpoint
+        real_read, calls = hf_checkpoint.HFCheckpoint.read, []
+        def read_slowly(self, names):  # holds the conversion in layer 1 until the signal comes
+            calls.append(names)
+            if len(calls) == 6:
+                print("mid-conversion", flush=True)
+                time.sleep(120)
+            return real_read(self, names)
+        hf_checkpoint.HFCheckpoint.read = read_slowly
+        import convert_hf_to_megatron
+        sys.exit(convert_hf_to_megatron.main(["--hf", {str(hf_dir)!r}, "--out", {str(tmp_path / "out")!r}]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        lines = []
+        while not lines or lines[-1].strip() != "mid-conversion":
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+        assert (tmp_path / ".tmp-out").is_dir()  # the conversion is under way
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_tied_model_storing_a_copy_of_the_embedding_as_lm_head(tmp_path):

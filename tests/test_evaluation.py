@@ -81,6 +81,21 @@ def test_fixed_per_problem_file_reproduces_hand_computed_aggregates(tmp_path):
     assert summarize(read_per_problem(tmp_path / "out" / "per_problem.jsonl")) == report
 
 
+def test_an_earlier_report_is_not_overwritten_silently(tmp_path):
+    per_problem = _write_fixed(tmp_path / "per_problem.jsonl", FIXED)
+    out = tmp_path / "out"
+    assert evaluate_tool.main(["--per-problem", str(per_problem), "--out", str(out)]) == 0
+    first = (out / "results.json").read_text()
+    _write_fixed(per_problem, {"gsm8k": FIXED["gsm8k"]})  # another evaluation, same --out
+    with pytest.raises(SystemExit, match="already holds a report .*pass --overwrite"):
+        evaluate_tool.main(["--per-problem", str(per_problem), "--out", str(out)])
+    assert (out / "results.json").read_text() == first
+    with pytest.raises(FileExistsError, match="already holds a report"):
+        write_report(read_per_problem(per_problem), out)
+    assert evaluate_tool.main(["--per-problem", str(per_problem), "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["benchmarks"].keys() == {"gsm8k"}
+
+
 def test_aggregates_need_every_member_benchmark(tmp_path):
     results = read_per_problem(_write_fixed(tmp_path / "p.jsonl", ["gsm8k", "gsm_symbolic", "gsm_p1", "gsm_p2", "mmlu2k", "aime"]))
     summary = summarize(results)
@@ -230,6 +245,18 @@ def test_load_prompt_sets_from_the_configs(tmp_path):
     assert [prompt.problem.row for prompt in sets["toy"]] == [0, 1]  # row 2 has 4 words > 3
     with pytest.raises(FileNotFoundError, match="benchmark 'nope'"):
         load_prompt_sets(EvaluationConfig(data_dir=str(tmp_path), benchmarks=["nope"]), DataConfig(), _WordTokenizer())
+    with pytest.raises(ValueError, match="benchmark 'toy': all 3 prompts are longer than data.max_prompt_length=1"):
+        load_prompt_sets(EvaluationConfig(data_dir=str(tmp_path), benchmarks=["toy"]), DataConfig(max_prompt_length=1),
+                         _WordTokenizer())
+
+
+def test_validation_metrics_leave_the_mean_out_when_nothing_was_scored():
+    from clipo_nemo.trainer.evaluation import ProblemResult, metrics, summarize
+
+    assert metrics(summarize([])) == {}  # was {"val/pass@1_mean": 0.0}: a score for nothing
+    results = [ProblemResult("a", 0, "1", [True], ["ok"], ["1"]), ProblemResult("b", 0, "1", [False], ["wrong"], ["2"])]
+    flat = metrics(summarize(results))
+    assert flat["val/a/pass@1"] == 100.0 and flat["val/b/pass@1"] == 0.0 and flat["val/pass@1_mean"] == 50.0
 
 
 @pytest.mark.skipif(not TEST_DATA.exists(), reason=f"the paper's test sets are not at {TEST_DATA}")

@@ -375,6 +375,47 @@ def test_export_refuses_bad_inputs_before_writing(built, tmp_path):
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
 
 
+def _damaged_copy(run: Path, target: Path, damage) -> Path:
+    """A copy of ``run`` whose step_0 checkpoint has ``damage(checkpoint)`` done to it."""
+    import shutil
+
+    shutil.copytree(run, target, symlinks=True)
+    damage(target / "checkpoints" / "step_0")
+    return target
+
+
+def _flip_a_byte_of_a_shard(checkpoint: Path) -> None:
+    shard = max((checkpoint / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def _truncate_a_shard_without_manifest(checkpoint: Path) -> None:
+    (checkpoint / "manifest.json").unlink()  # a checkpoint from before manifests: checked for completeness only
+    shard = max((checkpoint / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_flip_a_byte_of_a_shard, r"dist/.*\.distcp does not match its checksum"),
+    (_truncate_a_shard_without_manifest, r"dist/.*\.distcp has \d+ bytes, its index needs \d+ \(truncated"),
+])
+def test_export_verifies_the_checkpoint_as_every_reader_does(built, tmp_path, damage, message):
+    """init_from and evaluate.py refused these checkpoints; export wrote the damaged weights (a flipped
+    byte) or stopped with a bare EOFError (a truncated shard)."""
+    from clipo_nemo.conversion.hf_writer import export_to_hf
+
+    run = _damaged_copy(built["qwen2"]["run"], tmp_path / "run", damage)
+    with pytest.raises(ConversionError, match=message):
+        export_to_hf(run / "checkpoints" / "step_0", tmp_path / "out")
+    with pytest.raises(ConversionError, match="none can be resumed from"):  # the run: its only checkpoint is bad
+        export_to_hf(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    proc = _export_tool(run / "checkpoints" / "step_0", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "cannot be exported" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_nemo_import_refuses_bad_inputs_before_writing(built, tmp_path):
     import shutil
 

@@ -140,6 +140,21 @@ def test_guard_on_torch_optim_needs_the_models_own_parameters():
         check_optimizer_matches_model(torch.optim.AdamW(list(built_before.parameters())[:2]), model)
 
 
+@pytest.mark.parametrize("optimizer", ["torch", "float16"])
+def test_non_finite_loaded_weights_are_named_not_called_stale(optimizer):
+    """NaN != NaN made a NaN weight read as a stale optimizer copy 'by up to nan' (issue 24 point 11)."""
+    from clipo_nemo.checkpoint.load_guard import NonFiniteWeightsError
+
+    model = _bf16_model(0)
+    opt = _float16_optimizer(model) if optimizer == "float16" else torch.optim.SGD(model.parameters(), lr=0.1)
+    _load(model, seed=1)
+    with torch.no_grad():
+        model[1].weight[2, 5] = float("nan")
+        model[1].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match=r"1.weight holds 2 non-finite value\(s\) \(NaN or inf\) of 24"):
+        sync_optimizer_with_model(opt, model)
+
+
 # --------------------------------------------------------------------------------------------------
 # The model description: config keys filled from a converted checkpoint, contradictions refused
 # --------------------------------------------------------------------------------------------------
@@ -338,3 +353,29 @@ def test_a_contradicting_model_key_stops_the_run_before_it_starts(converted, tmp
     cfg = _tiny_config_without_model(tmp_path, root / "hf")  # an HF directory, not converted
     with pytest.raises(ConfigError, match="must be converted first: tools/convert_hf_to_megatron.py"):
         train(cfg)
+
+
+def test_a_tokenizer_other_than_the_converted_checkpoints_is_refused_unless_allowed(converted, tmp_path):
+    """The same ids decoded to other words, silently (issue 24 point 5)."""
+    import shutil
+
+    from clipo_nemo.config import ConfigError
+    from clipo_nemo.data.tiny_tokenizer import build_tiny_tokenizer
+    from clipo_nemo.trainer.loop import use_converted_checkpoint
+    from clipo_nemo.validation import validate_config
+
+    root, _ = converted
+    other = tmp_path / "other_tokenizer"
+    build_tiny_tokenizer(3).save_pretrained(other)  # operands 0..3: another vocabulary, fewer tokens
+    cfg = _tiny_config_without_model(tmp_path, root / "ckpt", f"trainer.tokenizer={other}")
+    use_converted_checkpoint(cfg)
+    with pytest.raises(ConfigError, match=r"trainer.tokenizer='.*other_tokenizer' has another vocabulary .* "
+                                          r"trainer.allow_tokenizer_mismatch=true"):
+        validate_config(cfg)
+    cfg.trainer.allow_tokenizer_mismatch = True
+    validate_config(cfg)
+    same = tmp_path / "same_tokenizer"
+    shutil.copytree(root / "ckpt" / "tokenizer", same)  # the checkpoint's own vocabulary, elsewhere: fine
+    cfg = _tiny_config_without_model(tmp_path, root / "ckpt", f"trainer.tokenizer={same}")
+    use_converted_checkpoint(cfg)
+    validate_config(cfg)

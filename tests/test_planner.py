@@ -419,6 +419,44 @@ def test_70b_at_tp1_on_8_gpus_does_not_fit_and_the_trainer_refuses_before_buildi
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
 
+_CONTRASTIVE_PEAK = """
+import sys, torch
+from clipo_nemo.algorithms.contrastive import contrastive_loss
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+level, prompts, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+z = torch.nn.functional.normalize(torch.randn(prompts * n, 8, generator=g), dim=-1).requires_grad_(True)
+correct, groups = torch.rand(prompts * n, generator=g) < 0.5, torch.arange(prompts * n) // n
+contrastive_loss(z[:8], correct[:8], groups[:8], level=level, generator=g).loss.backward()  # allocator warmed up
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := RSS now
+contrastive_loss(z, correct, groups, level=level, generator=g).loss.backward()
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.parametrize("level, prompts, n", [("group", 4, 1024), ("group", 2, 2048), ("batch", 2, 1024)])
+def test_contrastive_temporaries_match_the_real_loss_and_backward(level, prompts, n):
+    """The oracle: the peak RSS growth of the real loss and its backward, in a fresh process whose freed
+    tensors go back to the OS at once (as the calibration above)."""
+    run = subprocess.run([sys.executable, "-c", _CONTRASTIVE_PEAK, level, str(prompts), str(n)], capture_output=True,
+                         text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    measured = int(run.stdout.strip().splitlines()[-1])
+    assert abs(c.contrastive_bytes(prompts, n, level) / measured - 1) < TOLERANCE, measured
+
+
+def test_a_group_size_whose_contrastive_loss_cannot_fit_is_refused_at_start():
+    """rollout.n=100000 was accepted: the [n, n] similarities of the group InfoNCE were not planned."""
+    from clipo_nemo.planner import check_memory_plan
+
+    cfg = load_config(ROOT / "examples" / "conf" / "tiny.yaml", ["rollout.n=100000"])
+    with pytest.raises(MemoryPlanError, match="(?s)contrastive .*fits: no"):
+        check_memory_plan(cfg, 1, on_gpu=False)
+    check_memory_plan(load_config(ROOT / "examples" / "conf" / "tiny.yaml"), 1, on_gpu=False)  # the default fits
+
+
 def test_gpu_memory_gib_zero_skips_the_check():
     from clipo_nemo.planner import check_memory_plan
 

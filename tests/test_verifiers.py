@@ -6,6 +6,10 @@ Checks against the paper's whole data sets live in tests/test_data.py.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+
 import pytest
 
 from clipo_nemo.verifiers import (
@@ -310,6 +314,39 @@ def test_big_batch_with_timeouts_keeps_every_position(pool):
     reasons = [result.reason for result in results]
     assert [i for i, reason in enumerate(reasons) if reason == "timeout"] == [10, 11, 150]
     assert all(reason == "ok" for i, reason in enumerate(reasons) if i not in (10, 11, 150))
+
+
+def test_stop_signals_to_the_workers_mid_batch_change_no_result():
+    """Ctrl-C reaches the whole process group: the trainer finishes and saves its step, so the workers
+    must finish its checks (they ignored SIGTERM but died on SIGINT: verifier/error in the saved step).
+    Each signal is sent to the workers themselves, as a scheduler signalling every process of a job does."""
+    import threading
+
+    requests = [VerifyRequest("math", f"\\boxed{{{i}}}", str(i if i % 3 else i + 1)) for i in range(400)]
+    expected = [run_verifier(request) for request in requests]
+    with VerifierPool(num_workers=2, timeout_s=TIMEOUT_S, chunk_size=4) as fresh:
+        while not all(worker.ready for worker in fresh._workers):  # past their first statement
+            fresh.verify(requests[:8])
+        pids = [worker.process.pid for worker in fresh._workers]
+        done = threading.Event()
+
+        def interrupt():
+            while not done.wait(0.02):
+                for pid in pids:
+                    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                        with contextlib.suppress(ProcessLookupError):  # a worker that died (before the fix)
+                            os.kill(pid, stop)
+
+        sender = threading.Thread(target=interrupt)
+        sender.start()
+        try:
+            results = fresh.verify(requests)
+        finally:
+            done.set()
+            sender.join()
+        assert [worker.process.pid for worker in fresh._workers] == pids  # none was replaced
+        assert all(os.getpgid(pid) != os.getpgrp() for pid in pids)  # a terminal's Ctrl-C does not reach them
+    assert results == expected
 
 
 def test_reason_counts_cover_every_reason():

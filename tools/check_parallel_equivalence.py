@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from clipo_nemo.algorithms.checks import nan_max  # noqa: E402
 from clipo_nemo.trainer.equivalence import (  # noqa: E402
     DEFAULT_LAYOUTS, compare, parse_layout, run, tiny_check_config)
 
@@ -71,7 +72,7 @@ def main() -> int:
     for quantity in quantities:
         print(f"{quantity:<22}" + "".join(f"{table[name][quantity]:>18.3e}" for name in results))
     for diffs in table.values():
-        worst = max([worst, *diffs.values()])
+        worst = nan_max(diffs.values(), worst)
     print(f"max_abs_diff: {worst:.3e} over {len(results)} layouts")
     return 0 if worst <= args.tol else 1
 

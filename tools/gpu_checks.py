@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from clipo_nemo.algorithms.checks import nan_max  # noqa: E402
+
 GIB = 2 ** 30
 _FAILED = []
 
@@ -85,8 +87,8 @@ def cmd_guard(args) -> None:
         actor.optimizer.zero_grad()
         actor.optimizer.step()  # zero gradients: Adam moves nothing but weight decay (lr * wd)
         after = gather_full_state_dict(actor.module, vocab)
-        to_loaded = max((after[k].float() - loaded[k].float()).abs().max().item() for k in after)
-        to_initial = max((after[k].float() - initial[k].float()).abs().max().item() for k in after)
+        to_loaded = nan_max((after[k].float() - loaded[k].float()).abs().max().item() for k in after)
+        to_initial = nan_max((after[k].float() - initial[k].float()).abs().max().item() for k in after)
         ok = report.reloaded and to_loaded < 1e-2 and to_initial > 0.1
         result("guard-weights-survive-step", "PASS" if ok else "FAIL",
                f"reloaded={report.reloaded}, {report.tensors_checked} tensors checked; after one step "

@@ -26,11 +26,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from clipo_nemo.algorithms.checks import nonfinite_count
 from clipo_nemo.parallel.gather import all_reduce_values
 
 
 class StaleOptimizerError(RuntimeError):
     """The optimizer's copy of the weights is not the model's: its first step would undo a load."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The loaded weights hold NaN or inf (a diverged run's checkpoint, a broken conversion)."""
 
 
 @dataclass
@@ -126,6 +131,15 @@ def first_mismatch(copies: List[WeightCopy]) -> Optional[str]:
     return None
 
 
+def first_nonfinite(copies: List[WeightCopy]) -> Optional[str]:
+    """The first model parameter holding NaN or inf, with how many such values; None when all are finite."""
+    for pair in copies:
+        bad = nonfinite_count(pair.param.detach())
+        if bad:
+            return f"{pair.name} holds {bad} non-finite value(s) (NaN or inf) of {pair.param.numel()}"
+    return None
+
+
 def _mismatch_on_any_rank(mismatch: Optional[str]) -> bool:
     return all_reduce_values([float(mismatch is not None)], op=dist.ReduceOp.MAX)[0] > 0
 
@@ -151,6 +165,12 @@ def sync_optimizer_with_model(optimizer, model: torch.nn.Module) -> SyncReport:
     parameter whose optimizer copy still differs from the model.
     """
     copies = weight_copies(optimizer, model)
+    nonfinite = first_nonfinite(copies)  # NaN != NaN: without this check it read as a stale copy "by up to nan"
+    if _mismatch_on_any_rank(nonfinite):
+        rank = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
+        raise NonFiniteWeightsError(f"{rank}the loaded weights are not finite: "
+                                    f"{nonfinite or 'a non-finite parameter on another rank (see its error)'}; "
+                                    "a run does not train from them (a diverged checkpoint or a broken conversion?)")
     if not _mismatch_on_any_rank(first_mismatch(copies)):
         return SyncReport(len(copies), reloaded=False)  # every copy already equals the model's
     if hasattr(optimizer, "reload_model_params"):

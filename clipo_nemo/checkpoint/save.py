@@ -3,6 +3,7 @@ the manifest and ``meta.json``, renames the directory, points ``latest`` at it a
 (the sequence is described in :mod:`clipo_nemo.checkpoint`)."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -110,6 +111,48 @@ def finish_saves() -> bool:
     """Publish a pending asynchronous save if every rank has finished writing it (does not block).
     True when no save is pending any more. Collective (one all-reduce while a save is pending)."""
     return checkpoint_writer().poll()
+
+
+def _bytes_under(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
+def _reports_no_space(error: BaseException) -> bool:
+    """Whether ``error`` or an exception it was raised from is ENOSPC."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def out_of_space(error: BaseException, run_dir: str | os.PathLike, step: int) -> Optional[OSError]:
+    """For ``error``, a failed save of ``step``: an ``OSError(ENOSPC)`` saying "No space left on
+    device", naming the path and the space needed, when the checkpoint's file system is full; None
+    when it is not (the error has another cause).
+
+    A full disk during a synchronous save surfaces under other names (torch.save's "[enforce fail at
+    inline_container.cc] unexpected pos", or megatron's "results_queue should not be empty" when its
+    writer process could not even report the failure), so the file system itself is asked: full means
+    ENOSPC in the error's chain, or less free space than the save needs (the newest complete
+    checkpoint's size; without one, what the failed save had written, a lower bound)."""
+    root = checkpoints_dir(run_dir)
+    partial = root / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
+    complete = complete_checkpoints(root) if root.is_dir() else []
+    needed = _bytes_under(complete[-1]) if complete else _bytes_under(partial)
+    basis = f"the size of {complete[-1].name}" if complete else "at least what it had written"
+    free = shutil.disk_usage(root if root.is_dir() else Path(run_dir)).free
+    if not (_reports_no_space(error) or free < needed):
+        return None
+    gib = 2 ** 30
+    last = f"the last complete checkpoint ({complete[-1].name}) is intact" if complete else "no checkpoint is complete"
+    return OSError(errno.ENOSPC, f"No space left on device: saving step {step} to {partial} needs about "
+                                 f"{needed / gib:.3f} GiB ({basis}) and {free / gib:.3f} GiB is free on that file "
+                                 f"system; {last}. Free space there (or lower trainer.keep_last) and run again: the "
+                                 f"run resumes from its last checkpoint (save failed with {type(error).__name__}: "
+                                 f"{str(error)[:200]})", str(partial))
 
 
 def _write_atomically(path: Path, text: str) -> None:

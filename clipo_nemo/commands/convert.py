@@ -24,7 +24,7 @@ import argparse
 import sys
 
 from clipo_nemo.console import add_log_level_argument, setup_console
-from clipo_nemo.conversion.convert import DTYPE_CHOICES, convert_hf
+from clipo_nemo.conversion.convert import DTYPE_CHOICES, convert_hf, exit_on_stop_signals
 from clipo_nemo.conversion.mapping import ConversionError
 
 
@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    exit_on_stop_signals()  # a SIGTERM mid-conversion leaves no hidden .tmp-<out> folder
     setup_console(args.log_level)
     if args.nemo and args.verify:
         print("convert_hf_to_megatron.py: --verify compares against transformers and needs --hf", file=sys.stderr)

@@ -36,7 +36,8 @@ from typing import List, Optional
 
 from clipo_nemo.config import EvaluationConfig
 from clipo_nemo.console import add_log_level_argument, setup_console
-from clipo_nemo.trainer.evaluation import load_benchmarks, markdown_table, read_per_problem, read_responses, score, write_report
+from clipo_nemo.trainer.evaluation import (existing_reports, load_benchmarks, markdown_table, read_per_problem,
+                                           read_responses, score, write_report)
 from clipo_nemo.verifiers import VerifierPool
 
 
@@ -64,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="default: the run's evaluation.max_new_tokens (2048 for --hf-model)")
     parser.add_argument("--skip-bad-lines", action="store_true", help="--responses: leave out lines that are not "
                         "UTF-8, not JSON or not a {benchmark, index, response} record (listed on stderr) instead of stopping")
-    parser.add_argument("--out", required=True, help="output folder for the reports")
+    parser.add_argument("--out", required=True, help="output folder for the reports (not one holding a report)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report already in --out")
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an unexpected error")
     add_log_level_argument(parser)
     return parser.parse_args(argv)
@@ -73,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_console(args.log_level)
+    if existing_reports(args.out) and not args.overwrite:  # before any generation, not after it
+        raise SystemExit(f"evaluate.py: {args.out} already holds a report ({', '.join(existing_reports(args.out))}): "
+                         "choose another --out, or pass --overwrite to replace it")
     try:
         if args.checkpoint or args.hf_model:
             results = generate_and_score(args)
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
         given = f"--responses {args.responses}" if args.responses else f"--per-problem {args.per_problem}"
         raise SystemExit(f"evaluate.py: nothing to score: {given} holds no responses, no report written (give a file "
                          "with {benchmark, index, response} lines, or generate them with --checkpoint RUN --benchmarks NAME)")
-    summary = write_report(results, args.out)
+    summary = write_report(results, args.out, overwrite=args.overwrite)
     print(markdown_table(summary))
     print(f"reports written to {args.out}/ (results.json, results.md, results.csv, per_problem.jsonl)")
     return 0

@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from clipo_nemo.console import add_log_level_argument, setup_console
+from clipo_nemo.conversion.convert import exit_on_stop_signals
 from clipo_nemo.conversion.hf_writer import export_to_hf, parse_size
 from clipo_nemo.conversion.mapping import SUPPORTED_ARCHITECTURES, ConversionError
 
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
                         help="dtype of the written weights (default: the run's model.params_dtype)")
     add_log_level_argument(parser)
     args = parser.parse_args(argv)
+    exit_on_stop_signals()  # a SIGTERM mid-export leaves no hidden .tmp-<out> folder
     setup_console(args.log_level)
     try:
         index = export_to_hf(args.checkpoint, args.out, parse_size(args.shard_size), args.architecture, args.dtype)

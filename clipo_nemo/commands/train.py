@@ -17,10 +17,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from clipo_nemo.commands import config_dir
-from clipo_nemo.config import ClipoConfig, check_known_keys
+from clipo_nemo.config import ClipoConfig, check_known_keys, register_resolvers
 from clipo_nemo.console import say, setup_console
 
 ConfigStore.instance().store(name="clipo_schema", node=ClipoConfig)
+register_resolvers()  # ${run_stamp:} in the default trainer.output_dir
 
 
 @hydra.main(config_path=str(config_dir()), config_name="tiny", version_base=None)

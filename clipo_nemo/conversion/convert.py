@@ -8,6 +8,7 @@ finished checkpoint into place. Used by ``tools/convert_hf_to_megatron.py`` and 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,6 +19,17 @@ from clipo_nemo.conversion.mapping import ConversionError, layer_tensor_groups
 from clipo_nemo.conversion.weights import WeightsWriter, has_tokenizer_files
 
 DTYPE_CHOICES = ("source", "bfloat16", "float32", "float16")
+
+
+def exit_on_stop_signals() -> None:
+    """Make SIGTERM (and SIGHUP) raise ``SystemExit(128 + signal)`` in the main thread, as Ctrl-C raises
+    KeyboardInterrupt, so the all-or-nothing writers' cleanup runs (by default SIGTERM ends the process
+    at once, leaving the hidden ``.tmp-<out>`` folder behind). For the command-line tools."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, stop)
 
 
 def check_layout(model: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
@@ -40,7 +52,12 @@ def check_tokenizer(tokenizer_src: Path, vocab_size: int) -> int:
         raise ConversionError(
             f"{tokenizer_src}: no tokenizer files (tokenizer.json or tokenizer_config.json); pass the tokenizer's directory"
         )
-    size = len(AutoTokenizer.from_pretrained(str(tokenizer_src)))
+    try:
+        size = len(AutoTokenizer.from_pretrained(str(tokenizer_src)))
+    except Exception as err:  # noqa: BLE001 -- tokenizers/transformers raise many types for one verdict
+        files = sorted(p.name for p in Path(tokenizer_src).glob("*token*"))
+        raise ConversionError(f"{tokenizer_src}: the tokenizer cannot be loaded from {files} ({type(err).__name__}: "
+                              f"{str(err)[:300]}); a truncated or corrupt file? Copy it again, or pass --tokenizer DIR") from None
     if size > vocab_size:
         raise ConversionError(
             f"the tokenizer in {tokenizer_src} has {size} tokens, more than the model's vocab_size={vocab_size}"

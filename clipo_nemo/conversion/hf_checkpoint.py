@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import torch
-from safetensors import safe_open
 
+from clipo_nemo.algorithms.checks import nonfinite_count
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import (
     ConversionError,
@@ -24,6 +24,7 @@ from clipo_nemo.conversion.mapping import (
     model_config_from_hf,
     tensor_groups,
 )
+from clipo_nemo.conversion.weights import open_safetensors
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed by the model
@@ -46,7 +47,10 @@ def _weight_map(hf_dir: Path) -> Dict[str, str]:
     """HF tensor name -> safetensors file name (relative to ``hf_dir``)."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ConversionError(f"{index}: not a JSON index of the shards ({err})") from None
         if not weight_map:
             raise ConversionError(f"{index}: no weight_map")
         missing = sorted(f for f in set(weight_map.values()) if not (hf_dir / f).is_file())
@@ -55,7 +59,7 @@ def _weight_map(hf_dir: Path) -> Dict[str, str]:
         return dict(weight_map)
     single = hf_dir / "model.safetensors"
     if single.is_file():
-        with safe_open(str(single), framework="pt") as handle:
+        with open_safetensors(single) as handle:
             return {name: single.name for name in handle.keys()}
     found = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pt"))
     hint = f" (found {found}: PyTorch pickles are not read; save the model with safetensors)" if found else ""
@@ -81,7 +85,7 @@ class HFCheckpoint:
         for name, filename in self.weight_map.items():
             by_file.setdefault(filename, []).append(name)
         for filename, names in sorted(by_file.items()):
-            with safe_open(str(self.hf_dir / filename), framework="pt") as handle:
+            with open_safetensors(self.hf_dir / filename) as handle:
                 stored = set(handle.keys())
                 for name in names:
                     if name not in stored:
@@ -128,8 +132,8 @@ class HFCheckpoint:
         embed, head = "model.embed_tokens.weight", _TIED_HEAD
         if embed not in self.weight_map:
             return  # reported as missing by validate
-        with safe_open(str(self.hf_dir / self.weight_map[embed]), framework="pt") as embed_file, \
-                safe_open(str(self.hf_dir / self.weight_map[head]), framework="pt") as head_file:
+        with open_safetensors(self.hf_dir / self.weight_map[embed]) as embed_file, \
+                open_safetensors(self.hf_dir / self.weight_map[head]) as head_file:
             embed_view, head_view = embed_file.get_slice(embed), head_file.get_slice(head)
             if embed_view.get_shape() != head_view.get_shape():
                 raise ConversionError(f"{self.hf_dir}: tie_word_embeddings=true but {head!r} has another shape than {embed!r}")
@@ -147,9 +151,14 @@ class HFCheckpoint:
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
         for filename, file_names in by_file.items():
-            with safe_open(str(self.hf_dir / filename), framework="pt") as handle:
+            with open_safetensors(self.hf_dir / filename) as handle:
                 for name in file_names:
                     tensors[name] = handle.get_tensor(name)
+                    bad = nonfinite_count(tensors[name])
+                    if bad:
+                        raise ConversionError(
+                            f"{self.hf_dir / filename}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) "
+                            f"of {tensors[name].numel()}: a broken model is not converted")
         return [tensors[name] for name in names]
 
     def stream(self) -> Iterator[Tuple[TensorGroup, List[torch.Tensor]]]:

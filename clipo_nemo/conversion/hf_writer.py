@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clipo_nemo.checkpoint.contents import READABLE_FORMATS
-from clipo_nemo.checkpoint.recovery import latest_checkpoint
+from clipo_nemo.checkpoint.recovery import CheckpointError, latest_checkpoint, verify_checkpoint
 from clipo_nemo.config import ClipoConfig, ModelConfig, load_config
 from clipo_nemo.conversion.dist_reader import (
     DistCheckpointReader, check_checkpoint_matches, iter_canonical_tensors, single_process_group)
@@ -140,9 +140,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Tuple[Path, Path]:
     if not path.is_dir():
         raise ConversionError(f"checkpoint {path} is not a directory")
     if (path / "meta.json").is_file() and (path / "dist").is_dir():
+        problem = verify_checkpoint(path)  # as init_from and tools/evaluate.py do (clipo_nemo.checkpoint.load)
+        if problem is not None:
+            raise ConversionError(f"{path} cannot be exported: {problem}")
         return path, path.parent.parent
     if (path / "checkpoints").is_dir():
-        step = latest_checkpoint(path)
+        try:
+            step = latest_checkpoint(path)  # the newest checkpoint that verifies
+        except CheckpointError as err:
+            raise ConversionError(str(err)) from None
         if step is None:
             raise ConversionError(f"run {path} has no complete checkpoint (checkpoints/latest is missing)")
         return step, path

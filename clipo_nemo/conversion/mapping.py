@@ -63,12 +63,25 @@ def _require(hf_config: dict, key: str):
 
 
 def _rope(hf_config: dict) -> Tuple[float, bool, float]:
-    """(rotary_base, rope_scaling, rope_scaling_factor) from either the classic ``rope_theta`` /
-    ``rope_scaling`` keys or transformers 5's ``rope_parameters``."""
-    params = dict(hf_config.get("rope_parameters") or {})
-    scaling = hf_config.get("rope_scaling") or {}
-    params.update({k: v for k, v in scaling.items() if k not in params})
-    base = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    """(rotary_base, rope_scaling, rope_scaling_factor) read as transformers reads them
+    (``PreTrainedConfig.convert_rope_params_to_dict`` in ``modeling_rope_utils.py``, transformers 5):
+    a non-empty ``rope_scaling`` replaces ``rope_parameters`` as a whole, and a ``rope_theta`` missing
+    from the dict used comes from the top-level ``rope_theta``, else 10000. When both dicts are given
+    and ``rope_parameters`` names another ``rope_theta`` than the one transformers ends up using, the
+    file is contradictory and refused."""
+    parameters = dict(hf_config.get("rope_parameters") or {})
+    scaling = dict(hf_config.get("rope_scaling") or {})
+    params = scaling or parameters
+    params.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
+    if scaling and "rope_theta" in parameters and float(parameters["rope_theta"]) != float(params["rope_theta"]):
+        raise ConversionError(
+            f"config.json has rope_parameters with rope_theta={parameters['rope_theta']} and rope_scaling, which "
+            f"transformers reads instead of rope_parameters, with rope_theta={params['rope_theta']}: contradictory; "
+            "keep one of them (rope_parameters, with rope_type and rope_theta)")
+    base = params["rope_theta"]
+    partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
+    if float(partial) != 1.0:
+        raise ConversionError(f"config.json partial_rotary_factor={partial}: only full-width RoPE (1.0) is supported")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return float(base), False, ModelConfig.rope_scaling_factor

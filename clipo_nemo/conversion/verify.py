@@ -15,6 +15,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from clipo_nemo.algorithms.checks import nan_max
+
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):",
@@ -34,7 +36,7 @@ class VerifyResult:
     prompts: int
 
     @property
-    def ok(self) -> bool:
+    def ok(self) -> bool:  # False for a NaN difference (every comparison with NaN is false)
         return self.max_abs_logit_diff <= LOGIT_TOLERANCE and self.greedy_matches == self.prompts
 
 
@@ -151,11 +153,11 @@ def verify_conversion(
     prompt_ids = _prompt_ids(tokenizer, prompts)
     ours_logits, ours_greedy = _megatron_side(ckpt, prompt_ids, tokenizer, new_tokens)
     hf_logits, hf_greedy = _transformers_side(hf_dir, prompt_ids, tokenizer.eos_token_id, new_tokens)
-    max_diff, matches = 0.0, 0
+    diffs, matches = [], 0
     for prompt, ours, theirs, ours_tokens, hf_tokens in zip(prompts, ours_logits, hf_logits, ours_greedy, hf_greedy):
-        diff = (ours - theirs).abs().max().item()
-        max_diff = max(max_diff, diff)
+        diff = (ours - theirs).abs().max().item()  # NaN if either side has one (torch's max propagates it)
+        diffs.append(diff)
         matches += ours_tokens == hf_tokens
         log(f"{prompt!r}: max |logit diff| {diff:.3g}, greedy {'equal' if ours_tokens == hf_tokens else 'DIFFERENT'}"
             f" ({len(ours_tokens)} tokens: {tokenizer.decode(ours_tokens)!r})")
-    return VerifyResult(max_diff, matches, len(prompts))
+    return VerifyResult(nan_max(diffs), matches, len(prompts))

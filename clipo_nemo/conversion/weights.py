@@ -25,13 +25,15 @@ import dataclasses
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from clipo_nemo.algorithms.checks import nonfinite_count
 from clipo_nemo.checkpoint.recovery import directory_sha256, file_identities
 from clipo_nemo.config import ModelConfig
 from clipo_nemo.conversion.mapping import ConversionError, tensor_groups
@@ -138,6 +140,10 @@ class WeightsWriter:
         """Add one canonical tensor (cast to the checkpoint dtype, copied off any shared storage)."""
         if name in self._weight_map or name in self._buffer:
             raise ConversionError(f"tensor {name!r} added twice")
+        bad = nonfinite_count(tensor)
+        if bad:
+            raise ConversionError(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}: "
+                                  "a broken model is not converted")
         tensor = tensor.detach().to(device="cpu", dtype=TORCH_DTYPES[self.dtype_name]).contiguous().clone()
         nbytes = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.shard_size_bytes:
@@ -209,6 +215,18 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(handle.fileno())
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)`` whose failure (a truncated or corrupt file) is a ConversionError naming the file."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ConversionError(f"{path}: not a readable safetensors file ({err}); truncated or corrupt? Copy or "
+                              "download it again") from None
+    with handle:
+        yield handle
+
+
 class LazyWeights(Mapping[str, torch.Tensor]):
     """A checkpoint's canonical tensors by name, each read from its shard when asked for; also a
     :class:`clipo_nemo.models.sharding.TensorSource` (only a rank's rows/columns are read)."""
@@ -227,7 +245,7 @@ class LazyWeights(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(name)
-        with safe_open(str(self.weights_dir / self.weight_map[name]), framework="pt") as handle:
+        with open_safetensors(self.weights_dir / self.weight_map[name]) as handle:
             return handle.get_tensor(name)
 
     def _file(self, name: str) -> SafetensorsFile:

@@ -332,3 +332,17 @@ def head_parameters(hidden_size: int, dim: int, head_type: str, tp: int, tp_mode
     if head_type == "mlp":
         return hidden_size * hidden_size // split + hidden_size * dim // split
     return hidden_size * dim // split
+
+
+CONTRASTIVE_TEMPORARIES = 10  # [.., n, n]-sized fp32 tensors alive at once in the contrastive loss and its backward
+#   (similarities, logits, shifted logits, exp, log-probabilities, selections and their gradients) plus 3 bool
+#   masks: 43 bytes per element; tests/test_planner.py measures 41-42 (peak RSS growth of the loss and backward on CPU)
+
+
+def contrastive_bytes(prompts: int, n: int, level: str) -> int:
+    """The contrastive loss's similarity temporaries over the global batch (every rank of the last stage
+    gathers all embeddings; clipo_nemo.models.head): at ``level="group"`` ``prompts`` blocks of
+    [n, n] (contrastive._group_level), otherwise one [B, B] matrix over the B = prompts x n responses
+    (contrastive._dense). Quadratic in the group (or batch) size: this bounds ``rollout.n``."""
+    elements = prompts * n * n if level == "group" else (prompts * n) ** 2
+    return elements * (4 * CONTRASTIVE_TEMPORARIES + 3)

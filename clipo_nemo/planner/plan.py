@@ -6,9 +6,10 @@ A step has three phases with different residents (:func:`plan_memory`):
   validation, whichever is larger) and the generation logits; the gradient buffer, the optimizer
   state and the reference (unless offloaded) too, unless ``actor.release_for_rollout`` moves them
   off the GPU while generating.
-- ``logprobs``: the no-grad old-policy and reference passes. The same static state plus the
-  reference weights (on the GPU during its own pass even when offloaded), one layer's transient
-  activations and the fused log-prob pass's chunk buffers (no full logits).
+- ``logprobs``: the no-grad old-policy and reference passes and the contrastive head's step. The same
+  static state plus the reference weights (on the GPU during its own pass even when offloaded), one
+  layer's transient activations, the fused log-prob pass's chunk buffers (no full logits) and the
+  contrastive loss's similarity temporaries over the global batch (quadratic in ``rollout.n``).
 - ``update``: the policy update. Static state (reference only if not offloaded), the activations
   kept for backward (recompute mode, micro-batch token budget, 1F1B in-flight micro-batches) with
   the unfused attention's backward transient, and the fused log-prob pass's buffers (chunks, the
@@ -47,7 +48,7 @@ HEADROOM = 0.9  # share of the per-GPU budget that recommended layouts and the a
 OVERHEAD_FIXED_GIB = 2.5
 OVERHEAD_FRACTION = 0.08
 PHASES = ("rollout", "logprobs", "update")
-COMPONENTS = ("weights", "gradients", "optimizer", "reference", "head", "activations", "attention_buffer",
+COMPONENTS = ("weights", "gradients", "optimizer", "reference", "head", "contrastive", "activations", "attention_buffer",
               "logprob_pass", "kv_cache", "generation_logits", "engine_weights", "engine_kv_cache", "overhead")
 
 
@@ -335,7 +336,9 @@ def _stage_plan(cfg: ClipoConfig, layout: Layout, stage: int, seq_len: int, gene
                     "generation_logits": generation.logits_bytes if last else 0, "kv_cache": generation.kv_bytes},
         "logprobs": {**static, "reference": reference,
                      "activations": c.forward_only_activation_bytes(model, tp, tokens, seq_len, flash_attention=flash),
-                     "logprob_pass": c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=False) if last else 0},
+                     "logprob_pass": c.logprob_pass_bytes(model, tp, tokens, chunk, with_grad=False) if last else 0,
+                     "contrastive": c.contrastive_bytes(cfg.trainer.prompts_per_step, cfg.rollout.n,
+                                                        cfg.contrastive.level) if last and cfg.contrastive.enabled else 0},
         "update": {**static, "reference": resident_reference, "activations": saved + attention,
                    # freed before the layers' backward: only what exceeds the attention's transient
                    "logprob_pass": update_peak - saved - attention},

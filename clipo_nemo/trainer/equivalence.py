@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from clipo_nemo.algorithms.checks import nan_max
 from clipo_nemo.config import ClipoConfig
 from clipo_nemo.parallel.launcher import run_distributed
 
@@ -259,5 +260,5 @@ def compare(single: Dict[str, torch.Tensor], other: Dict[str, torch.Tensor]) -> 
             diff = float((other[key] != expected).sum()) if other[key].shape == expected.shape else float(expected.numel())
         else:
             diff = (other[key].double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-        diffs[group] = max(diffs.get(group, 0.0), diff)
+        diffs[group] = nan_max([diff], diffs.get(group, 0.0))
     return diffs

@@ -95,10 +95,14 @@ def load_prompt_sets(evaluation_config: Any, data_config: Any, tokenizer: Any) -
         multiple_choice_sources=tuple(data_config.multiple_choice_sources),
     )
     benchmarks = load_benchmarks(evaluation_config.data_dir, evaluation_config.benchmarks, schema)
-    return {
-        name: build_prompts(problems, tokenizer, data_config.max_prompt_length, data_config.truncation).prompts
-        for name, problems in benchmarks.items()
-    }
+    prompt_sets = {}
+    for name, problems in benchmarks.items():
+        prompt_sets[name] = build_prompts(problems, tokenizer, data_config.max_prompt_length, data_config.truncation).prompts
+        if problems and not prompt_sets[name]:
+            raise ValueError(f"benchmark {name!r}: all {len(problems)} prompts are longer than data.max_prompt_length="
+                             f"{data_config.max_prompt_length} tokens, so none could be scored; raise "
+                             "data.max_prompt_length (within model.max_position_embeddings) or leave the benchmark out")
+    return prompt_sets
 
 
 def score(
@@ -176,8 +180,11 @@ def summarize(results: Sequence[ProblemResult]) -> Dict[str, Dict]:
 
 
 def metrics(summary: Dict[str, Dict], prefix: str = "val") -> Dict[str, float]:
-    """Flat scalars for the trainer's logger: ``val/<benchmark>/pass@1``, ``val/<track>/<column>``."""
+    """Flat scalars for the trainer's logger: ``val/<benchmark>/pass@1``, ``val/<track>/<column>`` and
+    ``val/pass@1_mean`` over the benchmarks (left out when no benchmark was scored, rather than 0)."""
     flat = {f"{prefix}/{name}/pass@1": entry["pass@1"] for name, entry in summary["benchmarks"].items()}
+    if flat:
+        flat[f"{prefix}/pass@1_mean"] = sum(flat.values()) / len(flat)
     for track, columns in summary["aggregates"].items():
         flat.update({f"{prefix}/{track}/{column}": value for column, value in columns.items()})
     return flat
@@ -206,9 +213,21 @@ def _table(title: str, names: List[str], values: List[Optional[float]]) -> str:
     return f"### {title}\n\n| {' | '.join(names)} |\n|{'---|' * len(names)}\n| {' | '.join(cells)} |\n"
 
 
-def write_report(results: Sequence[ProblemResult], out_dir: str | Path) -> Dict[str, Dict]:
-    """Write ``per_problem.jsonl``, ``results.json``, ``results.md`` and ``results.csv``; return the summary."""
+REPORT_FILES = ("per_problem.jsonl", "results.json", "results.md", "results.csv")
+
+
+def existing_reports(out_dir: str | Path) -> List[str]:
+    """The report files :func:`write_report` would replace in ``out_dir``."""
+    return [name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
+
+
+def write_report(results: Sequence[ProblemResult], out_dir: str | Path, overwrite: bool = False) -> Dict[str, Dict]:
+    """Write ``per_problem.jsonl``, ``results.json``, ``results.md`` and ``results.csv``; return the summary.
+    An earlier report in ``out_dir`` is a FileExistsError unless ``overwrite``."""
     out_dir = Path(out_dir)
+    if existing_reports(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a report ({', '.join(existing_reports(out_dir))}): choose "
+                              "another output folder, or overwrite it explicitly")
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "per_problem.jsonl", "w", encoding="utf-8") as per_problem:
         for result in results:

@@ -294,10 +294,7 @@ class Trainer:
             gathered = [None] * self.dp_size
             dist.all_gather_object(gathered, results, group=parallel_state.get_data_parallel_group())
             results = [r for part in gathered for r in part]
-        flat = evaluation.metrics(evaluation.summarize(results))
-        per_benchmark = [v for k, v in flat.items() if k.endswith("/pass@1")]
-        flat["val/pass@1_mean"] = sum(per_benchmark) / max(len(per_benchmark), 1)
-        return {**flat, **chain_flat}
+        return {**evaluation.metrics(evaluation.summarize(results)), **chain_flat}
 
     # ----------------------------------------------------------------------------------------------
     def run(self, stop: Optional[StopRequested] = None) -> Dict[str, object]:
@@ -460,11 +457,18 @@ class Trainer:
         if self.is_logger and target in self.old_checkpoints and target.is_dir():
             moved = recovery.set_aside(target)  # an old checkpoint (skipped at resume) is kept, not replaced
             logger.note(f"{target.name} of the earlier run moved to {moved.name} before saving step {self.step}")
-        save.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
-                             {"step": self.step, "sampler": self.sampler.state_dict()},
-                             keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
-                             reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
-                             asynchronous=self.cfg.trainer.async_save)
+        try:
+            save.save_checkpoint(str(self.run_dir), self.step, self.actor, self.clipo,
+                                 {"step": self.step, "sampler": self.sampler.state_dict()},
+                                 keep_last=self.cfg.trainer.keep_last, keep=self.kept_checkpoints,
+                                 reference=self.reference_pointer, parallel=self.cfg.trainer.parallel_save,
+                                 asynchronous=self.cfg.trainer.async_save)
+        except BaseException as err:  # torch's CheckpointException (a failed write) is a BaseException
+            no_space = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else \
+                save.out_of_space(err, self.run_dir, self.step)
+            if no_space is None:
+                raise
+            raise no_space from err
         save_s = time.monotonic() - start
         self.last_save = (time.monotonic(), self.step)
         warning_s = float(os.environ.get(STOP_WARNING_ENV, "0") or 0)
@@ -529,17 +533,39 @@ def train(cfg: ClipoConfig) -> Dict[str, object]:
         say(memory_line(plan, world_size, on_gpu))
     check_host_memory(cfg, world_size, on_gpu=on_gpu)  # trainer.node_ram_gib
     init_parallel_state(cfg.parallel)
+    lock = None
     try:
         # Rank 0's choice wins: a ${now:} in the path may resolve differently per rank.
         run_dir = broadcast_object(Path(cfg.trainer.output_dir).resolve(), src=0)
         cfg.trainer.output_dir = str(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _claim(cfg, run_dir)
         say(f"run directory: {run_dir}")
-        if dist.get_rank() == 0:  # what tools/evaluate.py --checkpoint rebuilds the policy from
-            from omegaconf import OmegaConf
-
-            OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         return Trainer(cfg, run_dir).run(stop)
     finally:
+        if lock is not None:
+            lock.release()
         destroy_parallel_state()
+
+
+def _claim(cfg: ClipoConfig, run_dir: Path):
+    """Rank 0 claims ``run_dir`` (:func:`clipo_nemo.trainer.run_directory.claim_run_directory`: its lock,
+    writable checkpoints, an unchanged architecture, config.yaml, the file tools/evaluate.py --checkpoint
+    rebuilds the policy from); its error, if any, is raised on every rank. Returns rank 0's lock."""
+    from omegaconf import OmegaConf
+
+    from clipo_nemo.trainer.run_directory import claim_run_directory
+
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = claim_run_directory(cfg, run_dir, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            for note in lock.notes:
+                say(f"warning: {note}")
+        except Exception as err:  # noqa: BLE001 -- every rank raises it below
+            error = err
+    error = broadcast_object(error, src=0)
+    if error is not None:
+        raise error
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return lock
 

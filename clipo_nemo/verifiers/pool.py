@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -30,17 +29,21 @@ from typing import Deque, List, Optional, Sequence
 from clipo_nemo.verifiers.registry import VerifyRequest, VerifyResult, check_request_valid, run_verifier
 
 _READY = "ready"
-_WORKER_COMMAND = "import sys; from clipo_nemo.verifiers.pool import worker_main; worker_main(int(sys.argv[1]), int(sys.argv[2]))"
+# Stop requests are the trainer's: a scheduler may signal every process of the job, a terminal's Ctrl-C
+# reaches the whole process group, and a worker killed mid-check would give a response reward 0 (the
+# trainer finishes and saves the step it is in). So a worker runs in its own session (a Ctrl-C to the
+# trainer's process group does not reach it), ignores stop signals from its first statement (before
+# the slow imports: one sent to every process of a job during start-up does not kill it either), and
+# ends when the trainer closes the pool or goes away (EOF in worker_main).
+_WORKER_COMMAND = ("import signal, sys; [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT, "
+                   "signal.SIGUSR1)]; from clipo_nemo.verifiers.pool import worker_main; "
+                   "worker_main(int(sys.argv[1]), int(sys.argv[2]))")
 
 
 def worker_main(fd: int, max_memory_mb: int) -> None:
-    """A worker's whole life: announce readiness, then judge chunks of ``(position, request)`` until
-    ``None`` arrives, sending one ``(position, result)`` per check as soon as it is known."""
-    # Stop requests are the trainer's: a scheduler may signal every process of the job, and a worker
-    # killed mid-check would give a response reward 0. A worker ends when the trainer closes the pool or
-    # goes away (EOF below).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """A worker's whole life (started by :data:`_WORKER_COMMAND`, stop signals already ignored): announce
+    readiness, then judge chunks of ``(position, request)`` until ``None`` arrives, sending one
+    ``(position, result)`` per check as soon as it is known."""
     conn = Connection(fd)
     if max_memory_mb > 0:
         limit = max_memory_mb * 1024 * 1024
@@ -108,6 +111,7 @@ class VerifierPool:
             [sys.executable, "-c", _WORKER_COMMAND, str(child_fd), str(self.max_memory_mb)],
             pass_fds=(child_fd,),
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outside the trainer's process group: a terminal's Ctrl-C never reaches it
         )
         child_socket.close()  # the parent keeps only its end, so it sees EOF when the worker dies
         return _Worker(process, Connection(parent_socket.detach()))
