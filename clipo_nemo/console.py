@@ -30,10 +30,15 @@ LIBRARY_WARNINGS = (
      "(and a GPU image without them) uses those on purpose"),
     (FutureWarning, r"megatron\.core\.dist_checkpointing\.", r"`load_state_dict` is deprecated",
      "megatron-core's dist_checkpointing calls torch's older distributed-checkpoint entry point"),
-    (FutureWarning, r"torch\.distributed\.checkpoint\.", r"Please use DTensor instead and we are deprecating ShardedTensor",
-     "torch's distributed checkpoint reading megatron-core's ShardedTensor checkpoints"),
+    (FutureWarning, r"(torch\.distributed\.checkpoint\.|clipo_nemo\.parallel\.cpu)",
+     r"Please use DTensor instead and we are deprecating ShardedTensor",
+     "torch's distributed checkpoint reading megatron-core's ShardedTensor checkpoints (on a CPU, the fully "
+     "parallel load runs under parallel/cpu.py's device mode, which the warning is then attributed to)"),
     (FutureWarning, r"torch\.distributed\.", r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
      "megatron-core's tensor-parallel gathers call it (clipo-nemo does not)"),
+    (UserWarning, r"", r"TypedStorage is deprecated",
+     "megatron-core's offload_grad_buffers reads tensor.storage() (actor.release_for_rollout calls it); the "
+     "warning is attributed to no module name, so it is matched by its message alone"),
 )
 # Filtered on machines without CUDA only: advice for GPU runs.
 CPU_ONLY_WARNINGS = (

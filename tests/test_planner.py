@@ -534,8 +534,9 @@ def test_cli_prints_the_rollout_phase_and_rollout_rows():
     run = _cli("--config-name=llama3_70b", "--world-size", "64", "--no-recommendations")
     lines = run.stdout.strip().splitlines()
     assert run.returncode == 0, run.stdout + run.stderr
-    assert lines[-2] == f"rollout_rows: {plan_memory(_track('llama3_70b'), 64, 80).layout.generation_rows}"
-    assert lines[-3].startswith("rollout phase, GiB per GPU (KV budget ") and "kv_cache" in lines[-3]
+    rows = lines.index(f"rollout_rows: {plan_memory(_track('llama3_70b'), 64, 80).layout.generation_rows}")
+    assert lines[rows - 1].startswith("rollout phase, GiB per GPU (KV budget ") and "kv_cache" in lines[rows - 1]
+    assert lines[-1].startswith("fits: ")  # the checkpoint cost follows the rollout lines, the verdict is last
 
 
 def test_the_trainer_resolves_auto_from_its_plan_before_building(tmp_path, monkeypatch):

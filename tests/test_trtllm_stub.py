@@ -55,6 +55,7 @@ def _model_dir(tmp_path: Path) -> Path:
 def _llm(tllm, directory, **kwargs):
     args = dict(load_format="dummy", orchestrator_type="ray", enable_sleep=True)
     args.update(kwargs)
+    torch.manual_seed(1)  # load_format="dummy" draws the weights from the global generator, as the real one does
     return tllm.LLM(model=str(directory), tokenizer=str(directory), dtype="float32", **args)
 
 

@@ -202,7 +202,7 @@ def _generate_and_score(args, path: Path):
             model = actor.module
             print(f"evaluating {run_dir} at step {state['step']}", flush=True)
         tokenizer = load_tokenizer(cfg)
-        prompt_sets = readable_prompt_sets(load_prompt_sets(cfg.evaluation, cfg.data, tokenizer), cfg)
+        prompt_sets = readable_prompt_sets(load_prompt_sets(cfg.evaluation, cfg.data, tokenizer, keep_unreadable=True), cfg)
         engine = build_rollout_engine(cfg.rollout, model=model, tokenizer=tokenizer, cfg=cfg)
         prompts = [p for ps in prompt_sets.values() for p in ps]
         generate_fn = engine_generate_fn(engine, tokenizer, prompts, GenerationParams.from_config(cfg.rollout), max_new,

@@ -85,9 +85,12 @@ def load_benchmarks(data_dir: str | Path, names: Sequence[str], schema: RowSchem
     return benchmarks
 
 
-def load_prompt_sets(evaluation_config: Any, data_config: Any, tokenizer: Any) -> Dict[str, List[Prompt]]:
+def load_prompt_sets(evaluation_config: Any, data_config: Any, tokenizer: Any,
+                     keep_unreadable: bool = False) -> Dict[str, List[Prompt]]:
     """The rendered prompts of every benchmark in ``evaluation_config`` (an ``EvaluationConfig``),
-    with the row schema and prompt-length rule of ``data_config`` (a ``DataConfig``)."""
+    with the row schema and prompt-length rule of ``data_config`` (a ``DataConfig``). A benchmark none
+    of whose prompts fits ``data.max_prompt_length`` is a ValueError naming it, or, with
+    ``keep_unreadable``, an empty list the caller reports (``tools/evaluate.py`` leaves it out)."""
     schema = RowSchema(
         prompt_key=data_config.prompt_key,
         answer_key=data_config.answer_key,
@@ -98,7 +101,7 @@ def load_prompt_sets(evaluation_config: Any, data_config: Any, tokenizer: Any) -
     prompt_sets = {}
     for name, problems in benchmarks.items():
         prompt_sets[name] = build_prompts(problems, tokenizer, data_config.max_prompt_length, data_config.truncation).prompts
-        if problems and not prompt_sets[name]:
+        if problems and not prompt_sets[name] and not keep_unreadable:
             raise ValueError(f"benchmark {name!r}: all {len(problems)} prompts are longer than data.max_prompt_length="
                              f"{data_config.max_prompt_length} tokens, so none could be scored; raise "
                              "data.max_prompt_length (within model.max_position_embeddings) or leave the benchmark out")
