@@ -165,7 +165,7 @@ def plan_memory(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, *, on_
     if cfg.rollout.kv_cache_gb == AUTO and cfg.rollout.engine != "megatron":
         # Only the megatron engine decodes in rollout.kv_cache_gb (another engine sizes its own cache):
         # plan it at one row, which that engine's phase replaces anyway.
-        one_row = max(_per_row_bytes(cfg, *_mp(cfg), max_new) for max_new in _max_new_tokens(cfg)) / GIB
+        one_row = _one_row_gib(cfg)
         plans = _stage_plans(_with_kv_budget(cfg, one_row), world_size, gpu_memory_gib, on_gpu, flash_attention)
     elif cfg.rollout.kv_cache_gb == AUTO:
         kv, one_row = _remaining_kv_gib(cfg, world_size, gpu_memory_gib, on_gpu, flash_attention)
@@ -204,7 +204,7 @@ def derived_kv_cache_gib(cfg: ClipoConfig, world_size: int, gpu_memory_gib: floa
 def _remaining_kv_gib(cfg: ClipoConfig, world_size: int, gpu_memory_gib: float, on_gpu: bool,
                       flash_attention: Optional[bool]):
     """(the KV budget :func:`derived_kv_cache_gib` derives, maybe below one row; one row's GiB)."""
-    one_row = max(_per_row_bytes(cfg, *_mp(cfg), max_new) for max_new in _max_new_tokens(cfg)) / GIB
+    one_row = _one_row_gib(cfg)
 
     def remaining(kv: float) -> float:  # GiB left for KV on the tightest stage, logits at kv's rows
         left = []
@@ -232,6 +232,11 @@ def _mp(cfg: ClipoConfig):
 def _max_new_tokens(cfg: ClipoConfig) -> List[int]:
     validating = cfg.data.val_files and cfg.evaluation.every_steps
     return [cfg.rollout.max_new_tokens] + ([cfg.evaluation.max_new_tokens] if validating else [])
+
+
+def _one_row_gib(cfg: ClipoConfig) -> float:
+    """GiB of one response row's KV cache at the longer of the training and validation lengths."""
+    return max(_per_row_bytes(cfg, *_mp(cfg), max_new) for max_new in _max_new_tokens(cfg)) / GIB
 
 
 def _per_row_bytes(cfg: ClipoConfig, tp: int, pp: int, max_new_tokens: int) -> int:
