@@ -140,6 +140,7 @@ class Trainer:
         self.train_params = GenerationParams.from_config(cfg.rollout)
         self.pool = VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s, cfg.verifier.max_memory_mb,
                                  cfg.verifier.chunk_size)
+        self.chain_task = cfg.task.enabled and "chain" in cfg.task.operators  # tiny_chain's path metrics
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.weights_check = None  # the load guard's report (clipo_nemo.checkpoint.load_guard), set by run()
@@ -240,7 +241,7 @@ class Trainer:
                    "dynamic_sampling/rollout_batches": float(info["batches"])}
         if exp.rollout_logprobs is not None:
             metrics.update(logprob_mismatch_metrics(exp, out.old_logprobs))
-        if cfg.task.enabled and "chain" in cfg.task.operators:  # the tiny_chain task's mechanism metrics
+        if self.chain_task:  # the tiny_chain task's mechanism metrics
             from clipo_nemo.trainer.chain_task import chain_metrics, question_of
 
             metrics.update(chain_metrics([question_of(g.prompt) for g in groups for _ in range(n)],
@@ -280,8 +281,7 @@ class Trainer:
             prompt_sets.setdefault(Path(prompt.problem.source_file).stem, []).append(prompt)
         generate_fn = engine_generate_fn(self.engine, self.tokenizer, mine, self.train_params, ev.max_new_tokens,
                                          self.cfg.rollout.seed + 7_777_777 + self.dp_rank * 100_003)
-        chain = self.cfg.task.enabled and "chain" in self.cfg.task.operators
-        if chain:  # the tiny_chain task's Pass@1 per reasoning path needs the samples themselves
+        if self.chain_task:  # the tiny_chain task's Pass@1 per reasoning path needs the samples themselves
             from clipo_nemo.trainer.chain_task import chain_validation_metrics, recording
 
             samples: Dict[str, List[str]] = {}
@@ -289,7 +289,7 @@ class Trainer:
         with training_state_released(self.actor, self.cfg.actor.release_for_rollout):
             results = evaluation.evaluate(generate_fn, prompt_sets, self.pool, ev.k, ev.temperature, ev.top_p)
         chain_flat = chain_validation_metrics(sorted(Path(f).stem for f in self.cfg.data.val_files), prompt_sets,
-                                              samples, results) if chain else {}
+                                              samples, results) if self.chain_task else {}
         if dist.is_initialized():
             gathered = [None] * self.dp_size
             dist.all_gather_object(gathered, results, group=parallel_state.get_data_parallel_group())
